@@ -1,0 +1,69 @@
+"""Shared DataModule plumbing: loader construction and batch collation.
+
+Batches follow torchvision's detection convention: images ``(B, 3, H, W)`` float in [0, 1] (the task
+normalises), targets a list of dicts. Normalisation lives in the task so a trained model takes plain
+[0, 1] images from any source.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Batch size, workers and loaders shared by every DataModule."""
+
+    def __init__(self, batch_size: int = 8, num_workers: int = 2, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def make_loader(
+        self,
+        dataset: Dataset,
+        train: bool,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        batch_size: int | None = None,
+        drop_last: bool | None = None,
+    ) -> DataLoader:
+        """A DataLoader with the module's settings; shuffles and drops the last batch only when training."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=train and not isinstance(dataset, torch.utils.data.IterableDataset),
+            drop_last=train if drop_last is None else drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
+        )
+
+
+def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> torch.Tensor:
+    """Stack ``(3, H_i, W_i)`` images into ``(B, 3, H, W)``, zero-padding bottom/right to a multiple of ``size_divisor``."""
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    h = (h + size_divisor - 1) // size_divisor * size_divisor
+    w = (w + size_divisor - 1) // size_divisor * size_divisor
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return out
+
+
+def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict]]:
+    """Collate ``(image, target)`` pairs into ``(images (B,3,H,W), [target, ...])`` padded to /32.
+
+    Each target keeps ``size`` = (h, w) of its image before padding and ``orig_size`` = (h, w) of the
+    file on disk, so predictions can be mapped back to original pixels.
+    """
+    images, targets = zip(*samples)
+    return pad_images(images), list(targets)

@@ -1,0 +1,1 @@
+"""Losses: IoU family, focal, margin softmax heads, Partial FC."""

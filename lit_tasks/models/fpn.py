@@ -1,0 +1,44 @@
+"""Feature Pyramid Network (Lin et al. 2017) with the RetinaNet/FCOS extra levels P6-P7."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FPN(nn.Module):
+    """Top-down pyramid over backbone maps C3..C5, plus ``num_extra`` stride-2 levels on the P5 output.
+
+    FCOS uses P3-P7 (strides 8..128): extra convs on the P5 *output* with ReLU before each extra conv
+    after the first (mmdet ``add_extra_convs="on_output"``, ``relu_before_extra_convs=True``).
+
+    Args:
+        in_channels: channels of the input maps, finest first (``feature_info.channels()``).
+        out_channels: channels of every pyramid level.
+        num_extra: extra levels after the last input level (2 for P6, P7).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256, num_extra: int = 2) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        self.extra = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(num_extra)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Maps finest first -> pyramid levels finest first (len(features) + num_extra)."""
+        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
+        outs = [conv(x) for conv, x in zip(self.output, laterals)]
+        for i, conv in enumerate(self.extra):
+            outs.append(conv(outs[-1] if i == 0 else F.relu(outs[-1])))
+        return outs

@@ -1,0 +1,1 @@
+"""Small, pure, fully tested functions (box formats, IoU, target assignment, distributed helpers)."""
