@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_tasks.base import BaseTask
+from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.fcos import FCOS, fcos_loss, fcos_postprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,7 +59,7 @@ class DetectionTask(BaseTask):
         pretrained: load timm backbone weights (needs network access; False by default).
         fpn_channels: FPN and head width (256 in the paper; smaller for CPU demos).
         head_convs: stacked convs per head tower (4 in the paper).
-        box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"``, ``"diou"`` or ``"ciou"``.
+        box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
         center_sampling_radius: centre sampling radius in strides (1.5; 0 disables).
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2.0).
         score_threshold: minimum raw class probability kept at inference (0.05).
@@ -106,8 +107,7 @@ class DetectionTask(BaseTask):
             raise NotImplementedError(f"DetectionTask: model={model!r} is planned but not implemented yet")
         if model not in MODELS:
             raise ValueError(f"DetectionTask: unknown model {model!r}; choose one of {MODELS}")
-        if box_loss not in ("iou", "giou", "diou", "ciou"):
-            raise ValueError(f"DetectionTask: unknown box_loss {box_loss!r}; choose iou, giou, diou or ciou")
+        iou_loss_by_name(box_loss)  # fails early, naming the valid choices
         if num_classes < 1:
             raise ValueError(f"DetectionTask: num_classes must be >= 1, got {num_classes}")
         super().__init__(optimizer, lr_scheduler)

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
-from lit_tasks.losses.iou import IOU_LOSSES
+from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.backbone import build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import centerness_target, fcos_targets, grid_points
@@ -163,7 +163,7 @@ def fcos_loss(
     target_ltrb = ltrb_target[pos] / out.strides.expand_as(labels)[pos].unsqueeze(-1)
     ctr_target = centerness_target(target_ltrb)
     origin = pred_ltrb.new_zeros((pred_ltrb.shape[0], 2))
-    box_losses = IOU_LOSSES[box_loss](distance2bbox(origin, pred_ltrb), distance2bbox(origin, target_ltrb))
+    box_losses = iou_loss_by_name(box_loss)(distance2bbox(origin, pred_ltrb), distance2bbox(origin, target_ltrb))
     ctr_norm = reduce_mean(ctr_target.sum()).clamp(min=1e-6)
     loss_box = (box_losses * ctr_target).sum() / ctr_norm
     loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="sum") / num_pos
