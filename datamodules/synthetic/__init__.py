@@ -1,0 +1,4 @@
+"""Generated data that needs no download: the datasets behind ``make demo`` and the tests."""
+
+from .shapes import KEYPOINT_FLIP_PAIRS, KEYPOINT_NAMES, SHAPE_CLASSES, render_shapes
+from .shapes_detection import ShapesDetectionDataModule, ShapesSource

@@ -1,0 +1,123 @@
+"""Object detection on the synthetic shapes: the built-in dataset behind ``make demo``."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from ..base import BaseDataModule, detection_collate
+from ..detection import DetectionDataset, DetectionRecord
+from ..transforms import detection_train_transforms, detection_val_transforms
+from .shapes import SHAPE_CLASSES, render_shapes
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Seed stream of a split: even for train, odd for validation, so the splits never share an image."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return 2 * seed + (split == "val")
+
+
+class ShapesSource:
+    """Detection source over ``render_shapes``: image ``i`` is ``render_shapes(i, seed, ...)``, rendered on demand."""
+
+    def __init__(self, num_images: int, seed: int = 0, image_size: int = 256, max_objects: int = 6) -> None:
+        if num_images < 0:
+            raise ValueError(f"ShapesSource: num_images must be >= 0, got {num_images}")
+        self.num_images = num_images
+        self.seed = seed
+        self.image_size = image_size
+        self.max_objects = max_objects
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> DetectionRecord:
+        """``(image, boxes, labels, iscrowd, image_id)`` of image ``index`` (no crowd regions here)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"ShapesSource: index {index} out of range [0, {self.num_images})")
+        s = render_shapes(index, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects)
+        iscrowd = s["labels"] * 0
+        return s["image"], s["boxes"], s["labels"], iscrowd, index
+
+
+class ShapesDetectionDataModule(BaseDataModule):
+    """Synthetic shapes detection (``num_classes = len(SHAPE_CLASSES)``, no background class).
+
+    Images are generated on the fly from ``(seed, index)``, so there is nothing to download or cache.
+    Train and validation use different seed streams (``split_seed``); test and predict reuse the
+    validation split.
+
+    Args:
+        num_train: images per training epoch.
+        num_val: images in the validation (= test = predict) split.
+        image_size: side of the square images.
+        max_objects: up to this many shapes per image before occlusion removes any.
+        seed: picks the pair of train/val streams.
+        augment: flip / zoom / colour jitter on the training split.
+        batch_size, num_workers, pin_memory: as ``BaseDataModule``.
+    """
+
+    def __init__(
+        self,
+        num_train: int = 2000,
+        num_val: int = 200,
+        image_size: int = 256,
+        max_objects: int = 6,
+        seed: int = 0,
+        augment: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.save_hyperparameters()
+        self.num_train = num_train
+        self.num_val = num_val
+        self.image_size = image_size
+        self.max_objects = max_objects
+        self.seed = seed
+        self.augment = augment
+        self.train_dataset: DetectionDataset | None = None
+        self.val_dataset: DetectionDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of shape classes (labels are ``0 .. num_classes - 1``; no background class)."""
+        return len(SHAPE_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of each label."""
+        return list(SHAPE_CLASSES)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets (cheap: nothing is rendered until an item is read)."""
+        train_tf = (
+            detection_train_transforms(self.image_size) if self.augment else detection_val_transforms(self.image_size)
+        )
+        self.train_dataset = DetectionDataset(
+            ShapesSource(self.num_train, split_seed(self.seed, "train"), self.image_size, self.max_objects), train_tf
+        )
+        self.val_dataset = DetectionDataset(
+            ShapesSource(self.num_val, split_seed(self.seed, "val"), self.image_size, self.max_objects),
+            detection_val_transforms(self.image_size),
+        )
+
+    def _dataset(self, split: str) -> DetectionDataset:
+        if self.train_dataset is None or self.val_dataset is None:
+            self.setup()
+        return self.train_dataset if split == "train" else self.val_dataset  # type: ignore[return-value]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_loader(self._dataset("train"), train=True, collate_fn=detection_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
