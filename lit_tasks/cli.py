@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
+
+import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -35,6 +38,22 @@ class TasksCLI(LightningCLI):
         for name in LINKED_SIZES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        if not any(a in ("-h", "--help") for a in argv) or not argv or argv[0] not in self.subcommands():
+            return super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except SystemExit:
+            for key, class_path in classes_named(argv):
+                print(f"\n======== options of {class_path} (--{key}.*) ========")
+                try:
+                    parser.parse_args([argv[0], f"--{key}.help", class_path])
+                except SystemExit:
+                    pass
+            raise
+
     def _warn_if_untrained(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") is None:
             rank_zero_warn(
@@ -49,6 +68,34 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
+
+
+def classes_named(argv: list[str]) -> list[tuple[str, str]]:
+    """(``model``|``data``, class path) named by ``--config`` files or ``--model``/``--data``; all known ones if none."""
+    found: dict[str, list[str]] = {"model": [], "data": []}
+    for i, arg in enumerate(argv):
+        key, _, value = arg.lstrip("-").partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key == "config" and os.path.isfile(value):
+            with open(value) as f:
+                config = yaml.safe_load(f) or {}
+            for part in found:
+                path = (config.get(part) or {}).get("class_path") if isinstance(config.get(part), dict) else None
+                if path:
+                    found[part].append(path)
+        elif key in found and value and not value.startswith("-"):
+            found[key].append(value)
+    if not found["model"]:
+        import lit_tasks
+
+        found["model"] = [f"lit_tasks.{n}" for n in lit_tasks.__all__ if n != "BaseTask"]
+    if not found["data"]:
+        import datamodules
+
+        found["data"] = [f"datamodules.{n}" for n in getattr(datamodules, "__all__", []) if n.endswith("DataModule")
+                         and n != "BaseDataModule"]
+    return [(part, path) for part in ("model", "data") for path in dict.fromkeys(found[part])]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TasksCLI:
