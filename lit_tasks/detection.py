@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_tasks.base import BaseTask
+from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.fcos import FCOS, fcos_loss, fcos_postprocess
 
@@ -71,6 +73,7 @@ class DetectionTask(BaseTask):
         warmup_steps: linear LR warm-up of the default scheduler.
         channels_last: run convolutions in channels_last memory format (faster on CPU and tensor cores).
         class_names: names of the classes (linked from the DataModule; used for pictures and by users).
+        num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
         optimizer, lr_scheduler: injected callables (``--model.optimizer=AdamW``); None = SGD as above and
             linear warm-up + cosine decay per step.
     """
@@ -100,6 +103,7 @@ class DetectionTask(BaseTask):
         warmup_steps: int = 500,
         channels_last: bool = True,
         class_names: list[str] | None = None,
+        num_log_images: int = 4,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -124,6 +128,10 @@ class DetectionTask(BaseTask):
     def configure_metrics(self) -> None:
         self.val_map = coco_map_metric()
         self.test_map = coco_map_metric()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        n = self.hparams.num_log_images
+        return [DetectionImageLogger(num_images=n)] if n > 0 else []
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         hp = self.hparams

@@ -152,3 +152,21 @@ def test_unknown_and_planned_models_fail_clearly():
 def test_coco_datamodule_label_mapping_available_for_predictions(shapes_coco_root):
     dm = COCODetectionDataModule(root=str(shapes_coco_root), image_size=64, num_workers=0)
     assert dm.num_classes == 5 and dm.label_to_category_id[3] == 31
+
+
+def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_path):
+    import json
+
+    out = tmp_path / "preds.json"
+    cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
+              "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
+              "--model.init_args.score_threshold=0.0", "--trainer.logger=false",
+              f"--trainer.callbacks.output_file={out}", "--trainer.enable_progress_bar=false"])
+    records = json.loads(out.read_text())
+    assert records and {r["image_id"] for r in records} == {1, 2, 3, 4}
+    assert {r["category_id"] for r in records} <= {1, 11, 21, 31, 41}  # dataset ids, not contiguous labels
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in records)
+    with pytest.raises(FileExistsError):  # nothing the user has is overwritten
+        cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
+                  "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
+                  "--trainer.logger=false", f"--trainer.callbacks.output_file={out}"])
