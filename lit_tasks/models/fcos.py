@@ -192,26 +192,26 @@ def fcos_postprocess(
     cls_prob = out.cls_logits.float().sigmoid()
     ctr_prob = out.centerness.float().sigmoid()
     num_classes = cls_prob.shape[-1]
+    counts = torch.bincount(out.levels).tolist()  # levels are contiguous: slice instead of masking
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     results = []
     for i, (h, w) in enumerate(image_sizes):
         boxes_all, scores_all, labels_all = [], [], []
-        for level in range(int(out.levels.max()) + 1):
-            sel = out.levels == level
-            prob = cls_prob[i, sel]  # (P_l, C)
-            joint = (prob * ctr_prob[i, sel, None]).flatten()
+        for start, count in zip(starts, counts):
+            level = slice(start, start + count)
+            prob = cls_prob[i, level]  # (P_l, C)
+            joint = (prob * ctr_prob[i, level, None]).flatten()
             joint = torch.where(prob.flatten() > score_threshold, joint, torch.full_like(joint, -1.0))
-            k = min(pre_nms_top_k, joint.numel())
-            top, idx = joint.topk(k)
+            top, idx = joint.topk(min(pre_nms_top_k, joint.numel()))
             idx = idx[top >= 0]
-            loc, cls = idx // num_classes, idx % num_classes
-            points = out.points[sel][loc]
-            ltrb = out.ltrb[i, sel][loc].float() * out.strides[sel][loc].unsqueeze(-1)
-            boxes = distance2bbox(points, ltrb)
+            loc = idx // num_classes + start
+            ltrb = out.ltrb[i, loc].float() * out.strides[loc].unsqueeze(-1)
+            boxes = distance2bbox(out.points[loc], ltrb)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             boxes_all.append(boxes)
             scores_all.append(joint[idx].sqrt())
-            labels_all.append(cls)
+            labels_all.append(idx % num_classes)
         boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
         keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]
         results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
