@@ -111,7 +111,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TasksCLI:
                 "init_args": {"save_dir": ".", "name": "lightning_logs"},
             }
         },
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": False},  # never replace a config.yaml that is already there
         args=args,
         run=run,
         auto_configure_optimizers=False,

@@ -53,3 +53,9 @@ def shapes_coco_root(tmp_path: Path) -> Path:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own directory, so nothing it writes (logs, config.yaml) lands in the checkout."""
+    monkeypatch.chdir(tmp_path)

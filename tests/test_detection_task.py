@@ -161,7 +161,8 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
     cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
               "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
               "--model.init_args.score_threshold=0.0", "--trainer.logger=false",
-              f"--trainer.callbacks.output_file={out}", "--trainer.enable_progress_bar=false"])
+              f"--trainer.callbacks.output_file={out}", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}"])
     records = json.loads(out.read_text())
     assert records and {r["image_id"] for r in records} == {1, 2, 3, 4}
     assert {r["category_id"] for r in records} <= {1, 11, 21, 31, 41}  # dataset ids, not contiguous labels
@@ -169,4 +170,5 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
     with pytest.raises(FileExistsError):  # nothing the user has is overwritten
         cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
                   "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
-                  "--trainer.logger=false", f"--trainer.callbacks.output_file={out}"])
+                  "--trainer.logger=false", f"--trainer.callbacks.output_file={out}",
+                  f"--trainer.default_root_dir={tmp_path / 'second'}"])
