@@ -142,7 +142,13 @@ def _object_colour(rng: np.random.Generator, reference: np.ndarray) -> np.ndarra
     return colour.astype(np.float32)
 
 
-def render_shapes(index: int, seed: int = 0, image_size: int = 256, max_objects: int = 6) -> dict[str, np.ndarray]:
+def render_shapes(
+    index: int,
+    seed: int = 0,
+    image_size: int = 256,
+    max_objects: int = 6,
+    size_range: tuple[float, float] = SIZE_RANGE,
+) -> dict[str, np.ndarray]:
     """Render synthetic image ``index`` of the stream ``seed``; same arguments, same output.
 
     Args:
@@ -151,6 +157,7 @@ def render_shapes(index: int, seed: int = 0, image_size: int = 256, max_objects:
         image_size: side of the square image in pixels.
         max_objects: the number of shapes drawn is uniform in ``[1, max_objects]`` before occlusion
             removes any (so an image may end up with fewer, rarely none).
+        size_range: (min, max) shape diameter as a fraction of the image side, sampled log-uniformly.
 
     Returns:
         A dict with ``image`` (H, W, 3) uint8; ``boxes`` (N, 4) float32 xyxy pixels of the visible
@@ -165,13 +172,15 @@ def render_shapes(index: int, seed: int = 0, image_size: int = 256, max_objects:
         raise ValueError(f"render_shapes: image_size must be >= 16, got {image_size}")
     if not 0 <= max_objects <= 254:  # object ids live in a uint8 map
         raise ValueError(f"render_shapes: max_objects must be in [0, 254], got {max_objects}")
+    if not 0 < size_range[0] <= size_range[1] <= 1:
+        raise ValueError(f"render_shapes: size_range must satisfy 0 < min <= max <= 1, got {size_range}")
     rng = np.random.default_rng([seed, index])
     size = image_size
     background = _background(rng, size)
 
     n = int(rng.integers(1, max_objects + 1)) if max_objects > 0 else 0
     labels = rng.integers(NUM_SHAPE_CLASSES, size=n)
-    log_lo, log_hi = math.log(SIZE_RANGE[0] * size), math.log(SIZE_RANGE[1] * size)
+    log_lo, log_hi = math.log(size_range[0] * size), math.log(size_range[1] * size)
     radii = np.exp(rng.uniform(log_lo, log_hi, size=n)) / 2
     centres = rng.uniform(0.05 * size, 0.95 * size, size=(n, 2))
     turns = rng.uniform(-0.5, 0.5, size=n)  # fraction of the class's symmetry period

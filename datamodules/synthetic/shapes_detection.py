@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from ..base import BaseDataModule, detection_collate
 from ..detection import DetectionDataset, DetectionRecord
 from ..transforms import detection_train_transforms, detection_val_transforms
-from .shapes import SHAPE_CLASSES, render_shapes
+from .shapes import SHAPE_CLASSES, SIZE_RANGE, render_shapes
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -22,13 +22,15 @@ def split_seed(seed: int, split: str) -> int:
 class ShapesSource:
     """Detection source over ``render_shapes``: image ``i`` is ``render_shapes(i, seed, ...)``, rendered on demand."""
 
-    def __init__(self, num_images: int, seed: int = 0, image_size: int = 256, max_objects: int = 6) -> None:
+    def __init__(self, num_images: int, seed: int = 0, image_size: int = 256, max_objects: int = 6,
+                 size_range: tuple[float, float] = SIZE_RANGE) -> None:
         if num_images < 0:
             raise ValueError(f"ShapesSource: num_images must be >= 0, got {num_images}")
         self.num_images = num_images
         self.seed = seed
         self.image_size = image_size
         self.max_objects = max_objects
+        self.size_range = tuple(size_range)
 
     def __len__(self) -> int:
         return self.num_images
@@ -37,7 +39,8 @@ class ShapesSource:
         """``(image, boxes, labels, iscrowd, image_id)`` of image ``index`` (no crowd regions here)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"ShapesSource: index {index} out of range [0, {self.num_images})")
-        s = render_shapes(index, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects)
+        s = render_shapes(index, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects,
+                          size_range=self.size_range)
         iscrowd = s["labels"] * 0
         return s["image"], s["boxes"], s["labels"], iscrowd, index
 
@@ -54,6 +57,8 @@ class ShapesDetectionDataModule(BaseDataModule):
         num_val: images in the validation (= test = predict) split.
         image_size: side of the square images.
         max_objects: up to this many shapes per image before occlusion removes any.
+        size_range: (min, max) shape diameter as a fraction of the image side (default 0.07-0.6, spanning
+            COCO small to large).
         seed: picks the pair of train/val streams.
         augment: flip / zoom / colour jitter on the training split.
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
@@ -65,6 +70,7 @@ class ShapesDetectionDataModule(BaseDataModule):
         num_val: int = 200,
         image_size: int = 256,
         max_objects: int = 6,
+        size_range: tuple[float, float] = SIZE_RANGE,
         seed: int = 0,
         augment: bool = True,
         batch_size: int = 8,
@@ -77,6 +83,7 @@ class ShapesDetectionDataModule(BaseDataModule):
         self.num_val = num_val
         self.image_size = image_size
         self.max_objects = max_objects
+        self.size_range = tuple(size_range)
         self.seed = seed
         self.augment = augment
         self.train_dataset: DetectionDataset | None = None
@@ -98,10 +105,12 @@ class ShapesDetectionDataModule(BaseDataModule):
             detection_train_transforms(self.image_size) if self.augment else detection_val_transforms(self.image_size)
         )
         self.train_dataset = DetectionDataset(
-            ShapesSource(self.num_train, split_seed(self.seed, "train"), self.image_size, self.max_objects), train_tf
+            ShapesSource(self.num_train, split_seed(self.seed, "train"), self.image_size, self.max_objects,
+                         self.size_range), train_tf
         )
         self.val_dataset = DetectionDataset(
-            ShapesSource(self.num_val, split_seed(self.seed, "val"), self.image_size, self.max_objects),
+            ShapesSource(self.num_val, split_seed(self.seed, "val"), self.image_size, self.max_objects,
+                         self.size_range),
             detection_val_transforms(self.image_size),
         )
 
