@@ -4,3 +4,4 @@ from .base import BaseDataModule, detection_collate, pad_images
 from .coco import COCODetectionDataModule, COCODetectionSource
 from .detection import DetectionDataset
 from .synthetic import ShapesDetectionDataModule
+from .tfrecord import TFRecordDetectionDataModule
