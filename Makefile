@@ -34,4 +34,4 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[bench]"
-	$(PY) benchmarks/detection_speed.py
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -49,12 +49,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=80)
+    parser.add_argument("--channels-last", type=int, default=1, help="our channels_last flag (1/0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images, targets = make_batch(args.num_classes)
 
-    ours = DetectionTask(num_classes=args.num_classes, backbone="resnet50")
+    ours = DetectionTask(num_classes=args.num_classes, backbone="resnet50", channels_last=args.channels_last)
     ours_opt = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
 
     def ours_train() -> None:

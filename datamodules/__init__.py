@@ -3,5 +3,6 @@
 from .base import BaseDataModule, detection_collate, pad_images
 from .coco import COCODetectionDataModule, COCODetectionSource
 from .detection import DetectionDataset
-from .synthetic import ShapesDetectionDataModule
+from .faces import IdentityFolderDataModule
+from .synthetic import ShapesDetectionDataModule, SyntheticFacesDataModule
 from .tfrecord import TFRecordDetectionDataModule

@@ -71,7 +71,8 @@ class DetectionTask(BaseTask):
         lr, weight_decay, momentum: the default optimizer, SGD as the FCOS recipe (used when
             ``optimizer`` is not given).
         warmup_steps: linear LR warm-up of the default scheduler.
-        channels_last: run convolutions in channels_last memory format (faster on CPU and tensor cores).
+        channels_last: run convolutions in channels_last memory format. Off by default: on these 2-core CPUs
+            the GroupNorm head made the FCOS R50 training step ~10 % slower with it (benchmarks/detection_speed.py).
         class_names: names of the classes (linked from the DataModule; used for pictures and by users).
         num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
         optimizer, lr_scheduler: injected callables (``--model.optimizer=AdamW``); None = SGD as above and
@@ -101,7 +102,7 @@ class DetectionTask(BaseTask):
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_steps: int = 500,
-        channels_last: bool = True,
+        channels_last: bool = False,
         class_names: list[str] | None = None,
         num_log_images: int = 4,
         optimizer: OptimizerCallable | None = None,

@@ -1,0 +1,326 @@
+"""Face images on disk: one folder per identity for training, pairs for verification.
+
+Layout: ``root/<identity>/<image>`` with any image PIL opens (jpg, png, pgm, ...; greyscale and
+palette images are converted to RGB). Identities are the sorted folder names that hold at least one
+readable image; a folder without one is skipped with a warning naming it.
+
+Verification pairs, from ``pairs`` (paths in it are relative to ``pairs_root``, default the pairs
+file's folder):
+
+* LFW ``pairs.txt``: an optional header line of 1-2 integers, then ``name n1 n2`` (same person, images
+  ``name/name_000n1.*`` and ``name/name_000n2.*``) or ``name1 n1 name2 n2`` (different people);
+* a CSV of ``path_a,path_b,same`` rows (``same`` 1/0/true/false/yes/no; a header row is allowed).
+
+Without ``pairs``, a ``val_fraction`` of the identities is held out (never trained on) and
+``num_val_pairs`` balanced pairs are drawn from them. Batches are the ones the face task documents:
+train ``(images (B,3,S,S) float [0,1], labels (B,) int64)``; validation / test dicts ``image_a``,
+``image_b``, ``same``, ``index``, ``identity_a``, ``identity_b``; predict dicts ``image``, ``name``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from datamodules.base import BaseDataModule
+from datamodules.transforms import to_tensor
+
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes"}, {"0", "false", "no"}
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a file whose extension PIL registers (``.jpg``, ``.png``, ``.pgm``, ...)."""
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            image.size
+        return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of any image PIL opens; a clear error naming the file otherwise."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def scan_identity_folders(root: str | Path) -> tuple[list[str], list[list[Path]]]:
+    """Identity names (sorted folder names) and their image files; folders with no readable image skipped.
+
+    A folder counts when one of its image files opens (header check; the other files are checked
+    when they are loaded, so scanning a million-image tree stays fast).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"identity root {root} is not a directory")
+    names, files = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.iterdir() if is_image_file(p))
+        if not any(_readable(p) for p in images):
+            warnings.warn(f"identity folder {folder} has no readable image: skipped", stacklevel=2)
+            continue
+        names.append(folder.name)
+        files.append(images)
+    return names, files
+
+
+def _lfw_image(root: Path, name: str, number: str, where: str) -> Path:
+    """``root/name/name_000n.<ext>`` for any image extension; error naming ``where`` if absent."""
+    try:
+        stem = f"{name}_{int(number):04d}"
+    except ValueError:
+        raise ValueError(f"{where}: image number {number!r} is not an integer") from None
+    folder = root / name
+    if folder.is_dir():
+        for candidate in sorted(folder.glob(stem + ".*")):
+            if is_image_file(candidate):
+                return candidate
+    raise FileNotFoundError(f"{where}: image {folder / stem}.* not found")
+
+
+def _is_header(fields: Sequence[str]) -> bool:
+    return 1 <= len(fields) <= 2 and all(f.isdigit() for f in fields)
+
+
+def parse_pairs(path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, bool]]:
+    """Pairs ``(path_a, path_b, same)`` from an LFW ``pairs.txt`` or a ``path_a,path_b,same`` CSV.
+
+    Args:
+        path: the pairs file; ``.csv`` files are read as CSV, anything else as LFW pairs.
+        root: folder the pair paths are relative to (default: the pairs file's folder).
+
+    Raises:
+        FileNotFoundError / ValueError naming the file and line for a missing image or a malformed line.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} not found")
+    pairs = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for line_no, row in enumerate(csv.reader(f), start=1):
+                row = [x.strip() for x in row]
+                if not row or not any(row):
+                    continue
+                where = f"{path} line {line_no}"
+                if len(row) != 3:
+                    raise ValueError(f"{where}: expected 3 fields path_a,path_b,same, got {len(row)}: {row}")
+                flag = row[2].lower()
+                if flag not in TRUE_WORDS | FALSE_WORDS:
+                    if line_no == 1:
+                        continue  # header row
+                    raise ValueError(f"{where}: 'same' must be 1/0/true/false, got {row[2]!r}")
+                a, b = (root / p for p in row[:2])
+                for image in (a, b):
+                    if not image.is_file():
+                        raise FileNotFoundError(f"{where}: image {image} not found")
+                pairs.append((a, b, flag in TRUE_WORDS))
+        return pairs
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields or (line_no == 1 and _is_header(fields)):
+                continue
+            where = f"{path} line {line_no}"
+            if len(fields) == 3:  # name n1 n2: the same person
+                name, n1, n2 = fields
+                pairs.append((_lfw_image(root, name, n1, where), _lfw_image(root, name, n2, where), True))
+            elif len(fields) == 4:  # name1 n1 name2 n2: different people
+                name1, n1, name2, n2 = fields
+                pairs.append((_lfw_image(root, name1, n1, where), _lfw_image(root, name2, n2, where), False))
+            else:
+                raise ValueError(f"{where}: expected 3 fields (name n1 n2) or 4 (name1 n1 name2 n2), got {len(fields)}")
+    return pairs
+
+
+def sample_pairs(files: list[list[Path]], num_pairs: int, seed: int = 0) -> list[tuple[Path, Path, bool]]:
+    """Alternating same / different pairs from identities' file lists (same pairs need 2+ images)."""
+    rng = np.random.default_rng(seed)
+    multi = [i for i, f in enumerate(files) if len(f) >= 2]
+    if not multi or len(files) < 2:
+        raise ValueError("held-out identities cannot make pairs: need one with 2+ images and 2+ identities")
+    pairs = []
+    for k in range(num_pairs):
+        if k % 2 == 0:
+            i = multi[rng.integers(len(multi))]
+            a, b = rng.choice(len(files[i]), 2, replace=False)
+            pairs.append((files[i][a], files[i][b], True))
+        else:
+            i, j = rng.choice(len(files), 2, replace=False)
+            pairs.append((files[i][rng.integers(len(files[i]))], files[j][rng.integers(len(files[j]))], False))
+    return pairs
+
+
+def face_transform(image_size: int, train: bool) -> A.Compose:
+    """Resize to ``image_size`` square (aligned faces are already 112x112), random flip when training."""
+    steps: list = [A.Resize(image_size, image_size)]
+    if train:
+        steps.append(A.HorizontalFlip(p=0.5))  # insightface trains with flips only
+    return A.Compose(steps + to_tensor())
+
+
+class IdentityImages(Dataset):
+    """``(image (3,S,S) float [0,1], label int64)`` for every file of every identity."""
+
+    def __init__(self, files: list[list[Path]], transform: A.Compose) -> None:
+        self.items = [(p, label) for label, paths in enumerate(files) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, label = self.items[index]
+        return self.transform(image=load_rgb(path))["image"], torch.tensor(label, dtype=torch.int64)
+
+
+class PairImages(Dataset):
+    """Verification pairs as dicts (``image_a``, ``image_b``, ``same``, ``index``, ``identity_a/b``)."""
+
+    def __init__(self, pairs: list[tuple[Path, Path, bool]], transform: A.Compose) -> None:
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        a, b, same = self.pairs[index]
+        return {
+            "image_a": self.transform(image=load_rgb(a))["image"],
+            "image_b": self.transform(image=load_rgb(b))["image"],
+            "same": torch.tensor(bool(same)),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "identity_a": a.parent.name,
+            "identity_b": b.parent.name,
+        }
+
+
+class ImageFiles(Dataset):
+    """Images of a list of files as ``{"image", "name"}`` (name = path relative to ``base``)."""
+
+    def __init__(self, paths: list[Path], transform: A.Compose, base: Path | None = None) -> None:
+        self.paths, self.transform, self.base = paths, transform, base
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        name = str(path.relative_to(self.base)) if self.base is not None and path.is_relative_to(self.base) else str(path)
+        return {"image": self.transform(image=load_rgb(path))["image"], "name": name}
+
+
+class IdentityFolderDataModule(BaseDataModule):
+    """Face recognition data from ``root/<identity>/*`` folders with LFW-style or CSV verification pairs.
+
+    Args:
+        root: folder of identity folders (the training set).
+        pairs: LFW ``pairs.txt`` or ``path_a,path_b,same`` CSV for validation / test; None holds out
+            ``val_fraction`` of the identities instead.
+        pairs_root: folder the pair paths are relative to (default: the pairs file's folder).
+        val_fraction: share of identities held out when ``pairs`` is None.
+        num_val_pairs: pairs drawn from the held-out identities.
+        predict_root: folder whose images (recursively) ``predict`` embeds; default the validation images.
+        image_size: side S the images are resized to.
+        seed: the identity hold-out and pair draw.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        pairs: str | None = None,
+        pairs_root: str | None = None,
+        val_fraction: float = 0.1,
+        num_val_pairs: int = 1000,
+        predict_root: str | None = None,
+        image_size: int = 112,
+        seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory)
+        self.root, self.pairs, self.pairs_root = root, pairs, pairs_root
+        self.val_fraction, self.num_val_pairs, self.predict_root = val_fraction, num_val_pairs, predict_root
+        self.image_size, self.seed = image_size, seed
+        self._scan: tuple[list[str], list[list[Path]], list[list[Path]]] | None = None
+
+    def _split(self) -> tuple[list[str], list[list[Path]], list[list[Path]]]:
+        """Training identity names and files, and held-out identities' files (empty with a pairs file)."""
+        if self._scan is None:
+            names, files = scan_identity_folders(self.root)
+            held_out: list[list[Path]] = []
+            if self.pairs is None:
+                order = np.random.default_rng(self.seed).permutation(len(names))
+                n_val = int(round(self.val_fraction * len(names)))
+                val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
+                held_out = [files[i] for i in val_ids]
+                names, files = [names[i] for i in train_ids], [files[i] for i in train_ids]
+            if len(names) < 2:
+                raise ValueError(
+                    f"{self.root}: {len(names)} training identit{'y' if len(names) == 1 else 'ies'} with readable "
+                    "images; face recognition needs at least 2 (one folder per identity)"
+                )
+            self._scan = (names, files, held_out)
+        return self._scan
+
+    @property
+    def num_identities(self) -> int:
+        """Number of training identities (the classifier size)."""
+        return len(self._split()[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Training identity names, index = label."""
+        return list(self._split()[0])
+
+    def setup(self, stage: str | None = None) -> None:
+        names, files, held_out = self._split()
+        self.train_set = IdentityImages(files, face_transform(self.image_size, train=True))
+        test_tf = face_transform(self.image_size, train=False)
+        if self.pairs is not None:
+            pairs = parse_pairs(self.pairs, self.pairs_root)
+        elif held_out:
+            pairs = sample_pairs(held_out, self.num_val_pairs, self.seed)
+        else:
+            raise ValueError(f"{self.root}: no verification pairs; give `pairs` or a `val_fraction` > 0")
+        self.val_set = PairImages(pairs, test_tf)
+        if self.predict_root is not None:
+            base = Path(self.predict_root)
+            paths = sorted(p for p in base.rglob("*") if is_image_file(p))
+        else:
+            base = Path(self.pairs_root or Path(self.pairs).parent) if self.pairs else Path(self.root)
+            paths = sorted({p for a, b, _ in pairs for p in (a, b)})
+        self.predict_set = ImageFiles(paths, test_tf, base)
+
+    def train_dataloader(self):
+        return self.make_loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self.make_loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        return self.make_loader(self.val_set, train=False)
+
+    def predict_dataloader(self):
+        return self.make_loader(self.predict_set, train=False)

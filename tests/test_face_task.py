@@ -1,0 +1,218 @@
+"""FaceRecognitionTask end to end: CLI on every face config, checkpoints, predict files, precision, DDP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+
+from datamodules.synthetic.identities import SyntheticFacesDataModule
+from lit_tasks.callbacks.embeddings import EmbeddingProjector
+from lit_tasks.cli import main as cli_main
+from lit_tasks.face_recognition import FaceRecognitionTask
+from lit_tasks.losses.partial_fc import PartialFC
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE_CONFIGS = sorted((ROOT / "configs" / "face").glob("*.yaml"))
+SMALL_SYNTHETIC = ["--data.num_train_identities=6", "--data.samples_per_identity=2", "--data.num_val_identities=4",
+                   "--data.val_samples_per_identity=2", "--data.num_val_pairs=20", "--data.batch_size=4",
+                   "--data.num_workers=0"]
+
+
+def tiny_task(**kwargs) -> FaceRecognitionTask:
+    torch.manual_seed(0)
+    args = dict(num_identities=6, backbone="test_resnet", image_size=32, embedding_size=16, scale=16.0)
+    return FaceRecognitionTask(**{**args, **kwargs})
+
+
+def tiny_data(**kwargs) -> SyntheticFacesDataModule:
+    args = dict(num_train_identities=6, samples_per_identity=4, num_val_identities=4, val_samples_per_identity=3,
+                num_val_pairs=20, image_size=32, batch_size=8, num_workers=0)
+    return SyntheticFacesDataModule(**{**args, **kwargs})
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False)
+    return pl.Trainer(**{**args, **kwargs})
+
+
+def write_face_folder(root: Path, identities: int = 3, per_identity: int = 2, size: int = 112) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        for j in range(per_identity):
+            folder = root / f"person{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"person{i}_{j + 1:04d}.png")
+    pairs = root / "pairs.txt"
+    pairs.write_text("person0 1 2\nperson0 1 person1 2\nperson1 1 2\nperson2 1 person0 2\n")
+    return pairs
+
+
+def test_every_face_config_is_covered() -> None:
+    assert {p.name for p in FACE_CONFIGS} == {"arcface_synthetic.yaml", "arcface_folder.yaml"}
+
+
+@pytest.mark.parametrize("config", FACE_CONFIGS, ids=lambda p: p.name)
+def test_cli_fast_dev_run(config: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu"]
+    if "folder" in config.name:
+        pairs = write_face_folder(tmp_path / "faces")
+        args += [f"--data.root={tmp_path / 'faces'}", f"--data.pairs={pairs}", "--data.batch_size=4",
+                 "--data.num_workers=0"]
+    else:
+        args += SMALL_SYNTHETIC
+    cli = cli_main(args)
+    assert isinstance(cli.model, FaceRecognitionTask)
+    assert cli.model.hparams.num_identities == cli.datamodule.num_identities  # linked by the CLI
+    assert 0.0 <= cli.trainer.callback_metrics["val/verification_accuracy"].item() <= 1.0
+
+
+@pytest.fixture(scope="module")
+def trained_cli_run(tmp_path_factory) -> Path:
+    """`lit-tasks fit` of the synthetic config for 2 steps; returns the run folder (cwd of the run)."""
+    run = tmp_path_factory.mktemp("cli_run")
+    cwd = os.getcwd()
+    os.chdir(run)
+    try:
+        cli_main(["fit", "--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), "--trainer.max_steps=2",
+                  "--trainer.limit_val_batches=1", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
+                  *SMALL_SYNTHETIC])
+    finally:
+        os.chdir(cwd)
+    return run
+
+
+def test_cli_checkpoint_round_trip_and_predict_files(trained_cli_run: Path, monkeypatch) -> None:
+    monkeypatch.chdir(trained_cli_run)
+    last = next(trained_cli_run.glob("lightning_logs/arcface_synthetic/version_*/checkpoints/last.ckpt"))
+    # Primitive hyperparameters: the checkpoint loads with weights_only=True (what --ckpt_path does).
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert state["hyper_parameters"]["num_identities"] == 6
+    task = FaceRecognitionTask.load_from_checkpoint(last, map_location="cpu")
+    assert torch.equal(task.head.weight, state["state_dict"]["head.weight"])
+    cli_main(["predict", "--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), f"--ckpt_path={last}",
+              "--trainer.accelerator=cpu", *SMALL_SYNTHETIC])
+    out = trained_cli_run / "lightning_logs/arcface_synthetic/predictions"
+    embeddings = np.load(out / "embeddings.npy")
+    names = (out / "names.txt").read_text().splitlines()
+    assert embeddings.shape == (8, 128) and embeddings.dtype == np.float32  # 4 identities x 2 samples
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert names[:3] == ["id00006/000", "id00006/001", "id00007/000"] and len(names) == 8
+    # The written rows are the checkpoint's embeddings of those images.
+    dm = SyntheticFacesDataModule(**yaml.safe_load((ROOT / "configs/face/arcface_synthetic.yaml").read_text())
+                                  ["data"]["init_args"] | {"num_train_identities": 6, "num_val_identities": 4,
+                                                           "val_samples_per_identity": 2, "num_workers": 0})
+    dm.setup("predict")
+    image = dm.predict_set[3]["image"][None]
+    np.testing.assert_allclose(embeddings[3], task.embed(image)[0].numpy(), atol=1e-5)
+
+
+def test_embed_is_normalised_and_flip_fused() -> None:
+    task = tiny_task()
+    images = torch.rand(3, 3, 32, 32)
+    emb = task.embed(images)
+    assert emb.shape == (3, 16) and task.training  # embed() restores the mode
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    # f(x) + f(mirror x) is the same for x and its mirror.
+    torch.testing.assert_close(task.embed(images.flip(-1)), emb, atol=1e-5, rtol=1e-4)
+    plain = task.embed(images, flip=False)
+    assert not torch.allclose(plain, emb, atol=1e-3)
+    with pytest.raises(ValueError, match="built for 32x32"):
+        task(torch.rand(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="at least 2"):
+        FaceRecognitionTask(num_identities=1)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_partial_fc_trains_under_mixed_precision(precision: str) -> None:
+    task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=20)
+    before = task.head.weight.clone()
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, precision=precision)
+    trainer.fit(task, tiny_data(num_train_identities=20, batch_size=4))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    changed = torch.nonzero((task.head.weight != before).any(dim=1)).squeeze(1)
+    # The lazy update touched exactly the 10 sampled rows, and momentum exists only for them.
+    assert torch.equal(changed, task.head.last_index) and len(changed) == 10
+    assert (task.head.momentum_buffer.abs().sum(1) > 0).sum() == 10
+
+
+def test_partial_fc_checkpoint_round_trip(tmp_path) -> None:
+    task = tiny_task(partial_fc=True, sample_rate=1.0)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(task, tiny_data())
+    trainer.save_checkpoint(tmp_path / "pfc.ckpt")
+    loaded = FaceRecognitionTask.load_from_checkpoint(tmp_path / "pfc.ckpt", map_location="cpu")
+    assert isinstance(loaded.head, PartialFC)
+    assert torch.equal(loaded.head.weight, task.head.weight)
+    assert torch.equal(loaded.head.momentum_buffer, task.head.momentum_buffer)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.embed(images), task.embed(images))
+    tested = quiet_trainer().test(loaded, tiny_data())[0]  # `lit-tasks test`: the same pair protocol
+    assert 0.0 <= tested["test/verification_accuracy"] <= 1.0 and "test/tar_at_far_1e-3" in tested
+
+
+def test_projector_and_roc_figure_are_logged(tmp_path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="face")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=2,
+                         num_sanity_val_steps=0, logger=logger,
+                         callbacks=[EmbeddingProjector(max_images=10, thumbnail=8)], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_task(), tiny_data())
+    run = Path(logger.log_dir)
+    projector = (run / "projector_config.pbtxt").read_text()
+    assert "val_embeddings" in projector
+    metadata = next(run.glob("*/val_embeddings/metadata.tsv")).read_text().splitlines()
+    assert len(metadata) == 10 and metadata[0].startswith("id0000")
+    assert next(run.glob("*/val_embeddings/sprite.png")).is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    assert "val/roc" in events.Tags()["images"]
+    assert "val/verification_accuracy" in events.Tags()["scalars"]
+
+
+class RecordShard(pl.Callback):
+    """Writes each process's shard of the centres to ``folder/shard{rank}.txt`` (runs in the children)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        head = pl_module.head
+        Path(self.folder, f"shard{trainer.global_rank}.txt").write_text(f"{head.class_start} {head.num_local}")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_partial_fc_fit_and_checkpoint(tmp_path) -> None:
+    """2 CPU processes (gloo, ddp_spawn): sharded centres, gathered into a full checkpoint."""
+    task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=7)
+    initial = task.head.weight.clone()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=2,
+                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False, callbacks=[RecordShard(str(tmp_path))])
+    trainer.fit(task, tiny_data(num_train_identities=7))
+    assert [(tmp_path / f"shard{r}.txt").read_text() for r in range(2)] == ["0 4", "4 3"]
+    changed = (task.head.weight != initial).any(dim=1)
+    assert changed[:4].any() and changed[4:].any()  # trained rows of both shards came back
+    trainer.save_checkpoint(tmp_path / "ddp.ckpt")  # main process: the module holds all 7 rows again
+    state = torch.load(tmp_path / "ddp.ckpt", weights_only=True)["state_dict"]
+    assert state["head.weight"].shape == (7, 16)
+    loaded = FaceRecognitionTask.load_from_checkpoint(tmp_path / "ddp.ckpt")
+    assert torch.equal(loaded.head.weight, task.head.weight)
+    # Verification over 2 processes (21 pairs: the DistributedSampler pads one duplicate) equals 1 process.
+    data = tiny_data(num_train_identities=7, num_val_pairs=21, batch_size=4)
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path)
+    single = quiet_trainer(devices=1)
+    ddp_metrics, single_metrics = ddp.validate(task, data)[0], single.validate(task, data)[0]
+    for key in ("val/verification_accuracy", "val/auc", "val/tar_at_far_1e-2"):
+        assert ddp_metrics[key] == pytest.approx(single_metrics[key], abs=1e-7), key

@@ -1,0 +1,208 @@
+"""Partial FC: equals the full softmax at sample_rate 1 (1 and 2 processes), sampling, lazy SGD, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lit_tasks.losses.margin import ArcFace, CombinedMargin, MarginSoftmaxLoss
+from lit_tasks.losses.partial_fc import PartialFC, shard_range
+
+
+def make_pair(num_classes: int = 40, dim: int = 8, sample_rate: float = 1.0, momentum: float = 0.9):
+    torch.manual_seed(0)
+    full = MarginSoftmaxLoss(num_classes, dim, ArcFace(64.0, 0.5))
+    pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), sample_rate, momentum, 5e-4, rank=0, world_size=1)
+    with torch.no_grad():
+        pfc.weight.copy_(full.weight)
+    return full, pfc
+
+
+def test_shard_range_covers_all_classes() -> None:
+    for c, w in [(10, 3), (7, 7), (5, 8), (1000, 4)]:
+        ranges = [shard_range(c, r, w) for r in range(w)]
+        assert sum(n for _, n in ranges) == c
+        assert all(ranges[r][0] + ranges[r][1] == ranges[r + 1][0] for r in range(w - 1))
+        assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+
+
+def test_single_process_full_rate_equals_full_softmax() -> None:
+    full, pfc = make_pair(dim=64)
+    labels = torch.randint(0, 40, (16,))
+    emb = 100 * full.weight.detach()[labels] + 0.3 * torch.randn(16, 64)  # near their centres: loss O(1)
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    loss_full, loss_pfc = full(e1, labels), pfc(e2, labels)
+    loss_full.backward()
+    loss_pfc.backward()
+    assert loss_pfc.item() == pytest.approx(loss_full.item(), abs=1e-6)
+    torch.testing.assert_close(e2.grad, e1.grad, atol=1e-6, rtol=1e-5)
+    index, rows = pfc._pending[0]
+    assert index is None
+    torch.testing.assert_close(rows.grad, full.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_keeps_positives_and_equals_softmax_over_sampled_rows() -> None:
+    full, pfc = make_pair(num_classes=200, sample_rate=0.1)
+    emb, labels = torch.randn(6, 8), torch.tensor([3, 3, 150, 77, 199, 0])
+    loss = pfc(emb, labels)
+    index = pfc.last_index
+    assert len(index) == 20 and torch.equal(index, index.sort().values)
+    assert set(labels.tolist()) <= set(index.tolist())
+    # Reference: margin cross entropy over exactly the sampled centres.
+    columns = torch.searchsorted(index, labels)
+    logits = ArcFace(64.0, 0.5)(F.normalize(emb) @ F.normalize(full.weight[index].detach()).T, columns)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, columns).item(), abs=1e-5)
+
+
+def test_only_positives_when_they_exceed_the_sample() -> None:
+    _, pfc = make_pair(num_classes=20, sample_rate=0.1)
+    labels = torch.tensor([1, 5, 9, 13, 17])
+    pfc(torch.randn(5, 8), labels)
+    assert pfc.last_index.tolist() == [1, 5, 9, 13, 17]
+
+
+def test_lazy_sgd_equals_torch_sgd_when_every_row_is_sampled() -> None:
+    full, pfc = make_pair()
+    opt = torch.optim.SGD([full.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(3):
+        emb, labels = torch.randn(16, 8), torch.randint(0, 40, (16,))
+        opt.zero_grad()
+        full(emb, labels).backward()
+        opt.step()
+        pfc(emb, labels).backward()
+        assert pfc.step(lr=0.1)
+        torch.testing.assert_close(pfc.weight, full.weight.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pfc.momentum_buffer, opt.state[full.weight]["momentum_buffer"], atol=1e-6, rtol=1e-5)
+
+
+def test_lazy_sgd_touches_only_sampled_rows() -> None:
+    _, pfc = make_pair(num_classes=200, sample_rate=0.1)
+    before_w = pfc.weight.clone()
+    pfc.momentum_buffer.normal_()
+    before_m = pfc.momentum_buffer.clone()
+    labels = torch.tensor([3, 50, 120])
+    pfc(torch.randn(3, 8), labels).backward()
+    index, rows = pfc._pending[0]
+    grad = rows.grad.clone()
+    pfc.step(lr=0.5, grad_scale=4.0)  # an AMP loss scale of 4 is divided out
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(pfc.weight[untouched], before_w[untouched])
+    assert torch.equal(pfc.momentum_buffer[untouched], before_m[untouched])
+    expected_m = 0.9 * before_m[index] + grad / 4.0 + 5e-4 * before_w[index]
+    torch.testing.assert_close(pfc.momentum_buffer[index], expected_m)
+    torch.testing.assert_close(pfc.weight[index], before_w[index] - 0.5 * expected_m)
+
+
+def test_accumulated_micro_batches_sum_their_gradients() -> None:
+    _, pfc = make_pair(num_classes=200, sample_rate=0.1, momentum=0.0)
+    _, single = make_pair(num_classes=200, sample_rate=1.0, momentum=0.0)
+    pfc.weight_decay = single.weight_decay = 0.0
+    before = pfc.weight.clone()
+    grads = torch.zeros_like(before)
+    for labels in (torch.tensor([3, 50]), torch.tensor([50, 199])):
+        pfc(torch.randn(2, 8), labels).backward()
+        index, rows = pfc._pending[-1]
+        grads.index_add_(0, index, rows.grad)
+    assert pfc.step(lr=1.0)
+    torch.testing.assert_close(pfc.weight, before - grads)
+
+
+def test_non_finite_gradient_skips_the_update() -> None:
+    _, pfc = make_pair()
+    before = pfc.weight.clone()
+    pfc(torch.randn(4, 8), torch.tensor([0, 1, 2, 3])).backward()
+    pfc._pending[0][1].grad[0, 0] = float("inf")
+    assert not pfc.step(lr=0.1)
+    assert torch.equal(pfc.weight, before)
+
+
+def test_checkpoint_holds_full_matrix_and_restores_any_shard() -> None:
+    _, pfc = make_pair(num_classes=11)
+    state = pfc.state_dict()
+    assert state["weight"].shape == (11, 8) and state["momentum_buffer"].shape == (11, 8)
+    shard = PartialFC(11, 8, ArcFace(), rank=1, world_size=3)
+    shard.load_state_dict(state)
+    start, n = shard_range(11, 1, 3)
+    assert torch.equal(shard.weight, state["weight"][start : start + n])
+    wrong = PartialFC(12, 8, ArcFace())
+    with pytest.raises(RuntimeError, match=r"weight: the checkpoint holds a \(11, 8\) centre matrix, expected the full \(12, 8\)"):
+        wrong.load_state_dict(state)
+
+
+def test_sample_rate_is_validated() -> None:
+    with pytest.raises(ValueError, match="sample_rate"):
+        PartialFC(10, 4, CombinedMargin(), sample_rate=0.0)
+
+
+# -- two processes (gloo) ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # identical global data and centres in every process
+        num_classes, dim, per_rank = 203, 64, 4
+        centres = torch.randn(num_classes, dim)
+        labels = torch.randint(0, num_classes, (world * per_rank,))
+        emb = centres[labels] + 0.3 * torch.randn(world * per_rank, dim)  # near their centres: loss O(1)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        out = {}
+        # Reference: the full softmax of the whole global batch, in this process alone.
+        full = MarginSoftmaxLoss(num_classes, dim, ArcFace(64.0, 0.5))
+        full.weight.data.copy_(centres)
+        e_ref = emb.clone().requires_grad_()
+        loss_ref = full(e_ref, labels)
+        loss_ref.backward()
+        out["loss_ref"] = loss_ref.detach()
+        out["grad_ref"], out["centre_grad_ref"] = e_ref.grad[mine], full.weight.grad
+        for rate in (1.0, 0.1):
+            pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), rate, rank=0, world_size=1)
+            pfc.weight.copy_(centres)
+            pfc.reshard()
+            e = emb[mine].clone().requires_grad_()
+            loss = pfc(e, labels[mine])
+            loss.backward()
+            index, rows = pfc._pending[0]
+            out[rate] = {
+                "loss": loss.detach(), "grad": e.grad, "start": pfc.class_start, "num_local": pfc.num_local,
+                "index": index, "centre_grad": rows.grad, "state_weight": pfc.state_dict()["weight"],
+            }
+        out["labels"] = labels
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_single_process_full_softmax(tmp_path) -> None:
+    world = 2
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    labels = results[0]["labels"]
+    for r, out in enumerate(results):
+        exact = out[1.0]
+        assert exact["num_local"] in (101, 102)  # each process holds half of the 203 centres
+        assert exact["loss"].item() == pytest.approx(out["loss_ref"].item(), abs=1e-5)
+        # The all-gather backward returns world_size x dL/de (DDP averages backbone gradients).
+        torch.testing.assert_close(exact["grad"] / world, out["grad_ref"], atol=1e-5, rtol=1e-4)
+        start, n = exact["start"], exact["num_local"]
+        torch.testing.assert_close(exact["centre_grad"], out["centre_grad_ref"][start : start + n], atol=1e-5, rtol=1e-4)
+        assert exact["state_weight"].shape == (203, 64)  # state_dict gathers every shard
+        # sample_rate = 0.1: every positive of the GLOBAL batch on this shard is sampled.
+        sampled = results[r][0.1]
+        positives = {int(y) - start for y in labels if start <= y < start + n}
+        assert positives <= set(sampled["index"].tolist())
+        assert len(sampled["index"]) == max(int(0.1 * n), len(positives))
+    assert torch.equal(results[0][1.0]["state_weight"], results[1][1.0]["state_weight"])
+    assert results[0][1.0]["loss"].item() == results[1][1.0]["loss"].item()
