@@ -19,12 +19,20 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names")
+
+
+class FitConfigCallback(SaveConfigCallback):
+    """Save the run's config.yaml for ``fit`` only; evaluating a checkpoint must not touch the training run's files."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 class TasksCLI(LightningCLI):
@@ -111,6 +119,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TasksCLI:
                 "init_args": {"save_dir": ".", "name": "lightning_logs"},
             }
         },
+        save_config_callback=FitConfigCallback,
         save_config_kwargs={"overwrite": False},  # never replace a config.yaml that is already there
         args=args,
         run=run,
