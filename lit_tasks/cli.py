@@ -106,8 +106,8 @@ def classes_named(argv: list[str]) -> list[tuple[str, str]]:
     return [(part, path) for part in ("model", "data") for path in dict.fromkeys(found[part])]
 
 
-def main(args: list[str] | None = None, run: bool = True) -> TasksCLI:
-    """Entry point of the ``lit-tasks`` console script."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> TasksCLI:
+    """Build (and by default run) the CLI; returns it so Python callers can reach ``.model``/``.trainer``."""
     return TasksCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -125,6 +125,11 @@ def main(args: list[str] | None = None, run: bool = True) -> TasksCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lit-tasks`` console script (returns None so the exit status is 0)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from datamodules import COCODetectionDataModule, ShapesDetectionDataModule
 from lit_tasks import DetectionTask
-from lit_tasks.cli import main as cli_main
+from lit_tasks.cli import run_cli as cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 TINY_MODEL = ["--model.init_args.backbone=resnet18", "--model.init_args.fpn_channels=32",

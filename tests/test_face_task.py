@@ -15,7 +15,7 @@ from PIL import Image
 
 from datamodules.synthetic.identities import SyntheticFacesDataModule
 from lit_tasks.callbacks.embeddings import EmbeddingProjector
-from lit_tasks.cli import main as cli_main
+from lit_tasks.cli import run_cli as cli_main
 from lit_tasks.face_recognition import FaceRecognitionTask
 from lit_tasks.losses.partial_fc import PartialFC
 

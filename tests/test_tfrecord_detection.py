@@ -130,7 +130,7 @@ def test_label_map_round_trip(tmp_path: Path) -> None:
 
 
 def test_fcos_tfrecord_config_fast_dev_run(converted: dict, tmp_path: Path) -> None:
-    from lit_tasks.cli import main as cli_main
+    from lit_tasks.cli import run_cli as cli_main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "detection" / "fcos_tfrecord.yaml"
     cli = cli_main(["fit", f"--config={config}", f"--data.init_args.train_files={converted['train_files']}",
