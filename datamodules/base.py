@@ -17,14 +17,51 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
+# Splits each Trainer stage reads; predict runs on the validation split.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
+
+
 class BaseDataModule(pl.LightningDataModule):
-    """Batch size, workers and loaders shared by every DataModule."""
+    """Batch size, workers, lazily built split datasets and the four loaders shared by every DataModule.
+
+    A subclass implements ``build_dataset(split)`` for ``"train"``, ``"val"`` and ``"test"`` and sets
+    ``collate_fn`` (as a ``staticmethod``); ``setup(stage)`` builds only the splits that stage reads.
+    """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
 
     def __init__(self, batch_size: int = 8, num_workers: int = 2, pin_memory: bool = False) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in STAGE_SPLITS.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            self.dataset(split)
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split``, built on first use."""
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_loader(self.dataset("train"), train=True, collate_fn=self.collate_fn)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader(self.dataset("val"), train=False, collate_fn=self.collate_fn)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.make_loader(self.dataset("test"), train=False, collate_fn=self.collate_fn)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.make_loader(self.dataset("val"), train=False, collate_fn=self.collate_fn)
 
     def make_loader(
         self,

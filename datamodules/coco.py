@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from .base import BaseDataModule, detection_collate
 from .detection import DetectionDataset, DetectionRecord
@@ -197,6 +196,8 @@ class COCODetectionDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
+    collate_fn = staticmethod(detection_collate)
+
     def __init__(
         self,
         root: str,
@@ -227,7 +228,6 @@ class COCODetectionDataModule(BaseDataModule):
             "test": (test_annotations, test_images or val_images),
         }
         self._sources: dict[str, COCODetectionSource] = {}
-        self.datasets: dict[str, DetectionDataset] = {}
 
     def _path(self, path: str) -> str:
         return os.path.join(self.root, path)  # an absolute ``path`` is kept as is by os.path.join
@@ -277,31 +277,10 @@ class COCODetectionDataModule(BaseDataModule):
         """Contiguous label -> COCO category id, to write predictions back in the json's ids."""
         return dict(enumerate(self.source("val").category_ids))
 
-    def setup(self, stage: str | None = None) -> None:
-        """Read the jsons the stage needs ("fit": train + val, "validate"/"predict": val, "test": test)."""
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
-        for split in needed.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
-            if split in self.datasets:
-                continue
-            if split == "train" and self.augment:
-                tf = detection_train_transforms(self.image_size)
-            else:
-                tf = detection_val_transforms(self.image_size)
-            self.datasets[split] = DetectionDataset(self.source(split), tf)
-
-    def _dataset(self, split: str) -> DetectionDataset:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("train"), train=True, collate_fn=detection_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("test"), train=False, collate_fn=detection_collate)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
+    def build_dataset(self, split: str) -> DetectionDataset:
+        """Parse the split's json (train augmented when ``augment``)."""
+        if split == "train" and self.augment:
+            tf = detection_train_transforms(self.image_size)
+        else:
+            tf = detection_val_transforms(self.image_size)
+        return DetectionDataset(self.source(split), tf)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
 
 from ..base import BaseDataModule, detection_collate
 from ..detection import DetectionDataset, DetectionRecord
@@ -64,6 +63,8 @@ class ShapesDetectionDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
+    collate_fn = staticmethod(detection_collate)
+
     def __init__(
         self,
         num_train: int = 2000,
@@ -86,8 +87,6 @@ class ShapesDetectionDataModule(BaseDataModule):
         self.size_range = tuple(size_range)
         self.seed = seed
         self.augment = augment
-        self.train_dataset: DetectionDataset | None = None
-        self.val_dataset: DetectionDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -99,34 +98,11 @@ class ShapesDetectionDataModule(BaseDataModule):
         """Name of each label."""
         return list(SHAPE_CLASSES)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets (cheap: nothing is rendered until an item is read)."""
-        train_tf = (
-            detection_train_transforms(self.image_size) if self.augment else detection_val_transforms(self.image_size)
-        )
-        self.train_dataset = DetectionDataset(
-            ShapesSource(self.num_train, split_seed(self.seed, "train"), self.image_size, self.max_objects,
-                         self.size_range), train_tf
-        )
-        self.val_dataset = DetectionDataset(
-            ShapesSource(self.num_val, split_seed(self.seed, "val"), self.image_size, self.max_objects,
-                         self.size_range),
-            detection_val_transforms(self.image_size),
-        )
-
-    def _dataset(self, split: str) -> DetectionDataset:
-        if self.train_dataset is None or self.val_dataset is None:
-            self.setup()
-        return self.train_dataset if split == "train" else self.val_dataset  # type: ignore[return-value]
-
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("train"), train=True, collate_fn=detection_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
+    def build_dataset(self, split: str) -> DetectionDataset:
+        """Train: the augmented train stream; val and test: the validation stream."""
+        stream = "train" if split == "train" else "val"
+        count = self.num_train if split == "train" else self.num_val
+        augment = split == "train" and self.augment
+        transform = detection_train_transforms(self.image_size) if augment else detection_val_transforms(self.image_size)
+        source = ShapesSource(count, split_seed(self.seed, stream), self.image_size, self.max_objects, self.size_range)
+        return DetectionDataset(source, transform)

@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from ..base import BaseDataModule, detection_collate
 from ..detection import DetectionDataset, DetectionRecord
@@ -107,6 +106,8 @@ class TFRecordDetectionDataModule(BaseDataModule):
     lengths and record-level balancing.
     """
 
+    collate_fn = staticmethod(detection_collate)
+
     def __init__(
         self,
         train_files: str | list[str],
@@ -129,7 +130,6 @@ class TFRecordDetectionDataModule(BaseDataModule):
         self.image_size, self.augment = image_size, augment
         self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt
         self._labels: tuple[list[int], list[str]] | None = None
-        self.datasets: dict[str, TFRecordDataset] = {}
 
     def _label_map(self) -> tuple[list[int], list[str]]:
         if self._labels is None:
@@ -154,7 +154,7 @@ class TFRecordDetectionDataModule(BaseDataModule):
     def label_to_category_id(self) -> dict[int, int]:
         return dict(enumerate(self.category_ids))
 
-    def _build(self, split: str) -> TFRecordDataset:
+    def build_dataset(self, split: str) -> TFRecordDataset:
         train = split == "train"
         transform = (detection_train_transforms if train and self.augment else detection_val_transforms)(self.image_size)
         return TFRecordDataset(
@@ -162,26 +162,3 @@ class TFRecordDetectionDataModule(BaseDataModule):
             shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad",
             batch_size=self.batch_size, on_corrupt=self.on_corrupt,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
-        for split in needed.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
-            if split not in self.datasets:
-                self.datasets[split] = self._build(split)
-
-    def _dataset(self, split: str) -> TFRecordDataset:
-        if split not in self.datasets:
-            self.datasets[split] = self._build(split)
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("train"), train=True, collate_fn=detection_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("test"), train=False, collate_fn=detection_collate)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.make_loader(self._dataset("val"), train=False, collate_fn=detection_collate)
