@@ -4,5 +4,24 @@ from .base import BaseDataModule, detection_collate, pad_images
 from .coco import COCODetectionDataModule, COCODetectionSource
 from .detection import DetectionDataset
 from .faces import IdentityFolderDataModule
-from .synthetic import ShapesDetectionDataModule, SyntheticFacesDataModule
+from .masks import FolderSegmentationDataModule, SegmentationDataset, VOCSegmentationDataModule, segmentation_collate
+from .synthetic import ShapesDetectionDataModule, ShapesSegmentationDataModule, SyntheticFacesDataModule
 from .tfrecord import TFRecordDetectionDataModule
+
+__all__ = [
+    "BaseDataModule",
+    "COCODetectionDataModule",
+    "COCODetectionSource",
+    "DetectionDataset",
+    "FolderSegmentationDataModule",
+    "IdentityFolderDataModule",
+    "SegmentationDataset",
+    "ShapesDetectionDataModule",
+    "ShapesSegmentationDataModule",
+    "SyntheticFacesDataModule",
+    "TFRecordDetectionDataModule",
+    "VOCSegmentationDataModule",
+    "detection_collate",
+    "pad_images",
+    "segmentation_collate",
+]

@@ -3,5 +3,6 @@
 from lit_tasks.base import BaseTask
 from lit_tasks.detection import DetectionTask
 from lit_tasks.face_recognition import FaceRecognitionTask
+from lit_tasks.segmentation import SemanticSegmentationTask
 
-__all__ = ["BaseTask", "DetectionTask", "FaceRecognitionTask"]
+__all__ = ["BaseTask", "DetectionTask", "FaceRecognitionTask", "SemanticSegmentationTask"]

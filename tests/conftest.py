@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Before torch loads OpenMP: busy-waiting threads make tests crawl when other processes share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest

@@ -8,14 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-
-def tensorboard(trainer: pl.Trainer) -> Any | None:
-    """The SummaryWriter of the first TensorBoard logger, or None."""
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            return experiment
-    return None
+from lit_tasks.callbacks.tensorboard import tensorboard
 
 
 def draw_detections(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lit_tasks.callbacks.detection_images import tensorboard
+from lit_tasks.callbacks.tensorboard import tensorboard
 
 
 def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, title: str = "verification ROC") -> Any:
