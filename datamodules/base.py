@@ -24,11 +24,13 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 class BaseDataModule(pl.LightningDataModule):
     """Batch size, workers, lazily built split datasets and the four loaders shared by every DataModule.
 
-    A subclass implements ``build_dataset(split)`` for ``"train"``, ``"val"`` and ``"test"`` and sets
+    A subclass implements ``build_dataset(split)`` for ``"train"``, ``"val"``, ``"test"`` (and its
+    ``predict_split``) and sets
     ``collate_fn`` (as a ``staticmethod``); ``setup(stage)`` builds only the splits that stage reads.
     """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
+    predict_split: str = "val"  # the split `predict` reads; a DataModule with its own predict inputs names it
 
     def __init__(self, batch_size: int = 8, num_workers: int = 2, pin_memory: bool = False) -> None:
         super().__init__()
@@ -43,7 +45,7 @@ class BaseDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         for split in STAGE_SPLITS.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
-            self.dataset(split)
+            self.dataset(self.predict_split if stage == "predict" else split)
 
     def dataset(self, split: str) -> Dataset:
         """The dataset of ``split``, built on first use."""
@@ -61,7 +63,7 @@ class BaseDataModule(pl.LightningDataModule):
         return self.make_loader(self.dataset("test"), train=False, collate_fn=self.collate_fn)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.make_loader(self.dataset("val"), train=False, collate_fn=self.collate_fn)
+        return self.make_loader(self.dataset(self.predict_split), train=False, collate_fn=self.collate_fn)
 
     def make_loader(
         self,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .base import BaseDataModule
 from .transforms import to_tensor
@@ -300,6 +300,8 @@ class MaskDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
+    predict_split = "predict"
+
     default_class_names: tuple[str, ...] = ()
 
     def __init__(
@@ -337,52 +339,28 @@ class MaskDataModule(BaseDataModule):
         self.hflip = hflip
         self.color_jitter = color_jitter
         self.predict_dir = predict_dir
-        self.datasets: dict[str, SegmentationDataset] = {}
+        self.collate_fn = functools.partial(segmentation_collate, ignore_index=self.ignore_index)
 
     def split_pairs(self, split: str) -> list[tuple[Path, Path]]:
         """``(image, mask)`` paths of ``split`` in ``("train", "val", "test")``."""
         raise NotImplementedError
 
-    def _dataset(self, split: str) -> SegmentationDataset:
-        if split not in self.datasets:
-            if split == "predict" and self.predict_dir is not None:
-                images, masks = list_images(self.predict_dir), None
-            else:
-                pairs = self.split_pairs("val" if split == "predict" else split)
-                images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
-                masks = None if split == "predict" else masks
-            if split == "train":
-                transform = segmentation_train_transforms(
-                    self.crop_size, self.ignore_index, self.scale_range, self.hflip, self.color_jitter
-                )
-            else:
-                transform = segmentation_eval_transforms()
-            self.datasets[split] = SegmentationDataset(
-                images, masks, self.num_classes, self.ignore_index, self.reduce_zero_label, transform
+    def build_dataset(self, split: str) -> SegmentationDataset:
+        if split == "predict" and self.predict_dir is not None:
+            images, masks = list_images(self.predict_dir), None
+        else:
+            pairs = self.split_pairs("val" if split == "predict" else split)
+            images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
+            masks = None if split == "predict" else masks
+        if split == "train":
+            transform = segmentation_train_transforms(
+                self.crop_size, self.ignore_index, self.scale_range, self.hflip, self.color_jitter
             )
-        return self.datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        """Index the files of the splits the stage needs (errors about missing files surface here)."""
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for split in splits.get(stage or "fit", ("train", "val")):
-            self._dataset(split)
-
-    def _loader(self, split: str) -> DataLoader:
-        collate = functools.partial(segmentation_collate, ignore_index=self.ignore_index)
-        return self.make_loader(self._dataset(split), train=split == "train", collate_fn=collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+        else:
+            transform = segmentation_eval_transforms()
+        return SegmentationDataset(
+            images, masks, self.num_classes, self.ignore_index, self.reduce_zero_label, transform
+        )
 
 
 class VOCSegmentationDataModule(MaskDataModule):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..base import BaseDataModule
 from ..masks import make_sample, segmentation_collate, segmentation_eval_transforms, segmentation_train_transforms
@@ -63,6 +63,8 @@ class ShapesSegmentationDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
+    predict_split = "predict"
+
     def __init__(
         self,
         num_train: int = 2000,
@@ -87,7 +89,7 @@ class ShapesSegmentationDataModule(BaseDataModule):
         self.augment = augment
         self.scale_range = tuple(scale_range)
         self.ignore_index = ignore_index
-        self.datasets: dict[str, ShapesSegmentationDataset] = {}
+        self.collate_fn = functools.partial(segmentation_collate, ignore_index=self.ignore_index)
 
     @property
     def num_classes(self) -> int:
@@ -99,37 +101,17 @@ class ShapesSegmentationDataModule(BaseDataModule):
         """Name of each class id."""
         return ["background", *SHAPE_CLASSES]
 
-    def _dataset(self, split: str) -> ShapesSegmentationDataset:
-        if split not in self.datasets:
-            train = split == "train"
-            if train and self.augment:
-                transform = segmentation_train_transforms(self.image_size, self.ignore_index, self.scale_range)
-            else:
-                transform = segmentation_eval_transforms()
-            seed = split_seed(self.seed, "train" if train else "val")
-            dataset = ShapesSegmentationDataset(
-                self.num_train if train else self.num_val, seed, self.image_size, self.max_objects, transform,
-                self.ignore_index,
-            )
-            dataset.with_masks = split != "predict"
-            self.datasets[split] = dataset
-        return self.datasets[split]
+    def build_dataset(self, split: str) -> ShapesSegmentationDataset:
+        train = split == "train"
+        if train and self.augment:
+            transform = segmentation_train_transforms(self.image_size, self.ignore_index, self.scale_range)
+        else:
+            transform = segmentation_eval_transforms()
+        seed = split_seed(self.seed, "train" if train else "val")
+        dataset = ShapesSegmentationDataset(
+            self.num_train if train else self.num_val, seed, self.image_size, self.max_objects, transform,
+            self.ignore_index,
+        )
+        dataset.with_masks = split != "predict"
+        return dataset
 
-    def setup(self, stage: str | None = None) -> None:
-        """Nothing to index: images are rendered when read."""
-
-    def _loader(self, split: str) -> DataLoader:
-        collate = functools.partial(segmentation_collate, ignore_index=self.ignore_index)
-        return self.make_loader(self._dataset(split), train=split == "train", collate_fn=collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
