@@ -6,7 +6,7 @@ from .detection import DetectionDataset
 from .faces import IdentityFolderDataModule
 from .masks import FolderSegmentationDataModule, SegmentationDataset, VOCSegmentationDataModule, segmentation_collate
 from .synthetic import ShapesDetectionDataModule, ShapesSegmentationDataModule, SyntheticFacesDataModule
-from .tfrecord import TFRecordDetectionDataModule
+from .tfrecord import TFRecordDetectionDataModule, TFRecordIdentityDataModule, TFRecordMaskDataModule
 
 __all__ = [
     "BaseDataModule",
@@ -20,6 +20,8 @@ __all__ = [
     "ShapesSegmentationDataModule",
     "SyntheticFacesDataModule",
     "TFRecordDetectionDataModule",
+    "TFRecordIdentityDataModule",
+    "TFRecordMaskDataModule",
     "VOCSegmentationDataModule",
     "detection_collate",
     "pad_images",

@@ -23,7 +23,7 @@ import csv
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
 
@@ -54,13 +54,17 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB of any image PIL opens; a clear error naming the file otherwise."""
+def load_rgb(source: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of any image PIL opens (a path or a file object of encoded bytes).
+
+    Files and TFRecord payloads go through this one decoder so both give identical pixels; errors
+    name ``name`` (default: ``source``).
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise OSError(f"cannot read image {name or source}: {err}") from err
 
 
 def scan_identity_folders(root: str | Path) -> tuple[list[str], list[list[Path]]]:
@@ -179,6 +183,11 @@ def face_transform(image_size: int, train: bool) -> A.Compose:
     return A.Compose(steps + to_tensor())
 
 
+def identity_sample(image: np.ndarray, label: int, transform: A.Compose) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training sample ``(image (3,S,S) float [0,1], label int64)`` from an ``(H, W, 3)`` uint8 RGB face."""
+    return transform(image=image)["image"], torch.tensor(label, dtype=torch.int64)
+
+
 class IdentityImages(Dataset):
     """``(image (3,S,S) float [0,1], label int64)`` for every file of every identity."""
 
@@ -191,7 +200,7 @@ class IdentityImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.items[index]
-        return self.transform(image=load_rgb(path))["image"], torch.tensor(label, dtype=torch.int64)
+        return identity_sample(load_rgb(path), label, self.transform)
 
 
 class PairImages(Dataset):
@@ -230,7 +239,76 @@ class ImageFiles(Dataset):
         return {"image": self.transform(image=load_rgb(path))["image"], "name": name}
 
 
-class IdentityFolderDataModule(BaseDataModule):
+class FaceDataModule(BaseDataModule):
+    """Verification splits shared by the face DataModules: pairs for validation and test, images for predict.
+
+    A subclass builds the training set (``train_dataset``), lists the pairs (``list_pairs``) and names the
+    folder the pairs' images are relative to (``pairs_base``);
+    ``val`` and ``test`` are the same ``PairImages``, and ``predict`` embeds every image under
+    ``predict_root`` (recursively) or else the pairs' images, named relative to ``pairs_base()``.
+    """
+
+    predict_split = "predict"
+
+    def __init__(self, image_size: int, predict_root: str | None, batch_size: int, num_workers: int,
+                 pin_memory: bool) -> None:
+        super().__init__(batch_size, num_workers, pin_memory)
+        self.image_size, self.predict_root = image_size, predict_root
+        self._pairs: list[tuple[Path, Path, bool]] | None = None
+
+    def train_dataset(self) -> Dataset:
+        """The training samples ``(image (3,S,S), label int64)``."""
+        raise NotImplementedError
+
+    def list_pairs(self) -> list[tuple[Path, Path, bool]]:
+        """The verification pairs ``(path_a, path_b, same)`` (read once, by ``verification_pairs``)."""
+        raise NotImplementedError
+
+    def pairs_base(self) -> Path:
+        """Folder the predicted pair images are named relative to."""
+        raise NotImplementedError
+
+    def verification_pairs(self) -> list[tuple[Path, Path, bool]]:
+        """The pairs of the validation / test split, listed on first use."""
+        if self._pairs is None:
+            self._pairs = self.list_pairs()
+        return self._pairs
+
+    def build_dataset(self, split: str) -> Dataset:
+        if split == "train":
+            return self.train_dataset()
+        if split == "test":
+            return self.dataset("val")  # one set of verification pairs serves both
+        transform = face_transform(self.image_size, train=False)
+        if split == "val":
+            return PairImages(self.verification_pairs(), transform)
+        if split != "predict":
+            raise ValueError(f"unknown split {split!r}: expected train, val, test or predict")
+        if self.predict_root is not None:
+            base = Path(self.predict_root)
+            paths = sorted(p for p in base.rglob("*") if is_image_file(p))
+        else:
+            base = self.pairs_base()
+            paths = sorted({p for a, b, _ in self.verification_pairs() for p in (a, b)})
+        return ImageFiles(paths, transform, base)
+
+    @property
+    def train_set(self) -> Dataset:
+        """The training split (built on first use)."""
+        return self.dataset("train")
+
+    @property
+    def val_set(self) -> Dataset:
+        """The verification pairs of validation and test."""
+        return self.dataset("val")
+
+    @property
+    def predict_set(self) -> Dataset:
+        """The images ``predict`` embeds."""
+        return self.dataset("predict")
+
+
+class IdentityFolderDataModule(FaceDataModule):
     """Face recognition data from ``root/<identity>/*`` folders with LFW-style or CSV verification pairs.
 
     Args:
@@ -259,10 +337,9 @@ class IdentityFolderDataModule(BaseDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory)
+        super().__init__(image_size, predict_root, batch_size, num_workers, pin_memory)
         self.root, self.pairs, self.pairs_root = root, pairs, pairs_root
-        self.val_fraction, self.num_val_pairs, self.predict_root = val_fraction, num_val_pairs, predict_root
-        self.image_size, self.seed = image_size, seed
+        self.val_fraction, self.num_val_pairs, self.seed = val_fraction, num_val_pairs, seed
         self._scan: tuple[list[str], list[list[Path]], list[list[Path]]] | None = None
 
     def _split(self) -> tuple[list[str], list[list[Path]], list[list[Path]]]:
@@ -294,33 +371,16 @@ class IdentityFolderDataModule(BaseDataModule):
         """Training identity names, index = label."""
         return list(self._split()[0])
 
-    def setup(self, stage: str | None = None) -> None:
-        names, files, held_out = self._split()
-        self.train_set = IdentityImages(files, face_transform(self.image_size, train=True))
-        test_tf = face_transform(self.image_size, train=False)
+    def train_dataset(self) -> IdentityImages:
+        return IdentityImages(self._split()[1], face_transform(self.image_size, train=True))
+
+    def list_pairs(self) -> list[tuple[Path, Path, bool]]:
         if self.pairs is not None:
-            pairs = parse_pairs(self.pairs, self.pairs_root)
-        elif held_out:
-            pairs = sample_pairs(held_out, self.num_val_pairs, self.seed)
-        else:
+            return parse_pairs(self.pairs, self.pairs_root)
+        held_out = self._split()[2]
+        if not held_out:
             raise ValueError(f"{self.root}: no verification pairs; give `pairs` or a `val_fraction` > 0")
-        self.val_set = PairImages(pairs, test_tf)
-        if self.predict_root is not None:
-            base = Path(self.predict_root)
-            paths = sorted(p for p in base.rglob("*") if is_image_file(p))
-        else:
-            base = Path(self.pairs_root or Path(self.pairs).parent) if self.pairs else Path(self.root)
-            paths = sorted({p for a, b, _ in pairs for p in (a, b)})
-        self.predict_set = ImageFiles(paths, test_tf, base)
+        return sample_pairs(held_out, self.num_val_pairs, self.seed)
 
-    def train_dataloader(self):
-        return self.make_loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self.make_loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self.make_loader(self.val_set, train=False)
-
-    def predict_dataloader(self):
-        return self.make_loader(self.predict_set, train=False)
+    def pairs_base(self) -> Path:
+        return Path(self.pairs_root or Path(self.pairs).parent) if self.pairs else Path(self.root)

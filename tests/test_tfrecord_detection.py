@@ -114,6 +114,18 @@ def test_folder_and_masks_converters(tmp_path: Path) -> None:
     for record in read_examples(paths[0]):
         mask = np.asarray(Image.open(io.BytesIO(record["image/segmentation/class/encoded"][0])))
         assert np.array_equal(mask, masks[record["image/source_id"][0].decode()])
+    # A grey mask saved as RGB is re-encoded to its ids; a colour mask has no ids and fails naming the file.
+    Image.fromarray(np.repeat(masks["1"][..., None], 3, axis=2)).save(tmp_path / "msk" / "1.png")
+    paths = make_tfrecords("masks", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                           "--out", str(tmp_path / "seg_rgb"))
+    stored = {r["image/source_id"][0].decode(): r["image/segmentation/class/encoded"][0] for r in read_examples(paths[0])}
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored["1"]))), masks["1"])
+    colour = np.stack([masks["1"], masks["1"] * 0, masks["1"] * 0], axis=2)
+    Image.fromarray(colour).save(tmp_path / "msk" / "1.png")
+    with pytest.raises(ValueError, match=r"mask .*1\.png: a RGB image with distinct colour channels"):
+        make_tfrecords("masks", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
+                       "--out", str(tmp_path / "bad"))
+    Image.fromarray(masks["1"]).save(tmp_path / "msk" / "1.png")
     Image.fromarray(masks["0"][:5]).save(tmp_path / "msk" / "0.png")
     with pytest.raises(ValueError, match=r"mask .*0\.png is 5x7 \(h x w\) but image .*0\.jpg is 9x7"):
         make_tfrecords("masks", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),

@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     masks = sub.add_parser("masks", help="image folder + mask folder (PNG class indices, same stems) -> segmentation shards")
     masks.add_argument("--images", required=True)
     masks.add_argument("--masks", required=True)
+    masks.add_argument("--mask-suffix", default=".png", help="mask of image STEM.jpg is MASKS/STEM<suffix>")
     for p in (coco, folder, masks):
         p.add_argument("--out", required=True, help="output prefix, e.g. data/train")
         p.add_argument("--num-shards", type=int, default=1)
@@ -48,11 +49,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         examples, total = convert.coco_examples(source), len(source)
         convert.write_label_map(args.out + ".label_map.pbtxt", source.category_ids, source.class_names)
     elif args.format == "folder":
-        classes = convert.folder_classes(args.root)
-        examples, total = convert.folder_examples(args.root, classes), None
+        classes, files = convert.folder_classes(args.root)
+        examples, total = convert.folder_examples(args.root, classes, files), sum(map(len, files))
         convert.write_label_map(args.out + ".label_map.pbtxt", range(len(classes)), classes)
     else:
-        pairs = convert.mask_pairs(args.images, args.masks)
+        pairs = convert.mask_pairs(args.images, args.masks, args.mask_suffix)
         examples, total = convert.mask_examples(pairs), len(pairs)
     paths = convert.write_sharded(examples, args.out, args.num_shards, compression, total=total,
                                   progress=not args.no_progress)

@@ -11,6 +11,8 @@ Shards written here are byte-for-byte what TensorFlow's ``tf.io.TFRecordWriter``
 payloads, and TensorFlow's shards (plain, GZIP, ZLIB) read here.
 """
 
+import importlib
+
 from .compression import detect_compression
 from .dataset import TFRecordDataset, TFRecordMapDataset, expand_files
 from .features import (
@@ -37,13 +39,22 @@ from .reader import RecordReader, StaleIndexError, parse_record, read_examples, 
 from .writer import TFRecordWriter
 
 
-def __getattr__(name: str):
-    # DataModules import Lightning and albumentations: load them only when asked for.
-    if name in ("TFRecordDetectionDataModule", "DetectionDecoder"):
-        from . import detection
+# DataModules import Lightning and albumentations: load them only when asked for.
+_LAZY = {
+    "TFRecordDetectionDataModule": "detection",
+    "DetectionDecoder": "detection",
+    "TFRecordIdentityDataModule": "faces",
+    "IdentityDecoder": "faces",
+    "TFRecordMaskDataModule": "masks",
+    "MaskDecoder": "masks",
+}
 
-        return getattr(detection, name)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BYTES",
@@ -57,7 +68,9 @@ __all__ = [
     "StaleIndexError",
     "TFRecordDataset",
     "TFRecordDetectionDataModule",
+    "TFRecordIdentityDataModule",
     "TFRecordMapDataset",
+    "TFRecordMaskDataModule",
     "TFRecordWriter",
     "VarLen",
     "WireFormatError",

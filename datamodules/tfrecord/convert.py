@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from pathlib import Path
 from contextlib import ExitStack
 from typing import Iterable, Iterator, Sequence
 
@@ -28,7 +29,6 @@ from .compression import normalize_compression
 from .features import build_example, bytes_feature, float_feature, int64_feature
 from .writer import TFRecordWriter
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _SUFFIX = {None: "", "gzip": ".gz", "zlib": ".zlib"}
 
 
@@ -135,26 +135,24 @@ def coco_examples(source) -> Iterator[example_pb2.Example]:  # noqa: ANN001 - a 
         })
 
 
-def _images_under(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+def folder_classes(root: str) -> tuple[list[str], list[list[str]]]:
+    """Class (identity) names and their image files, exactly as ``IdentityFolderDataModule`` scans ``root``.
 
+    The same scan (sorted sub-folders, image files directly inside, folders without a readable image
+    skipped with a warning) gives the same names and so the same labels from shards as from the folder.
+    """
+    from ..faces import scan_identity_folders  # albumentations + torch: only for this converter
 
-def folder_classes(root: str) -> list[str]:
-    """Class (identity) names: the sorted sub-folders of ``root`` that hold images."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and _images_under(os.path.join(root, d)))
-    if not classes:
+    names, files = scan_identity_folders(root)
+    if not names:
         raise ValueError(f"{root}: no sub-folders with images (expected ROOT/<class>/<image>)")
-    return classes
+    return names, [[str(p) for p in group] for group in files]
 
 
-def folder_examples(root: str, classes: Sequence[str]) -> Iterator[example_pb2.Example]:
+def folder_examples(root: str, classes: Sequence[str], files: Sequence[Sequence[str]]) -> Iterator[example_pb2.Example]:
     """One classification Example per image of ``root/<class>/...``; ``image/class/label`` is the class index."""
-    for label, name in enumerate(classes):
-        for path in _images_under(os.path.join(root, name)):
+    for label, (name, paths) in enumerate(zip(classes, files)):
+        for path in paths:
             encoded = _read(path)
             height, width, fmt = _image_info(encoded, path)
             relative = os.path.relpath(path, root)
@@ -170,22 +168,32 @@ def folder_examples(root: str, classes: Sequence[str]) -> Iterator[example_pb2.E
             })
 
 
-def mask_pairs(images: str, masks: str) -> list[tuple[str, str]]:
-    """``(image, mask)`` paths paired by file stem (masks are PNGs of class indices)."""
-    by_stem = {os.path.splitext(os.path.relpath(p, masks))[0]: p for p in _images_under(masks)}
-    pairs = []
-    for path in _images_under(images):
-        stem = os.path.splitext(os.path.relpath(path, images))[0]
-        if stem not in by_stem:
-            raise FileNotFoundError(f"image {path} has no mask named {stem}.* under {masks}")
-        pairs.append((path, by_stem[stem]))
+def mask_pairs(images: str, masks: str, mask_suffix: str = ".png") -> list[tuple[str, str]]:
+    """``(image, mask)`` paths as ``FolderSegmentationDataModule`` pairs them: ``masks/<image stem><mask_suffix>``."""
+    from ..masks import list_images, pair_by_stem
+
+    pairs = pair_by_stem(list_images(images), Path(masks), mask_suffix)
     if not pairs:
-        raise ValueError(f"no images under {images}")
-    return pairs
+        raise ValueError(f"no images in {images}")
+    return [(str(image), str(mask)) for image, mask in pairs]
+
+
+def _png_of_class_ids(ids: np.ndarray, where: str) -> bytes:
+    """An 8-bit greyscale PNG of class ids; ids outside 0..255 cannot be stored so and raise."""
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise ValueError(f"mask {where}: class ids {ids.min()}..{ids.max()} do not fit an 8-bit PNG mask (0..255)")
+    buffer = io.BytesIO()
+    Image.fromarray(ids.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def mask_examples(pairs: Sequence[tuple[str, str]]) -> Iterator[example_pb2.Example]:
-    """One segmentation Example per (image, mask) pair; the mask is stored as a PNG of class indices."""
+    """One segmentation Example per (image, mask) pair; the mask is stored as a PNG of class indices.
+
+    PNG masks of 8-bit ids (L or palette) are stored byte for byte; others are read as ``MaskDataModule``
+    reads them (palette indices, grey RGB) and re-encoded, and a colour mask fails naming the file.
+    """
+    from ..masks import read_mask
     for image_path, mask_path in pairs:
         encoded = _read(image_path)
         height, width, fmt = _image_info(encoded, image_path)
@@ -194,10 +202,9 @@ def mask_examples(pairs: Sequence[tuple[str, str]]) -> Iterator[example_pb2.Exam
             if mask.size != (width, height):
                 raise ValueError(f"mask {mask_path} is {mask.height}x{mask.width} (h x w) but image {image_path} "
                                  f"is {height}x{width}")
-            if mask.format != "PNG" or mask.mode not in ("L", "P"):  # store class indices losslessly
-                buffer = io.BytesIO()
-                Image.fromarray(np.asarray(mask.convert("L"))).save(buffer, format="PNG")
-                mask_bytes = buffer.getvalue()
+            stored_as_is = mask.format == "PNG" and mask.mode in ("L", "P")  # 8-bit class indices already
+        if not stored_as_is:  # re-encode the class ids (never colours: read_mask refuses a colour mask)
+            mask_bytes = _png_of_class_ids(read_mask(mask_path), mask_path)
         yield build_example({
             "image/encoded": bytes_feature(encoded),
             "image/format": bytes_feature(fmt),
