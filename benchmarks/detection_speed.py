@@ -2,7 +2,7 @@
 
 Same num_classes, no pretrained weights, the same 2 images of 512x512 with 5 boxes each, 2 threads.
 torchvision's transform would upsize 512-px inputs to 800, so it is told min_size = max_size = 512.
-Prints median training-step time (forward + backward + SGD step) and median inference time, and the
+Runs ours and torchvision's alternately and prints median training-step time (forward + backward + SGD step) and median inference time, and the
 ratios ours / torchvision (target: both <= 1.0).
 
     python benchmarks/detection_speed.py [--steps 5] [--threads 2]
@@ -33,15 +33,16 @@ def make_batch(num_classes: int, size: int = 512, seed: int = 0) -> tuple[torch.
     return images, targets
 
 
-def timed(fn, steps: int) -> float:
-    """Median wall time of ``fn()`` over ``steps`` runs after one warm-up run."""
-    fn()
-    times = []
+def timed_pair(a, b, steps: int) -> tuple[float, float]:
+    """Median wall times of ``a()`` and ``b()``, run alternately (after one warm-up each) so load hits both alike."""
+    a(), b()
+    times_a, times_b = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, times in ((a, times_a), (b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=80)
-    parser.add_argument("--channels-last", type=int, default=1, help="our channels_last flag (1/0)")
+    parser.add_argument("--channels-last", type=int, default=1, help="our channels_last flag (1/0; the task default is 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,7 +93,7 @@ def main() -> None:
 
     rows = []
     for name, a, b in (("train step", ours_train, tv_train), ("inference", ours_infer, tv_infer)):
-        t_ours, t_tv = timed(a, args.steps), timed(b, args.steps)
+        t_ours, t_tv = timed_pair(a, b, args.steps)
         rows.append((name, t_ours, t_tv, t_ours / t_tv))
     print(f"FCOS R50-FPN, 2 x 3 x 512 x 512, {args.threads} threads, median of {args.steps}")
     print(f"{'':12} {'ours (s)':>10} {'torchvision (s)':>16} {'ours/tv':>8}")

@@ -23,6 +23,7 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.fcos import FCOS, fcos_loss, fcos_postprocess
+from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,6 +64,10 @@ class DetectionTask(BaseTask):
         head_convs: stacked convs per head tower (4 in the paper).
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
         center_sampling_radius: centre sampling radius in strides (1.5; 0 disables).
+        regress_ranges: FCOS size range per level P3..P7, ``[[lo, hi], ...]`` limits on max(l, t, r, b) in
+            input pixels (mmdet's ``regress_ranges``). None = the paper's ranges for ~800-px images,
+            ``[[-1, 64], [64, 128], [128, 256], [256, 512], [512, inf]]``; smaller inputs can scale them
+            down so large objects still reach the coarse levels.
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2.0).
         score_threshold: minimum raw class probability kept at inference (0.05).
         pre_nms_top_k: candidates per level before NMS (1000).
@@ -71,8 +76,10 @@ class DetectionTask(BaseTask):
         lr, weight_decay, momentum: the default optimizer, SGD as the FCOS recipe (used when
             ``optimizer`` is not given).
         warmup_steps: linear LR warm-up of the default scheduler.
-        channels_last: run convolutions in channels_last memory format. Off by default: on these 2-core CPUs
-            the GroupNorm head made the FCOS R50 training step ~10 % slower with it (benchmarks/detection_speed.py).
+        channels_last: run the backbone and FPN in channels_last memory format (the GroupNorm head stays
+            NCHW: its backward is slower in channels_last on CPU). On 2 CPU cores, FCOS R50 at 512 px: backbone
+            forward ~20 % faster, whole inference ~5 % (benchmarks/detection_speed.py); tiny models on tiny
+            images gain nothing (the demo turns it off).
         class_names: names of the classes (linked from the DataModule; used for pictures and by users).
         num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
         optimizer, lr_scheduler: injected callables (``--model.optimizer=AdamW``); None = SGD as above and
@@ -92,6 +99,7 @@ class DetectionTask(BaseTask):
         head_convs: int = 4,
         box_loss: str = "giou",
         center_sampling_radius: float = 1.5,
+        regress_ranges: list[list[float]] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         score_threshold: float = 0.05,
@@ -102,7 +110,7 @@ class DetectionTask(BaseTask):
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_steps: int = 500,
-        channels_last: bool = False,
+        channels_last: bool = True,
         class_names: list[str] | None = None,
         num_log_images: int = 4,
         optimizer: OptimizerCallable | None = None,
@@ -113,6 +121,7 @@ class DetectionTask(BaseTask):
         if model not in MODELS:
             raise ValueError(f"DetectionTask: unknown model {model!r}; choose one of {MODELS}")
         iou_loss_by_name(box_loss)  # fails early, naming the valid choices
+        check_regress_ranges(regress_ranges)
         if num_classes < 1:
             raise ValueError(f"DetectionTask: num_classes must be >= 1, got {num_classes}")
         super().__init__(optimizer, lr_scheduler)
@@ -121,8 +130,9 @@ class DetectionTask(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         self.net = FCOS(hp.num_classes, hp.backbone, hp.pretrained, hp.fpn_channels, hp.head_convs)
-        if hp.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        if hp.channels_last:  # backbone + FPN only: GroupNorm's backward is slower in channels_last on CPU
+            self.net.backbone.to(memory_format=torch.channels_last)
+            self.net.fpn.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -169,8 +179,9 @@ class DetectionTask(BaseTask):
     # -- steps -------------------------------------------------------------------------------------
     def _loss(self, out: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
         hp = self.hparams
+        ranges = FCOS_REGRESS_RANGES if hp.regress_ranges is None else tuple(map(tuple, hp.regress_ranges))
         losses = fcos_loss(out, targets, hp.num_classes, hp.center_sampling_radius, hp.box_loss,
-                           hp.focal_alpha, hp.focal_gamma)
+                           hp.focal_alpha, hp.focal_gamma, ranges)
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -230,6 +241,18 @@ class DetectionTask(BaseTask):
             {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
             for p, t in zip(preds, targets)
         ]
+
+
+def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) -> None:
+    """Fail early on FCOS regress ranges that are not ``num_levels`` increasing ``[lo, hi]`` pairs."""
+    if ranges is None:
+        return
+    pairs = [tuple(r) for r in ranges]
+    if len(pairs) != num_levels or any(len(r) != 2 or not r[0] < r[1] for r in pairs):
+        raise ValueError(f"DetectionTask: regress_ranges must be {num_levels} [lo, hi] pairs with lo < hi "
+                         f"(one per level P3..P7), got {ranges}")
+    if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
+        raise ValueError(f"DetectionTask: regress_ranges must increase from P3 to P7, got {ranges}")
 
 
 def format_coco_table(values: dict[str, torch.Tensor]) -> str:

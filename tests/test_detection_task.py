@@ -148,6 +148,27 @@ def test_unknown_and_planned_models_fail_clearly():
         tiny_task(model="yolo")
     with pytest.raises(ValueError, match="box_loss"):
         tiny_task(box_loss="l1")
+    with pytest.raises(ValueError, match="regress_ranges must be 5"):
+        tiny_task(regress_ranges=[[-1, 64], [64, 1e8]])
+
+
+def test_regress_ranges_reach_the_target_assignment():
+    """A 40-px box: the paper's ranges put it on P3 (max distance 20 <= 64); ranges that start at 1000 leave
+    no positive anywhere, so the box and centerness losses vanish and the class loss is all negatives."""
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64)
+    target = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1])}]
+    paper = tiny_task()
+    none = tiny_task(regress_ranges=[[1000, 2000], [2000, 3000], [3000, 4000], [4000, 5000], [5000, 1e8]])
+    none.load_state_dict(paper.state_dict())
+    paper.eval()
+    with torch.no_grad():
+        x, _ = paper._images(images)
+        out = paper.net(x)
+        with_pos, without = paper._loss(out, target), none._loss(out, target)
+    assert float(with_pos["loss_box"]) > 0 and float(with_pos["loss_centerness"]) > 0
+    assert float(without["loss_box"]) == 0 and float(without["loss_centerness"]) == 0
+    assert float(without["loss_cls"]) != pytest.approx(float(with_pos["loss_cls"]))
 
 
 def test_coco_datamodule_label_mapping_available_for_predictions(shapes_coco_root):
@@ -173,3 +194,17 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
                   "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
                   "--trainer.logger=false", f"--trainer.callbacks.output_file={out}",
                   f"--trainer.default_root_dir={tmp_path / 'second'}"])
+
+
+def test_channels_last_backbone_gives_the_same_detections():
+    """channels_last is a memory layout only: same weights, same raw outputs; the GN head stays NCHW."""
+    torch.manual_seed(0)
+    a, b = tiny_task(channels_last=True).eval(), tiny_task(channels_last=False).eval()
+    b.load_state_dict(a.state_dict())
+    assert a.net.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert a.net.head.cls_logits.weight.is_contiguous()
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out_a, out_b = a.net(a._images(images)[0]), b.net(b._images(images)[0])
+    for name in ("cls_logits", "ltrb", "centerness"):
+        assert torch.allclose(getattr(out_a, name), getattr(out_b, name), atol=1e-5), name

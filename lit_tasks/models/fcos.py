@@ -20,7 +20,7 @@ from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.backbone import build_backbone
 from lit_tasks.models.fpn import FPN
-from lit_tasks.ops.assigners import centerness_target, fcos_targets, grid_points
+from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points
 from lit_tasks.ops.box_ops import distance2bbox
 from lit_tasks.ops.distributed import reduce_mean
 
@@ -42,7 +42,9 @@ class FCOSHead(nn.Module):
     def __init__(self, num_classes: int, channels: int, num_convs: int = 4, num_levels: int = 5,
                  prior_prob: float = 0.01) -> None:
         super().__init__()
-        groups = math.gcd(32, channels)  # GN(32) as the paper; narrower heads keep <= 32 groups
+        # GN(32) as the paper (8 channels a group at 256); narrow heads keep >= 2 channels a group, else a
+        # 1x1 level (P7 of a small image) of a single image would normalise every value to 0 (torch refuses).
+        groups = math.gcd(32, max(1, channels // 2))
         self.cls_tower = _tower(channels, num_convs, groups)
         self.reg_tower = _tower(channels, num_convs, groups)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
@@ -59,6 +61,7 @@ class FCOSHead(nn.Module):
         """Levels -> cls (B, P, C), ltrb (B, P, 4) in stride units, centerness logits (B, P)."""
         cls_out, reg_out, ctr_out = [], [], []
         for level, x in enumerate(features):
+            x = x.contiguous()  # a channels_last FPN hands over NHWC maps; the GN towers run faster NCHW
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
             cls_out.append(self.cls_logits(cls_feat).flatten(2))
@@ -134,6 +137,7 @@ def fcos_loss(
     box_loss: str = "giou",
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    regress_ranges: tuple[tuple[float, float], ...] = FCOS_REGRESS_RANGES,
 ) -> dict[str, torch.Tensor]:
     """FCOS losses (REFERENCE.md §3.3), all in fp32.
 
@@ -144,7 +148,8 @@ def fcos_loss(
     """
     gt_boxes, gt_labels, gt_valid = pad_targets(targets, out.cls_logits.device)
     labels, ltrb_target = fcos_targets(
-        out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, num_classes, center_radius
+        out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, num_classes, center_radius,
+        regress_ranges,
     )
     cls_logits = out.cls_logits.float()
     pos = labels < num_classes
