@@ -130,8 +130,10 @@ def test_stale_views_fail_loudly_and_kept_arrays_stay_valid(tmp_path: Path) -> N
     # Arrays made from the views keep their own record's bytes: the reader moves on to a fresh buffer.
     arrays = [np.frombuffer(view, dtype=np.uint8) for view in read_records(path)]
     assert [a.tobytes() for a in arrays] == payloads
+    arrays = [np.frombuffer(view, dtype=np.uint8) for view in read_records(path, use_mmap=False)]
+    assert [a.tobytes() for a in arrays] == payloads  # the same when reading into the reused buffer
     # A plain loop (whose variable still names the last view while the next is read) reuses one buffer.
-    reader = RecordReader(path)
+    reader = RecordReader(path, use_mmap=False)
     buffers = {id(reader._buffer) for _ in reader}
     assert len(buffers) == 1
 
@@ -234,6 +236,27 @@ def test_corruption_skipped_with_a_warning(kind: str, tmp_path: Path) -> None:
     reader = RecordReader(path, on_corrupt="skip", index=read_index(index_path(path)), warn=False)
     survivors = len(list(reader))
     assert survivors + reader.skipped == 5 or kind == "undecodable"  # undecodable is caught by the parser
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_mapped_and_buffered_reading_agree_on_damage(kind: str, tmp_path: Path) -> None:
+    """Plain shards are memory-mapped by default; the buffered path must report and skip exactly alike."""
+    path = tmp_path / "shard.tfrecord"
+    write_shard(path)
+    damage(path, kind)
+    if kind != "undecodable":  # its framing is intact: only the parser sees the damage
+        messages = []
+        for use_mmap in (True, False):
+            with pytest.raises(CorruptRecordError) as info:
+                list(RecordReader(path, use_mmap=use_mmap))
+            messages.append(str(info.value))
+        assert messages[0] == messages[1]
+    outcomes = []
+    for use_mmap in (True, False):
+        reader = RecordReader(path, on_corrupt="skip", index=read_index(index_path(path)), warn=False,
+                              use_mmap=use_mmap)
+        outcomes.append(([bytes(p) for _, _, p in reader], reader.skipped))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_corrupt_huge_length_never_allocates(tmp_path: Path) -> None:

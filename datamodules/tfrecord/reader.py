@@ -1,12 +1,12 @@
-"""Reading TFRecord shards: one ``readinto`` per record into a reused buffer, CRCs checked.
+"""Reading TFRecord shards: plain shards through a read-only memory map, compressed ones into a reused buffer.
 
-Each payload is copied exactly once, from the file (or the decompressor) into a buffer that is reused
-for the next record; the reader hands out a ``memoryview`` of it. The next header is fetched in the
-same ``readinto`` as the payload and footer, so a plain shard costs one system call per record. If the
-consumer keeps something made from the view (``np.frombuffer``, a slice) past the next record, the
-reader notices and reads on into a fresh buffer, so kept data never changes under it; the view itself
-is released when the next record is requested, so a stale view fails loudly instead of showing another
-record's bytes.
+A plain shard is memory-mapped, so each payload handed out is a ``memoryview`` of the page cache: no copy
+at all (the CRC reads it in place). A compressed shard (or ``use_mmap=False``) is read with one
+``readinto`` per record into a buffer reused for the next record; the next header comes in the same call.
+If the consumer keeps something made from a view (``np.frombuffer``, a slice) past the next record,
+the reader notices and reads on into a fresh buffer (a mapping is simply left mapped while such arrays
+live), so kept data never changes under it; the view itself is released when the next record is
+requested, so a stale view fails loudly instead of showing another record's bytes.
 
 Corruption is never silent: a bad length CRC, a bad payload CRC, a truncated record or a damaged
 compressed stream raises :class:`CorruptRecordError` naming shard, record number and byte offset
@@ -19,6 +19,7 @@ buffer only grows as decompressed bytes actually arrive.
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 import zlib
@@ -44,6 +45,61 @@ from .framing import (
 OnCorrupt = Literal["raise", "skip"]
 _MIN_BUFFER = 1 << 16
 _SKIP_CHUNK = 1 << 20
+
+
+class MappedShard:
+    """A plain shard memory-mapped read-only: ``take`` hands out views of the page cache with no copy.
+
+    It also answers the small ``readinto`` / ``seek`` / ``fileno`` calls the record loop makes for
+    headers, so the loop serves files and mappings alike. A shard that shrinks while mapped would fault
+    on access (as any mmap reader); shards are written once and then read.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "rb", buffering=0)
+        try:
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
+        if hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_SEQUENTIAL)
+        self.view = memoryview(self._mmap)
+        self.size = len(self._mmap)
+        self.pos = 0
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def seek(self, target: int) -> None:
+        self.pos = target
+
+    def readinto(self, view: memoryview) -> int:
+        n = max(0, min(len(view), self.size - self.pos))
+        view[:n] = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def take(self, need: int) -> memoryview:
+        """The next ``need`` bytes (fewer at the end of the file) as a view of the mapping."""
+        out = self.view[self.pos : self.pos + need]
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self._mmap.close()
+        except BufferError:
+            pass  # arrays made from payload views still use the pages: unmapped when they are freed
+        self._file.close()
+
+
+def _open(path: str, compression: str | None, use_mmap: bool):
+    """A ``MappedShard`` for a non-empty plain shard when ``use_mmap``, else an unbuffered reader."""
+    if use_mmap and compression is None and os.path.getsize(path) > 0:
+        return MappedShard(path)
+    return open_for_reading(path, compression)
 
 
 def is_exported(buffer: bytearray) -> bool:
@@ -73,10 +129,12 @@ class RecordReader:
             after a damaged length field, and checks that the index matches the shard.
         start, stop: record range ``[start, stop)`` to read; needs ``index`` unless ``start == 0``.
         warn: issue a warning for each skipped record (False: only count them in ``skipped``).
+        use_mmap: read plain shards through a read-only memory map, so payloads are views of the page
+            cache and never copied (compressed shards are always read into the reused buffer).
 
-    The yielded ``memoryview`` shows the reader's reusable buffer and is released when the next record is
-    requested (using it afterwards raises ``ValueError``; copy with ``bytes(view)`` to keep it). Arrays
-    or slices made from it stay valid: the reader then switches to a new buffer.
+    The yielded ``memoryview`` shows the mapped file or the reader's reusable buffer and is released when
+    the next record is requested (using it afterwards raises ``ValueError``; copy with ``bytes(view)`` to
+    keep it). Arrays or slices made from it stay valid.
     """
 
     def __init__(
@@ -90,6 +148,7 @@ class RecordReader:
         start: int = 0,
         stop: int | None = None,
         warn: bool = True,
+        use_mmap: bool = True,
     ) -> None:
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
@@ -106,11 +165,12 @@ class RecordReader:
         self.index = index
         self.start, self.stop = start, stop
         self.warn = warn
+        self.use_mmap = use_mmap
         self.skipped = 0  # records skipped as corrupt (on_corrupt="skip")
         self._buffer = bytearray(_MIN_BUFFER)
 
     def __iter__(self) -> Iterator[tuple[int, int, memoryview]]:
-        stream = open_for_reading(self.path, self.compression)
+        stream = _open(self.path, self.compression, self.use_mmap)
         try:
             yield from self._records(stream)
         finally:
@@ -187,6 +247,7 @@ class RecordReader:
 
     def _records(self, stream) -> Iterator[tuple[int, int, memoryview]]:
         plain = self.compression is None
+        mapped = isinstance(stream, MappedShard)
         size = os.fstat(stream.fileno()).st_size if plain else None
         index, stop = self.index, self.stop
         record = self.start
@@ -240,16 +301,20 @@ class RecordReader:
                               f"the shard ends {size - offset - HEADER_BYTES} bytes after the header",
                               self._lost_after(record))
                 return
-            try:
-                got = self._read_growing(stream, body + HEADER_BYTES, plain)  # payload, footer, next header
-            except (EOFError, zlib.error) as err:
-                self._corrupt(record, offset, f"compressed stream is damaged: {err}", self._lost_after(record))
-                return
+            if mapped:
+                buffer = stream.take(body + HEADER_BYTES)  # payload, footer, next header: no copy
+                got = len(buffer)
+            else:
+                try:
+                    got = self._read_growing(stream, body + HEADER_BYTES, plain)  # payload, footer, next header
+                except (EOFError, zlib.error) as err:
+                    self._corrupt(record, offset, f"compressed stream is damaged: {err}", self._lost_after(record))
+                    return
+                buffer = memoryview(self._buffer)
             if got < body:
                 self._corrupt(record, offset, f"truncated record: the header announces a {length}-byte payload but "
                               f"the shard ends {got} bytes after the header", self._lost_after(record))
                 return
-            buffer = memoryview(self._buffer)
             payload = buffer[:length]
             if self.verify and masked_crc32c(payload) != footer_crc(buffer[length:body]):
                 self._corrupt(record, offset, "payload CRC mismatch: the record's bytes are damaged")
@@ -264,7 +329,7 @@ class RecordReader:
                     view.release()  # a loop variable still naming the payload now fails loudly if used
                 except BufferError:
                     pass  # exported by the consumer: handled just below
-            if is_exported(self._buffer):  # something made from the view lives on: keep its bytes intact
+            if not mapped and is_exported(self._buffer):  # something made from the view lives on: keep it intact
                 self._buffer = bytearray(len(self._buffer))
         if index is not None and stop == len(index) and have:
             raise StaleIndexError(
@@ -278,13 +343,14 @@ def read_records(
     compression: str | None = "auto",
     verify: bool = True,
     on_corrupt: OnCorrupt = "raise",
+    use_mmap: bool = True,
 ) -> Iterator[memoryview]:
     """Yield every payload of a shard as a ``memoryview``, valid until the next one (see :class:`RecordReader`).
 
     ``compression``: ``"auto"`` (by suffix ``.gz``/``.zlib``, else by the first bytes), ``"gzip"``,
-    ``"zlib"`` or ``None``. See :class:`RecordReader` for ``verify`` and ``on_corrupt``.
+    ``"zlib"`` or ``None``. See :class:`RecordReader` for ``verify``, ``on_corrupt`` and ``use_mmap``.
     """
-    for _, _, payload in RecordReader(path, compression, verify=verify, on_corrupt=on_corrupt):
+    for _, _, payload in RecordReader(path, compression, verify=verify, on_corrupt=on_corrupt, use_mmap=use_mmap):
         yield payload
 
 
