@@ -53,6 +53,21 @@ class BaseDataModule(pl.LightningDataModule):
             self.datasets[split] = self.build_dataset(split)
         return self.datasets[split]
 
+    @property
+    def train_set(self) -> Dataset:
+        """The training split (built on first use)."""
+        return self.dataset("train")
+
+    @property
+    def val_set(self) -> Dataset:
+        """The validation split (built on first use)."""
+        return self.dataset("val")
+
+    @property
+    def predict_set(self) -> Dataset:
+        """What ``predict`` reads (built on first use)."""
+        return self.dataset(self.predict_split)
+
     def train_dataloader(self) -> DataLoader:
         return self.make_loader(self.dataset("train"), train=True, collate_fn=self.collate_fn)
 

@@ -292,20 +292,6 @@ class FaceDataModule(BaseDataModule):
             paths = sorted({p for a, b, _ in self.verification_pairs() for p in (a, b)})
         return ImageFiles(paths, transform, base)
 
-    @property
-    def train_set(self) -> Dataset:
-        """The training split (built on first use)."""
-        return self.dataset("train")
-
-    @property
-    def val_set(self) -> Dataset:
-        """The verification pairs of validation and test."""
-        return self.dataset("val")
-
-    @property
-    def predict_set(self) -> Dataset:
-        """The images ``predict`` embeds."""
-        return self.dataset("predict")
 
 
 class IdentityFolderDataModule(FaceDataModule):

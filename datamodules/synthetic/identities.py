@@ -236,6 +236,8 @@ class SyntheticFacesDataModule(BaseDataModule):
         batch_size: training images per batch; validation batches hold ``batch_size`` pairs.
     """
 
+    predict_split = "predict"
+
     def __init__(
         self,
         num_train_identities: int = 500,
@@ -265,22 +267,16 @@ class SyntheticFacesDataModule(BaseDataModule):
     def val_identities(self) -> np.ndarray:
         return np.arange(self.num_train_identities, self.num_train_identities + self.num_val_identities)
 
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = SyntheticIdentities(self.num_train_identities, self.samples_per_identity,
-                                             self.image_size, self.seed)
-        pairs = make_pairs(self.val_identities, self.val_samples_per_identity, self.num_val_pairs, self.seed)
-        self.val_set = SyntheticPairs(pairs, self.image_size, self.seed)
-        self.predict_set = SyntheticImages(self.val_identities, self.val_samples_per_identity,
-                                           self.image_size, self.seed)
-
-    def train_dataloader(self):
-        return self.make_loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self.make_loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self.make_loader(self.val_set, train=False)
-
-    def predict_dataloader(self):
-        return self.make_loader(self.predict_set, train=False)
+    def build_dataset(self, split: str) -> Dataset:
+        """Train: the training identities; val and test: pairs of unseen identities; predict: their images."""
+        if split == "train":
+            return SyntheticIdentities(self.num_train_identities, self.samples_per_identity, self.image_size,
+                                       self.seed)
+        if split == "test":
+            return self.dataset("val")  # one set of verification pairs serves both
+        if split == "val":
+            pairs = make_pairs(self.val_identities, self.val_samples_per_identity, self.num_val_pairs, self.seed)
+            return SyntheticPairs(pairs, self.image_size, self.seed)
+        if split == "predict":
+            return SyntheticImages(self.val_identities, self.val_samples_per_identity, self.image_size, self.seed)
+        raise ValueError(f"unknown split {split!r}: expected train, val, test or predict")
