@@ -352,15 +352,17 @@ class MaskDataModule(BaseDataModule):
             pairs = self.split_pairs("val" if split == "predict" else split)
             images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
             masks = None if split == "predict" else masks
+        return SegmentationDataset(
+            images, masks, self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split)
+        )
+
+    def transform(self, split: str) -> A.Compose:
+        """Random scale / crop / flip / jitter for ``"train"``, the image as it is for every other split."""
         if split == "train":
-            transform = segmentation_train_transforms(
+            return segmentation_train_transforms(
                 self.crop_size, self.ignore_index, self.scale_range, self.hflip, self.color_jitter
             )
-        else:
-            transform = segmentation_eval_transforms()
-        return SegmentationDataset(
-            images, masks, self.num_classes, self.ignore_index, self.reduce_zero_label, transform
-        )
+        return segmentation_eval_transforms()
 
 
 class VOCSegmentationDataModule(MaskDataModule):

@@ -27,8 +27,6 @@ from ..masks import (
     make_sample,
     read_image,
     read_mask,
-    segmentation_eval_transforms,
-    segmentation_train_transforms,
 )
 from .dataset import TFRecordDataset
 from .features import FixedLen, normalize_spec
@@ -144,13 +142,9 @@ class TFRecordMaskDataModule(MaskDataModule):
         if split == "predict" and self.predict_dir is not None:
             return super().build_dataset(split)  # an image folder, read as MaskDataModule reads it
         train = split == "train"
-        if train:
-            transform = segmentation_train_transforms(self.crop_size, self.ignore_index, self.scale_range, self.hflip,
-                                                      self.color_jitter)
-        else:
-            transform = segmentation_eval_transforms()
         with_mask = split != "predict"
-        decoder = MaskDecoder(self.num_classes, self.ignore_index, self.reduce_zero_label, transform, with_mask)
+        decoder = MaskDecoder(self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split),
+                              with_mask)
         return TFRecordDataset(
             self.files["val" if split == "predict" else split], features=MASK_FEATURES if with_mask else IMAGE_FEATURES,
             decode=decoder, shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad",
