@@ -25,9 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .compression import detect_compression, open_for_reading
-from .framing import HEADER_BYTES, OVERHEAD_BYTES, CorruptRecordError, decode_header
-from .reader import RecordReader
+from ..compression import detect_compression, open_for_reading
+from ..framing import HEADER_BYTES, OVERHEAD_BYTES, CorruptRecordError, decode_header
+from ..reader import RecordReader
 
 INDEX_SUFFIX = ".index"
 
@@ -133,7 +133,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_index(target, entries)
         print(f"wrote {target} ({len(entries)} records)")
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
