@@ -20,7 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
@@ -49,6 +49,7 @@ class TasksCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes."""
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        self._argv = argv
         if not any(a in ("-h", "--help") for a in argv) or not argv or argv[0] not in self.subcommands():
             return super().parse_arguments(parser, args)
         try:
@@ -61,6 +62,23 @@ class TasksCLI(LightningCLI):
                 except SystemExit:
                     pass
             raise
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI (the checkpoint's hyperparameters rebuild the model it holds), but model options
+        typed on the command line win over the checkpoint's: ``test --ckpt_path X --model.score_threshold 0.3``
+        must test with 0.3. Values from config files and defaults still yield to the checkpoint."""
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
+        typed = command_line_model_options(getattr(self, "_argv", []))
+        kept = {name: init_args[name] for name in typed if init_args is not None and name in init_args}
+        super()._parse_ckpt_path()
+        if not kept:
+            return
+        init_args = self.config[subcommand]["model.init_args"]
+        for name, value in kept.items():
+            if name in init_args and init_args[name] != value:
+                rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's {init_args[name]!r}")
+            init_args[name] = value
 
     def _warn_if_untrained(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") is None:
@@ -76,6 +94,20 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
+
+
+def command_line_model_options(argv: list[str]) -> list[str]:
+    """Names of the task's init arguments set by ``--model.NAME`` / ``--model.init_args.NAME[.sub]`` in ``argv``."""
+    names = []
+    for arg in argv:
+        if not arg.startswith("--model."):
+            continue
+        parts = arg[len("--model."):].partition("=")[0].split(".")
+        if parts[0] == "init_args":
+            parts = parts[1:]
+        if parts and parts[0] and parts[0] not in ("help", "class_path", "dict_kwargs"):
+            names.append(parts[0])
+    return list(dict.fromkeys(names))
 
 
 def classes_named(argv: list[str]) -> list[tuple[str, str]]:

@@ -135,8 +135,8 @@ class SemanticSegmentationTask(BaseTask):
             raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
         super().__init__(optimizer, lr_scheduler)
         # Test-time options belong to the evaluation run, not to the trained model, so they stay out of the
-        # checkpoint: LightningCLI re-applies a checkpoint's hyperparameters over the command line, which would
-        # otherwise silently undo `lit-tasks test --ckpt_path X --model.init_args.tta_flip=true`.
+        # checkpoint: `lit-tasks test --ckpt_path X` then takes them from the test config file too (the CLI
+        # lets only command-line options override a checkpoint's hyperparameters).
         self.tta_flip = tta_flip
         self.tta_scales = list(tta_scales) if tta_scales else None
         self.slide_crop = slide_crop

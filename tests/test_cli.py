@@ -25,3 +25,12 @@ def test_every_config_is_run_by_some_test():
     # A test that globs a folder names no file; those folders' tests assert their exact file sets instead.
     missing = [name for name in configs if name not in tests_text]
     assert not missing, f"configs no test names: {missing}"
+
+
+def test_command_line_model_options_are_found_in_every_flag_form():
+    from lit_tasks.cli import command_line_model_options
+
+    argv = ["test", "--config", "x.yaml", "--model.init_args.score_threshold=0.3", "--model.nms_threshold", "0.5",
+            "--model.init_args.optimizer.init_args.lr=1", "--model.class_path=lit_tasks.DetectionTask",
+            "--model.help", "--data.init_args.batch_size=2", "--ckpt_path=c.ckpt", "--model.nms_threshold=0.4"]
+    assert command_line_model_options(argv) == ["score_threshold", "nms_threshold", "optimizer"]

@@ -77,9 +77,14 @@ def test_checkpoint_round_trip(tmp_path):
               f"--checkpoint.dirpath={ckpt_dir}", "--trainer.enable_progress_bar=false"])
     ckpt = ckpt_dir / "last.ckpt"
     assert ckpt.exists()
-    validated = cli_main(["validate", *common, f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false"]).model
+    # Options typed on the command line win over the checkpoint's hyperparameters (LightningCLI alone would
+    # silently put the checkpoint's values back); the architecture still comes from the checkpoint.
+    validated = cli_main(["validate", *common, f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false",
+                          "--model.init_args.lr=0.5", "--model.num_log_images=0"]).model
+    assert validated.hparams.lr == 0.5 and validated.hparams.num_log_images == 0
     loaded = DetectionTask.load_from_checkpoint(ckpt)
     assert loaded.hparams.num_classes == 5 and loaded.hparams.backbone == "resnet18"
+    assert loaded.hparams.lr != 0.5 and loaded.hparams.num_log_images == 4
     validated.eval(), loaded.eval()
     images = _fixed_batch()
     with torch.no_grad():
