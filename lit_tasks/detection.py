@@ -14,42 +14,21 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_tasks.base import BaseTask
+from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table
+from lit_tasks.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.fcos import FCOS, fcos_loss, fcos_postprocess
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODELS = ("fcos",)
 PLANNED = ("vfnet", "detr")
-# pycocotools' exact float64 thresholds: torchmetrics' float32 defaults differ by ~2e-5 in AP.
-COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
-COCO_REC_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True).tolist()
-LOGGED_MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
-
-
-def coco_map_metric() -> MeanAveragePrecision:
-    """COCO box mAP via faster_coco_eval, with pycocotools' exact IoU/recall thresholds."""
-    return MeanAveragePrecision(
-        box_format="xyxy",
-        iou_type="bbox",
-        iou_thresholds=COCO_IOU_THRESHOLDS,
-        rec_thresholds=COCO_REC_THRESHOLDS,
-        backend="faster_coco_eval",
-    )
-
-
-def rescale_boxes(boxes: torch.Tensor, size: torch.Tensor, orig_size: torch.Tensor) -> torch.Tensor:
-    """Map xyxy boxes from the network input (h, w) = ``size`` to the original image (h, w) = ``orig_size``."""
-    scale = (orig_size.to(boxes) / size.to(boxes)).flip(0).repeat(2)  # (sx, sy, sx, sy)
-    return boxes * scale
 
 
 class DetectionTask(BaseTask):
@@ -253,27 +232,3 @@ def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) 
                          f"(one per level P3..P7), got {ranges}")
     if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
         raise ValueError(f"DetectionTask: regress_ranges must increase from P3 to P7, got {ranges}")
-
-
-def format_coco_table(values: dict[str, torch.Tensor]) -> str:
-    """The 12-line COCO summary pycocotools prints, from a MeanAveragePrecision result."""
-    rows = [
-        ("Average Precision", "0.50:0.95", "all", 100, "map"),
-        ("Average Precision", "0.50", "all", 100, "map_50"),
-        ("Average Precision", "0.75", "all", 100, "map_75"),
-        ("Average Precision", "0.50:0.95", "small", 100, "map_small"),
-        ("Average Precision", "0.50:0.95", "medium", 100, "map_medium"),
-        ("Average Precision", "0.50:0.95", "large", 100, "map_large"),
-        ("Average Recall", "0.50:0.95", "all", 1, "mar_1"),
-        ("Average Recall", "0.50:0.95", "all", 10, "mar_10"),
-        ("Average Recall", "0.50:0.95", "all", 100, "mar_100"),
-        ("Average Recall", "0.50:0.95", "small", 100, "mar_small"),
-        ("Average Recall", "0.50:0.95", "medium", 100, "mar_medium"),
-        ("Average Recall", "0.50:0.95", "large", 100, "mar_large"),
-    ]
-    short = {"Average Precision": "(AP)", "Average Recall": "(AR)"}
-    lines = ["COCO bbox evaluation"]
-    for name, iou, area, dets, key in rows:
-        lines.append(f" {name:<18} {short[name]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = "
-                     f"{float(values[key]):.3f}")
-    return "\n".join(lines)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lit_tasks.detection import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table, rescale_boxes
+from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table
+from lit_tasks.ops.box_ops import rescale_boxes
 
 pycocotools = pytest.importorskip("pycocotools")
 from pycocotools.coco import COCO  # noqa: E402

@@ -131,3 +131,9 @@ def bbox2distance(points: Tensor, boxes: Tensor) -> Tensor:
     x, y = upcast(points).unbind(-1)
     x1, y1, x2, y2 = upcast(boxes).unbind(-1)
     return torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=-1)
+
+
+def rescale_boxes(boxes: Tensor, size: Tensor, orig_size: Tensor) -> Tensor:
+    """Map xyxy boxes from an image of (h, w) = ``size`` to one of (h, w) = ``orig_size`` (per-axis scaling)."""
+    scale = (orig_size.to(boxes) / size.to(boxes)).flip(0).repeat(2)  # (sx, sy, sx, sy)
+    return boxes * scale
