@@ -20,7 +20,7 @@ from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.models.backbone import build_backbone
 from lit_tasks.models.fpn import FPN
-from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points
+from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
 from lit_tasks.ops.distributed import reduce_mean
 
@@ -112,21 +112,6 @@ class FCOS(nn.Module):
         cls_logits, ltrb, centerness = self.head(levels)
         points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device)
         return FCOSOutput(cls_logits, ltrb, centerness, points, strides, level_ids)
-
-
-def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """List of target dicts -> padded (B, G, 4) boxes, (B, G) labels, (B, G) valid (crowd boxes invalid)."""
-    num = max((len(t["labels"]) for t in targets), default=0)
-    boxes = torch.zeros((len(targets), num, 4), device=device)
-    labels = torch.zeros((len(targets), num), dtype=torch.long, device=device)
-    valid = torch.zeros((len(targets), num), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        n = len(t["labels"])
-        boxes[i, :n] = t["boxes"].to(device, torch.float32)
-        labels[i, :n] = t["labels"].to(device)
-        crowd = t.get("iscrowd")
-        valid[i, :n] = True if crowd is None else ~crowd.to(device).bool()
-    return boxes, labels, valid
 
 
 def fcos_loss(

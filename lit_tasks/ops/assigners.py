@@ -109,3 +109,18 @@ def fcos_targets(
     labels = torch.where(min_area >= INF, torch.full_like(labels, num_classes), labels)
     ltrb = torch.gather(ltrb, 2, index[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
     return labels, ltrb
+
+
+def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """List of target dicts -> padded (B, G, 4) boxes, (B, G) labels, (B, G) valid (crowd boxes invalid)."""
+    num = max((len(t["labels"]) for t in targets), default=0)
+    boxes = torch.zeros((len(targets), num, 4), device=device)
+    labels = torch.zeros((len(targets), num), dtype=torch.long, device=device)
+    valid = torch.zeros((len(targets), num), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        boxes[i, :n] = t["boxes"].to(device, torch.float32)
+        labels[i, :n] = t["labels"].to(device)
+        crowd = t.get("iscrowd")
+        valid[i, :n] = True if crowd is None else ~crowd.to(device).bool()
+    return boxes, labels, valid
