@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lit_tasks.models.fcos import pad_targets
+from lit_tasks.ops.assigners import pad_targets
 from lit_tasks.ops.assigners import INF, centerness_target, fcos_targets, grid_points
 
 BG = 5  # background label = num_classes
