@@ -61,8 +61,7 @@ def main() -> None:
 
     def ours_train() -> None:
         ours.train()
-        x, _ = ours._images(images)
-        loss = ours._loss(ours.net(x), targets)["loss"]
+        loss = ours.losses(ours.model(images, [tuple(images.shape[-2:])] * len(images)), targets)["loss"]
         ours_opt.zero_grad()
         loss.backward()
         ours_opt.step()

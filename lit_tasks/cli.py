@@ -3,13 +3,15 @@
 A config names the task and the DataModule by class path (``model.class_path: lit_tasks.DetectionTask``,
 ``data.class_path: datamodules.COCODetectionDataModule``); ``lit-tasks fit --config X.yaml --help`` lists
 every option of the classes it names, ``--model.help CLASS`` those of any class. Sizes the data
-determines (``num_classes``, ``num_identities``, ``num_keypoints``) are linked from the DataModule into
-the task at instantiation. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
+determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``) are
+linked from the DataModule into the task at instantiation; a different value given for the task (on the
+command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Any
@@ -24,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
-LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names")
+LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index")
 
 
 class FitConfigCallback(SaveConfigCallback):
@@ -80,6 +82,19 @@ class TasksCLI(LightningCLI):
                 rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's {init_args[name]!r}")
             init_args[name] = value
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, then refuse a task value of a linked size that differs from the DataModule's.
+
+        jsonargparse overwrites link targets silently: ``--model.num_classes 9`` with a 5-class dataset, or a
+        checkpoint trained on other labels, would otherwise run as if nothing were wrong.
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        init_args = config.get("model.init_args") or {}
+        given = {name: init_args[name] for name in LINKED_SIZES if name in init_args}
+        super().instantiate_classes()
+        check_linked_values(given, self.model, self.datamodule)
+
     def _warn_if_untrained(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") is None:
             rank_zero_warn(
@@ -94,6 +109,21 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
+
+
+def check_linked_values(given: dict[str, Any], model: pl.LightningModule, datamodule: Any) -> None:
+    """Raise if a value given for the task's linked argument (not its default) differs from the DataModule's."""
+    parameters = inspect.signature(type(model).__init__).parameters
+    for name, value in given.items():
+        if name not in parameters or not hasattr(datamodule, name) or value == parameters[name].default:
+            continue
+        linked = getattr(datamodule, name)
+        if value != linked:
+            shown = lambda v: v if not isinstance(v, list) or len(v) <= 8 else f"{v[:8]}... ({len(v)} entries)"  # noqa: E731
+            raise ValueError(
+                f"model {name}={shown(value)!r} (from the command line, a config or the checkpoint) differs from the "
+                f"DataModule's {name}={shown(linked)!r}: {name} is linked from the data (--data.{name}); a model "
+                f"trained with other labels cannot be used on this data as it is")
 
 
 def command_line_model_options(argv: list[str]) -> list[str]:

@@ -1,9 +1,11 @@
-"""Object detection task: one LightningModule, ``model`` picks the network + criterion + post-processing.
+"""Object detection task: one LightningModule; ``model`` picks a detector trio (network, criterion, post-processor).
 
-Implemented: ``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, see
-:mod:`lit_tasks.models.fcos`). ``"vfnet"`` and ``"detr"`` are planned.
+Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/<name>.py``) as three modules:
+``self.model(images, image_sizes) -> outputs``, ``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already
+weighted; the task sums them) and ``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
+``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.fcos`).
 
-Batches (torchvision's detection convention): images ``(B, 3, H, W)`` float in [0, 1], padded;
+Batches (torchvision's detection convention): images ``(B, 3, H, W)`` float in [0, 1], zero-padded;
 targets a list of dicts with ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) int64 in [0, num_classes)
 (no background class), optional ``iscrowd`` (N,) (crowd boxes are not trained on but count as ignore
 regions in COCO mAP), ``size`` (h, w) before padding and ``orig_size`` (h, w) of the original image.
@@ -11,7 +13,7 @@ regions in COCO mAP), ``size`` (h, w) before padding and ``orig_size`` (h, w) of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,16 +21,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_tasks.base import BaseTask
-from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table
-from lit_tasks.models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.models.fcos import FCOS, fcos_loss, fcos_postprocess
+from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table
+from lit_tasks.models.fcos import build_fcos
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
-
-MODELS = ("fcos",)
-PLANNED = ("vfnet", "detr")
+from lit_tasks.ops.box_ops import rescale_boxes
+from lit_tasks.ops.images import stack_padded
 
 
 class DetectionTask(BaseTask):
@@ -37,8 +36,22 @@ class DetectionTask(BaseTask):
     Args:
         num_classes: foreground classes (no background), linked from the DataModule.
         model: ``"fcos"``.
+
+        Backbone (every model):
         backbone: timm model name with ``features_only`` support (strides 8/16/32 used as C3-C5).
         pretrained: load timm backbone weights (needs network access; False by default).
+        frozen_stages: freeze the stem and the first k stages (mmdet's ``frozen_stages``; -1 none). None = the
+            recipe: 1 with ``pretrained``, -1 from scratch.
+        frozen_bn: freeze every backbone BatchNorm (statistics and affine). None = the recipe: True with
+            ``pretrained`` (2 images per device give useless batch statistics), False from scratch (a randomly
+            initialised network cannot train with fixed identity normalisation).
+        backbone_lr_ratio: the backbone's learning rate relative to the rest (1.0 for FCOS).
+        channels_last: run the backbone in channels_last memory format (the GroupNorm head stays NCHW: its
+            backward is slower in channels_last on CPU). On 2 CPU cores, FCOS R50 at 512 px: backbone forward
+            ~20 % faster, whole inference ~5 % (benchmarks/detection_speed.py); tiny models on tiny images
+            gain nothing (the demo turns it off).
+
+        FCOS:
         fpn_channels: FPN and head width (256 in the paper; smaller for CPU demos).
         head_convs: stacked convs per head tower (4 in the paper).
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
@@ -48,32 +61,37 @@ class DetectionTask(BaseTask):
             ``[[-1, 64], [64, 128], [128, 256], [256, 512], [512, inf]]``; smaller inputs can scale them
             down so large objects still reach the coarse levels.
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2.0).
+
+        Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
         score_threshold: minimum raw class probability kept at inference (0.05).
         pre_nms_top_k: candidates per level before NMS (1000).
         nms_threshold: class-wise NMS IoU (0.6).
         max_detections: detections kept per image (100).
+        num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
+
+        Optimisation:
         lr, weight_decay, momentum: the default optimizer, SGD as the FCOS recipe (used when
             ``optimizer`` is not given).
         warmup_steps: linear LR warm-up of the default scheduler.
-        channels_last: run the backbone and FPN in channels_last memory format (the GroupNorm head stays
-            NCHW: its backward is slower in channels_last on CPU). On 2 CPU cores, FCOS R50 at 512 px: backbone
-            forward ~20 % faster, whole inference ~5 % (benchmarks/detection_speed.py); tiny models on tiny
-            images gain nothing (the demo turns it off).
         class_names: names of the classes (linked from the DataModule; used for pictures and by users).
-        num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
-        optimizer, lr_scheduler: injected callables (``--model.optimizer=AdamW``); None = SGD as above and
-            linear warm-up + cosine decay per step.
+        optimizer, lr_scheduler, lr_scheduler_interval: injected callables (``--model.optimizer=AdamW``);
+            None = SGD as above and linear warm-up + cosine decay per step (see ``BaseTask``).
     """
 
     monitor = "val/map"
     mode = "max"
+    eval_options = ("score_threshold", "pre_nms_top_k", "nms_threshold", "max_detections", "num_log_images")
 
     def __init__(
         self,
         num_classes: int = 80,
-        model: str = "fcos",
+        model: Literal["fcos"] = "fcos",
         backbone: str = "resnet50",
         pretrained: bool = False,
+        frozen_stages: int | None = None,
+        frozen_bn: bool | None = None,
+        backbone_lr_ratio: float = 1.0,
+        channels_last: bool = True,
         fpn_channels: int = 256,
         head_convs: int = 4,
         box_loss: str = "giou",
@@ -85,102 +103,98 @@ class DetectionTask(BaseTask):
         pre_nms_top_k: int = 1000,
         nms_threshold: float = 0.6,
         max_detections: int = 100,
+        num_log_images: int = 4,
         lr: float = 0.01,
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_steps: int = 500,
-        channels_last: bool = True,
         class_names: list[str] | None = None,
-        num_log_images: int = 4,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        if model in PLANNED:
-            raise NotImplementedError(f"DetectionTask: model={model!r} is planned but not implemented yet")
-        if model not in MODELS:
-            raise ValueError(f"DetectionTask: unknown model {model!r}; choose one of {MODELS}")
         iou_loss_by_name(box_loss)  # fails early, naming the valid choices
         check_regress_ranges(regress_ranges)
         if num_classes < 1:
             raise ValueError(f"DetectionTask: num_classes must be >= 1, got {num_classes}")
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     # -- construction ---------------------------------------------------------------------------
     def configure_models(self) -> None:
+        """Build the trio of ``hparams.model`` once: ``self.model``, ``self.criterion``, ``self.postprocess``."""
         hp = self.hparams
-        self.net = FCOS(hp.num_classes, hp.backbone, hp.pretrained, hp.fpn_channels, hp.head_convs)
-        if hp.channels_last:  # backbone + FPN only: GroupNorm's backward is slower in channels_last on CPU
-            self.net.backbone.to(memory_format=torch.channels_last)
-            self.net.fpn.to(memory_format=torch.channels_last)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        frozen_stages = hp.frozen_stages if hp.frozen_stages is not None else (1 if hp.pretrained else -1)
+        frozen_bn = hp.frozen_bn if hp.frozen_bn is not None else hp.pretrained
+        backbone = dict(backbone=hp.backbone, pretrained=hp.pretrained, frozen_stages=frozen_stages,
+                        frozen_bn=frozen_bn)
+        inference = dict(score_threshold=self.score_threshold, pre_nms_top_k=self.pre_nms_top_k,
+                         nms_threshold=self.nms_threshold, max_detections=self.max_detections)
+        match hp.model:
+            case "fcos":
+                ranges = FCOS_REGRESS_RANGES if hp.regress_ranges is None else tuple(map(tuple, hp.regress_ranges))
+                self.model, self.criterion, self.postprocess = build_fcos(
+                    hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, head_convs=hp.head_convs,
+                    box_loss=hp.box_loss, focal_alpha=hp.focal_alpha, focal_gamma=hp.focal_gamma,
+                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius, **inference)
+            case _:
+                raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose 'fcos'")
+        if hp.channels_last:
+            self.model.backbone.to(memory_format=torch.channels_last)
 
     def configure_metrics(self) -> None:
         self.val_map = coco_map_metric()
         self.test_map = coco_map_metric()
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        n = self.hparams.num_log_images
-        return [DetectionImageLogger(num_images=n)] if n > 0 else []
+        return [DetectionImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         hp = self.hparams
         return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
-    # -- inference ---------------------------------------------------------------------------------
-    def _images(self, images: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalise and (for a list of differently sized images) pad to /32; returns the unpadded sizes."""
-        if isinstance(images, (list, tuple)):
-            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-            h = -(-max(s[0] for s in sizes) // 32) * 32
-            w = -(-max(s[1] for s in sizes) // 32) * 32
-            batch = images[0].new_zeros((len(images), 3, h, w))
-            for i, im in enumerate(images):
-                batch[i, :, : im.shape[-2], : im.shape[-1]] = im
-        else:
-            batch = images
-            sizes = [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
-        x = (batch.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, sizes
+    def param_groups(self) -> list[dict[str, Any]]:
+        """BaseTask's groups, with the backbone's parameters in groups of their own at ``backbone_lr_ratio``."""
+        groups = super().param_groups()
+        ratio = self.hparams.backbone_lr_ratio
+        if ratio == 1.0:
+            return groups
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        split = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in backbone]
+            mine = [p for p in group["params"] if id(p) in backbone]
+            split += [{**group, "params": rest}] if rest else []
+            split += [{**group, "params": mine, "lr_ratio": ratio}] if mine else []
+        return split
 
+    # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detect objects in [0, 1] images (a (B,3,H,W) tensor or a list of (3,H,W)); boxes in input pixels."""
-        x, sizes = self._images(images)
-        return self.postprocess(self.net(x), sizes)
-
-    def postprocess(self, out: Any, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
-        hp = self.hparams
-        return fcos_postprocess(out, sizes, hp.score_threshold, hp.pre_nms_top_k, hp.nms_threshold,
-                                hp.max_detections)
+        batch, sizes = stack_padded(images, size_divisor=32)
+        return self.postprocess(self.model(batch, sizes), sizes)
 
     # -- steps -------------------------------------------------------------------------------------
-    def _loss(self, out: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        ranges = FCOS_REGRESS_RANGES if hp.regress_ranges is None else tuple(map(tuple, hp.regress_ranges))
-        losses = fcos_loss(out, targets, hp.num_classes, hp.center_sampling_radius, hp.box_loss,
-                           hp.focal_alpha, hp.focal_gamma, ranges)
-        losses["loss"] = sum(losses.values())
-        return losses
+    def losses(self, outputs: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """The criterion's weighted parts plus their sum under ``loss`` (entries not named ``loss_*`` are logged only)."""
+        values = self.criterion(outputs, targets)
+        values["loss"] = sum(v for k, v in values.items() if k.startswith("loss_"))
+        return values
 
     def training_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        x, _ = self._images(images)
-        losses = self._loss(self.net(x), targets)
+        losses = self.losses(self.model(images, sizes_of(targets)), targets)
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(f"non-finite detection loss at step {self.global_step}: {losses}")
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(targets))
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(targets))
         return losses["loss"]
 
-    def _eval_step(self, batch: tuple[torch.Tensor, list[dict]], metric: MeanAveragePrecision, prefix: str) -> list[dict]:
+    def _eval_step(self, batch: tuple[torch.Tensor, list[dict]], metric: MeanAveragePrecision, stage: str) -> list[dict]:
         images, targets = batch
-        x, _ = self._images(images)
-        out = self.net(x)
-        losses = self._loss(out, targets)
-        self.log(f"{prefix}/loss", losses["loss"], batch_size=len(targets), sync_dist=True)
-        preds = self.postprocess(out, [tuple(t["size"].tolist()) for t in targets])
+        sizes = sizes_of(targets)
+        outputs = self.model(images, sizes)
+        self.log(f"{stage}/loss", self.losses(outputs, targets)["loss"], batch_size=len(targets), sync_dist=True)
+        preds = self.postprocess(outputs, sizes)
         preds_orig, targets_orig = [], []
         for p, t in zip(preds, targets):
             preds_orig.append({**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])})
@@ -197,29 +211,28 @@ class DetectionTask(BaseTask):
     def test_step(self, batch: Any, batch_idx: int) -> list[dict]:
         return self._eval_step(batch, self.test_map, "test")
 
-    def _log_map(self, metric: MeanAveragePrecision, prefix: str) -> dict[str, torch.Tensor]:
-        values = metric.compute()
-        metric.reset()
-        self.log_metrics({k: values[k] for k in LOGGED_MAP_KEYS}, prefix)
-        return values
-
     def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
+        self.log_epoch_metric(self.val_map, "val", LOGGED_MAP_KEYS)
 
     def on_test_epoch_end(self) -> None:
-        values = self._log_map(self.test_map, "test")
+        values = self.log_epoch_metric(self.test_map, "test", LOGGED_MAP_KEYS)
         if self.trainer.is_global_zero:
             print(format_coco_table(values))
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
         """Detections in original-image pixels, with each target's ``image_id`` when the batch has one."""
         images, targets = batch
-        x, _ = self._images(images)
-        preds = self.postprocess(self.net(x), [tuple(t["size"].tolist()) for t in targets])
+        sizes = sizes_of(targets)
+        preds = self.postprocess(self.model(images, sizes), sizes)
         return [
             {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
             for p, t in zip(preds, targets)
         ]
+
+
+def sizes_of(targets: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """The unpadded (h, w) of each image of a batch, from its target's ``size``."""
+    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
 
 
 def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) -> None:

@@ -23,14 +23,16 @@ optionally ``name`` (list of str), or a plain tensor of images.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lit_tasks.base import BaseTask
+from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
@@ -56,13 +58,20 @@ class FaceRecognitionTask(BaseTask):
         lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4), and of
             the lazy Partial FC centre update.
         warmup_steps: linear warm-up of the default warm-up + cosine schedule.
-        flip_test: fuse the embedding of the mirrored image at validation, test and predict time.
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
+
+        Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
+        flip_test: fuse the embedding of the mirrored image at validation, test, predict and export time.
+        num_log_images: validation faces shown with their embeddings in TensorBoard's projector each epoch,
+            with the ROC curve (0 disables both).
+
+        optimizer, lr_scheduler, lr_scheduler_interval: injected callables (see ``BaseTask``).
     """
 
     monitor = "val/verification_accuracy"
     mode = "max"
+    eval_options = ("flip_test", "num_log_images")
 
     def __init__(
         self,
@@ -84,21 +93,22 @@ class FaceRecognitionTask(BaseTask):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup_steps: int = 0,
-        flip_test: bool = True,
         channels_last: bool = True,
         pretrained: bool = False,
+        flip_test: bool = True,
+        num_log_images: int = 300,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
         if num_identities < 2:
             raise ValueError(f"num_identities={num_identities}: a softmax over identities needs at least 2")
-        super().__init__(optimizer, lr_scheduler)
-        self.last_verification: dict[str, torch.Tensor] = {}
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
-        self.network = EmbeddingNetwork(
+        self.model = EmbeddingNetwork(
             h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
         )
 
@@ -120,6 +130,9 @@ class FaceRecognitionTask(BaseTask):
         self.val_verification = VerificationMetric()
         self.test_verification = VerificationMetric()
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [EmbeddingProjector(max_images=self.num_log_images)] if self.num_log_images > 0 else []
+
     def setup(self, stage: str) -> None:
         if isinstance(self.head, PartialFC):
             self.head.reshard()  # the process group exists from here on
@@ -132,11 +145,11 @@ class FaceRecognitionTask(BaseTask):
     # -- inference -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) embeddings ``(B, D)`` of ``(B, 3, S, S)`` images in [0, 1]."""
-        return self.network(images)
+        return self.model(images)
 
     def embedder(self, flip: bool | None = None) -> NormalisedEmbedder:
         """The images -> L2-normalised embedding module (flip-fused unless ``flip=False``), for export."""
-        return NormalisedEmbedder(self.network, self.hparams.flip_test if flip is None else flip)
+        return NormalisedEmbedder(self.model, self.flip_test if flip is None else flip)
 
     def embed(self, images: torch.Tensor, flip: bool | None = None) -> torch.Tensor:
         """L2-normalised ``(B, D)`` embeddings of ``(B, 3, S, S)`` images in [0, 1], in eval mode, no grad."""
@@ -163,7 +176,7 @@ class FaceRecognitionTask(BaseTask):
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss = self.head(self.network(images), labels)
+        loss = self.head(self.model(images), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
 
@@ -186,17 +199,11 @@ class FaceRecognitionTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._verification_step(batch, self.test_verification)
 
-    def _verification_epoch_end(self, metric: VerificationMetric, prefix: str) -> None:
-        result = metric.compute()
-        metric.reset()
-        self.last_verification = {k: v.detach().cpu() for k, v in result.items()}
-        self.log_metrics({k: v.float() for k, v in result.items()}, prefix)
-
     def on_validation_epoch_end(self) -> None:
-        self._verification_epoch_end(self.val_verification, "val")
+        self.log_epoch_metric(self.val_verification, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._verification_epoch_end(self.test_verification, "test")
+        self.log_epoch_metric(self.test_verification, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """``{"embeddings": (B, D) L2-normalised on CPU, "names": list[str] | None}``."""

@@ -165,10 +165,11 @@ def test_partial_fc_checkpoint_round_trip(tmp_path) -> None:
 def test_projector_and_roc_figure_are_logged(tmp_path) -> None:
     logger = TensorBoardLogger(tmp_path, name="face")
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=2,
-                         num_sanity_val_steps=0, logger=logger,
-                         callbacks=[EmbeddingProjector(max_images=10, thumbnail=8)], enable_checkpointing=False,
+                         num_sanity_val_steps=0, logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(tiny_task(), tiny_data())
+    task = tiny_task(num_log_images=10)
+    assert [type(c) for c in task.configure_callbacks()] == [EmbeddingProjector]  # attached by the task itself
+    trainer.fit(task, tiny_data())
     run = Path(logger.log_dir)
     projector = (run / "projector_config.pbtxt").read_text()
     assert "val_embeddings" in projector

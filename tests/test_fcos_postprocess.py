@@ -2,7 +2,7 @@
 
 import torch
 
-from lit_tasks.models.fcos import FCOSOutput, fcos_postprocess
+from lit_tasks.models.fcos import FCOSOutput, FCOSPostprocess
 from lit_tasks.ops.assigners import grid_points
 
 
@@ -18,8 +18,7 @@ def test_decode_threshold_nms_and_scores():
     cls_prob = [[0.9, 0.01], [0.8, 0.04], [0.01, 0.6], [0.01, 0.01], [0.5, 0.3]]
     ctr_prob = [0.5, 0.5, 0.8, 0.5, 0.2]
     ltrb = [[0.5, 0.5, 1, 1], [1.5, 0.5, 0, 1], [0.5, 0.5, 0.5, 0.5], [1, 1, 1, 1], [0.5, 0.5, 2, 2]]
-    (pred,) = fcos_postprocess(_output(cls_prob, ctr_prob, ltrb), [(20, 30)], score_threshold=0.05,
-                               nms_threshold=0.6)
+    (pred,) = FCOSPostprocess(score_threshold=0.05, nms_threshold=0.6)(_output(cls_prob, ctr_prob, ltrb), [(20, 30)])
     got = sorted(zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()), reverse=True)
     expected = sorted([
         ((0.9 * 0.5) ** 0.5, 0, [0, 0, 12, 12]),      # (4,4) +- stride 8 * ltrb, clipped at 0
@@ -37,7 +36,7 @@ def test_max_detections_and_top_k():
     cls_prob = [[0.9, 0.9]] * 5
     ltrb = [[float(i), 0.1, 0.1 + i, 0.1] for i in range(5)]
     out = _output(cls_prob, [0.9] * 5, ltrb)
-    (pred,) = fcos_postprocess(out, [(100, 100)], nms_threshold=1.0, max_detections=3)
+    (pred,) = FCOSPostprocess(nms_threshold=1.0, max_detections=3)(out, [(100, 100)])
     assert len(pred["scores"]) == 3
-    (pred,) = fcos_postprocess(out, [(100, 100)], nms_threshold=1.0, pre_nms_top_k=1)
+    (pred,) = FCOSPostprocess(nms_threshold=1.0, pre_nms_top_k=1)(out, [(100, 100)])
     assert len(pred["scores"]) == 2  # one candidate per level

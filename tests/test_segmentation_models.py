@@ -26,7 +26,7 @@ def test_output_matches_odd_input_size(model, output_stride):
     task = SemanticSegmentationTask(num_classes=5, model=model, backbone=BACKBONE, output_stride=output_stride,
                                     head_channels=16).eval()  # fmt: skip
     images = torch.rand(2, 3, 53, 37)
-    logits, aux = task.forward_logits(images, with_aux=True)
+    logits, aux = task.model.forward_with_aux(images)
     assert logits.shape == (2, 5, 53, 37) and aux.shape == (2, 5, 53, 37)
     assert torch.isfinite(logits).all()
 
@@ -35,28 +35,28 @@ def test_output_matches_odd_input_size(model, output_stride):
 def test_backbone_last_stage_has_the_output_stride(output_stride):
     task = SemanticSegmentationTask(num_classes=3, model="deeplabv3", backbone=BACKBONE, output_stride=output_stride,
                                     head_channels=8, aux_weight=0.0)  # fmt: skip
-    low, mid, high = task.backbone(torch.rand(1, 3, 64, 96))
+    low, mid, high = task.model.backbone(torch.rand(1, 3, 64, 96))
     assert low.shape[-2:] == (16, 24)  # the DeepLabV3+ skip is at stride 4
     assert high.shape[-2:] == (64 // output_stride, 96 // output_stride)
     # Atrous convolution replaces striding: the last stage is dilated by 32 / output_stride.
-    assert max(dilations(task.backbone)) == 32 // output_stride
+    assert max(dilations(task.model.backbone)) == 32 // output_stride
 
 
 @pytest.mark.parametrize("output_stride, expected", [(16, [6, 12, 18]), (8, [12, 24, 36])])
 def test_aspp_rates_follow_output_stride(output_stride, expected):
     task = SemanticSegmentationTask(num_classes=3, model="deeplabv3plus", backbone=BACKBONE,
                                     output_stride=output_stride, head_channels=8)  # fmt: skip
-    assert dilations(task.head.aspp) == expected
-    assert [b[0].padding[0] for b in task.head.aspp.branches[1:]] == expected  # "same" padding
-    assert task.head.aspp.branches[0][0].kernel_size == (1, 1)
-    assert isinstance(task.head.aspp.pooling, ImagePooling)
+    assert dilations(task.model.head.aspp) == expected
+    assert [b[0].padding[0] for b in task.model.head.aspp.branches[1:]] == expected  # "same" padding
+    assert task.model.head.aspp.branches[0][0].kernel_size == (1, 1)
+    assert isinstance(task.model.head.aspp.pooling, ImagePooling)
 
 
 def test_aspp_rates_from_config_override():
     task = SemanticSegmentationTask(num_classes=3, model="deeplabv3", backbone=BACKBONE, aspp_rates=[2, 4, 6, 8],
                                     head_channels=8)  # fmt: skip
-    assert dilations(task.head.aspp) == [2, 4, 6, 8]
-    assert len(task.head.aspp.branches) == 5  # 1x1 + one per rate (image pooling is separate)
+    assert dilations(task.model.head.aspp) == [2, 4, 6, 8]
+    assert len(task.model.head.aspp.branches) == 5  # 1x1 + one per rate (image pooling is separate)
     with pytest.raises(ValueError, match="output_stride"):
         aspp_rates(4)
 

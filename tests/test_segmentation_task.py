@@ -16,9 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from datamodules.masks import FolderSegmentationDataModule
 from datamodules.synthetic.shapes_segmentation import ShapesSegmentationDataModule
-from lit_tasks.callbacks.segmentation_images import SegmentationImageLogger, class_palette, overlay_mask
+from lit_tasks.callbacks.segmentation_images import class_palette, overlay_mask
 from lit_tasks.callbacks.segmentation_writer import SegmentationPredictionWriter
-from lit_tasks.segmentation import SemanticSegmentationTask, masked_cross_entropy, sliding_windows
+from lit_tasks.losses.cross_entropy import masked_cross_entropy
+from lit_tasks.ops.images import sliding_windows
+from lit_tasks.segmentation import SemanticSegmentationTask
 
 IGNORE = 255
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "segmentation"
@@ -63,7 +65,7 @@ def test_aux_loss_weight():
     masks = torch.randint(0, 6, (1, 8, 8))
     losses = task.compute_loss(logits, aux, masks)
     assert float(losses["loss"]) == pytest.approx(float(losses["loss_decode"] + 0.4 * losses["loss_aux"]), abs=1e-6)
-    assert tiny_task(aux_weight=0.0).aux_head is None
+    assert tiny_task(aux_weight=0.0).model.aux_head is None
 
 
 # -- test-time inference --------------------------------------------------------------------------------
@@ -145,15 +147,15 @@ def test_fit_test_predict_and_checkpoint_round_trip(tmp_path):
     sizes = write_folder_dataset(tmp_path / "data")
     dm = FolderSegmentationDataModule(root=str(tmp_path / "data"), num_classes=3, val_fraction=0.5, crop_size=32,
                                       predict_dir=str(tmp_path / "data" / "predict"), batch_size=2, num_workers=0)  # fmt: skip
-    task = SemanticSegmentationTask(num_classes=3, class_names=["a", "b c", "d"], tta_flip=True, **TINY)
+    task = SemanticSegmentationTask(num_classes=3, class_names=["a", "b c", "d"], tta_flip=True, num_log_images=2, **TINY)
     writer = SegmentationPredictionWriter(str(tmp_path / "pred"), overlay=True)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False,
-                         enable_model_summary=False, log_every_n_steps=1, callbacks=[SegmentationImageLogger(num_images=2), writer],
+                         enable_model_summary=False, log_every_n_steps=1, callbacks=[writer],
                          num_sanity_val_steps=0)  # fmt: skip
     trainer.fit(task, dm)
     assert {"val/mIoU", "val/PA", "val/MPA", "val/FWIoU", "val/IoU/b_c"} <= set(trainer.callback_metrics)
     val_pixels = sum(Image.open(p[1]).size[0] * Image.open(p[1]).size[1] for p in dm.split_pairs("val"))
-    assert int(task.last_scores["confmat"].sum()) == val_pixels  # every val pixel once, batch padding ignored
+    assert int(task.epoch_results["val"]["confmat"].sum()) == val_pixels  # every val pixel once, batch padding ignored
     results = trainer.test(task, dm, verbose=False)[0]
     assert 0.0 <= results["test/mIoU"] <= 1.0 and "test/IoU/a" in results
     # TensorBoard got the overlays and the confusion matrix.
@@ -203,7 +205,7 @@ def test_training_reduces_loss_on_shapes():
     opt = task.default_optimizer(task.param_groups())
     losses = []
     for _ in range(8):
-        loss = task.compute_loss(*task.forward_logits(batch["image"], with_aux=True), batch["mask"])["loss"]
+        loss = task.compute_loss(*task.model.forward_with_aux(batch["image"]), batch["mask"])["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -277,3 +279,17 @@ def test_cli_fit_then_test_and_predict_from_checkpoint(tmp_path, monkeypatch):
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert len(pngs) == 2 and (out / "overlay" / pngs[0].replace(".png", ".jpg")).is_file()
     assert Image.open(out / pngs[0]).size == (40, 40)
+
+
+def test_ignore_index_is_linked_from_the_datamodule(tmp_path, monkeypatch):
+    """The DataModule's ignore_index reaches the task; the task's cannot be set apart from it on the CLI (a
+    mismatch would die inside F.cross_entropy naming no option, or score unlabelled pixels as a class)."""
+    monkeypatch.chdir(tmp_path)
+    config = f"--config={CONFIGS / 'deeplabv3plus_shapes.yaml'}"
+    data = ["--data.init_args.image_size=32", "--data.init_args.num_val=2", "--data.init_args.num_train=2",
+            "--data.init_args.ignore_index=100"]
+    cli = run_cli(["fit", config, "--trainer.fast_dev_run=true", *data, *cli_overrides(tmp_path)])
+    assert cli.model.hparams.ignore_index == 100 and cli.model.val_metrics.ignore_index == 100
+    with pytest.raises(ValueError, match="ignore_index=7 .* differs from the DataModule's ignore_index=100"):
+        run_cli(["fit", config, "--trainer.fast_dev_run=true", *data, *cli_overrides(tmp_path),
+                 "--model.init_args.ignore_index=7"])

@@ -36,7 +36,7 @@ class EmbeddingProjector(pl.Callback):
     Collects the first ``max_images`` images of the validation pairs (``image_a`` of each pair) with
     their flip-fused embeddings (the ``embeddings_a`` the task's ``validation_step`` returns) and the
     ``identity_a`` names as metadata, then calls ``SummaryWriter.add_embedding`` with ``thumbnail``-px
-    thumbnails. The ROC curve comes from the task's ``last_verification`` (pooled over all pairs and
+    thumbnails. The ROC curve comes from the task's ``epoch_results["val"]`` (pooled over all pairs and
     processes). Skipped during the sanity check and without a TensorBoard logger.
     """
 
@@ -75,7 +75,7 @@ class EmbeddingProjector(pl.Callback):
             writer.add_embedding(torch.cat(self.embeddings), metadata=self.names,
                                  label_img=torch.cat(self.thumbnails).clamp(0, 1), global_step=step,
                                  tag="val_embeddings")
-        result = getattr(pl_module, "last_verification", {}) or {}
+        result = getattr(pl_module, "epoch_results", {}).get("val", {})
         if "roc_fpr" in result:
             fig = roc_figure(result["roc_fpr"], result["roc_tpr"], f"ROC, AUC {float(result['auc']):.4f}")
             writer.add_figure("val/roc", fig, global_step=step, close=True)

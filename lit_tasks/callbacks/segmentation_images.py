@@ -79,8 +79,9 @@ def confusion_figure(confmat: Tensor, class_names: list[str]):
 class SegmentationImageLogger(pl.Callback):
     """Log mask overlays of a few validation images and the confusion matrix to TensorBoard (rank 0).
 
-    Needs a task whose ``validation_step`` returns ``{"preds": (B, H, W)}`` and that keeps its last computed
-    scores in ``last_scores`` (``SemanticSegmentationTask`` does).
+    Needs a task whose ``validation_step`` returns ``{"preds": (B, H, W)}`` and that keeps its epoch's scores in
+    ``epoch_results["val"]`` (``BaseTask.log_epoch_metric`` does). ``SemanticSegmentationTask`` attaches it
+    itself (``num_log_images``).
 
     Args:
         num_images: images of the first validation batch to draw.
@@ -110,7 +111,7 @@ class SegmentationImageLogger(pl.Callback):
             self._pictures.append(torch.cat([plain, gt, pred], dim=-1))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after the task's on_validation_epoch_end, so last_scores holds this epoch's DDP-summed matrix.
+        # Runs after the task's on_validation_epoch_end, so epoch_results holds this epoch's DDP-summed matrix.
         writer = tensorboard(trainer)
         if not trainer.is_global_zero or trainer.sanity_checking or writer is None:
             return
@@ -121,7 +122,7 @@ class SegmentationImageLogger(pl.Callback):
             padded = [torch.nn.functional.pad(p, (0, w - p.shape[-1], 0, h - p.shape[-2])) for p in self._pictures]
             writer.add_image("val/masks (image | truth | prediction)", make_grid(padded, nrow=1, padding=2), step)
             self._pictures = []
-        confmat = getattr(pl_module, "last_scores", {}).get("confmat")
+        confmat = getattr(pl_module, "epoch_results", {}).get("val", {}).get("confmat")
         if self.confusion_matrix and confmat is not None:
             names = pl_module.class_names() if hasattr(pl_module, "class_names") else [str(i) for i in range(len(confmat))]
             writer.add_figure("val/confusion_matrix", confusion_figure(confmat, names), step, close=True)

@@ -142,3 +142,14 @@ class SegmentationMetrics(Metric):
             raise ValueError(
                 f"target labels {values} are outside [0, {self.num_classes}) and not ignore_index={self.ignore_index}"
             )
+
+
+def format_class_table(names: list[str], scores: dict[str, Tensor]) -> str:
+    """Plain-text table of per-class IoU and accuracy (in %) and the four summaries."""
+    width = max([len("class"), *(len(n) for n in names)])
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
+    for name, iou, acc in zip(names, scores["IoU"].tolist(), scores["Acc"].tolist()):
+        lines.append(f"{name:<{width}}  {100 * iou:7.2f}  {100 * acc:7.2f}")
+    lines.append("-" * (width + 18))
+    lines.append("  ".join(f"{k} {100 * float(scores[k]):.2f}" for k in ("PA", "MPA", "mIoU", "FWIoU")))
+    return "\n".join(lines)

@@ -3,7 +3,8 @@
 Network = timm backbone (C3-C5) -> FPN (P3-P7) -> shared head. The tricks mmdetection and the FCOS repo
 turn on are the defaults here (REFERENCE.md §3): GroupNorm head, centerness on the regression tower,
 ``norm_on_bbox`` (ReLU regression in units of the level stride), centre sampling radius 1.5, GIoU box
-loss weighted by the centerness target.
+loss weighted by the centerness target. :func:`build_fcos` returns the detector trio
+``(FCOS, FCOSCriterion, FCOSPostprocess)`` that ``DetectionTask`` drives.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.models.backbone import build_backbone
+from lit_tasks.models.backbone import Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
@@ -84,15 +85,21 @@ class FCOSOutput:
 
 
 class FCOS(nn.Module):
-    """Backbone + FPN (P3-P7) + FCOS head; ``forward(images)`` returns an :class:`FCOSOutput`."""
+    """Normalise -> backbone (C3-C5) -> FPN (P3-P7) -> FCOS head; ``forward(images, image_sizes)`` gives an :class:`FCOSOutput`.
+
+    Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside). Dense predictions cover the
+    padded batch; ``image_sizes`` are used by the criterion's targets and the post-processor's clipping only.
+    """
 
     strides = (8, 16, 32, 64, 128)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
-                 fpn_channels: int = 256, num_convs: int = 4) -> None:
+                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1, frozen_bn: bool = False) -> None:
         super().__init__()
+        self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
-        self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-3, -2, -1))
+        self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-3, -2, -1),
+                                       frozen_stages=frozen_stages, frozen_bn=frozen_bn)
         reductions = self.backbone.feature_info.reduction()
         if list(reductions) != [8, 16, 32]:
             raise ValueError(f"backbone {backbone!r}: FCOS needs stages at strides 8, 16, 32, got {reductions}")
@@ -107,102 +114,139 @@ class FCOS(nn.Module):
             self._grid_cache = {key: grid_points(sizes, list(self.strides), device)}
         return self._grid_cache[key]
 
-    def forward(self, images: torch.Tensor) -> FCOSOutput:
-        levels = self.fpn(self.backbone(images))
+    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> FCOSOutput:
+        levels = self.fpn(self.backbone(self.normalize(images)))
         cls_logits, ltrb, centerness = self.head(levels)
         points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device)
         return FCOSOutput(cls_logits, ltrb, centerness, points, strides, level_ids)
 
 
-def fcos_loss(
-    out: FCOSOutput,
-    targets: list[dict[str, torch.Tensor]],
-    num_classes: int,
-    center_radius: float = 1.5,
-    box_loss: str = "giou",
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    regress_ranges: tuple[tuple[float, float], ...] = FCOS_REGRESS_RANGES,
-) -> dict[str, torch.Tensor]:
-    """FCOS losses (REFERENCE.md §3.3), all in fp32.
+class FCOSCriterion(nn.Module):
+    """FCOS losses (REFERENCE.md §3.3), all in fp32: ``forward(outputs, targets)`` -> weighted ``loss_*`` dict.
 
     - cls: sigmoid focal loss over all locations / number of positives (mean over processes, min 1);
     - box: IoU-family loss on decoded boxes, each positive weighted by its centerness target, / the sum of
-      centerness targets (mean over processes);
+      centerness targets (mean over processes, min 1e-6);
     - centerness: BCE with logits / number of positives.
+
+    Both normalisers are reduced before anything depends on whether this process has positives, so every
+    process makes the same collective calls (a rank whose images have no object must not skip one: the other
+    ranks would wait forever or pair the wrong buffers). In evaluation mode they stay local: evaluation
+    loaders split samples unevenly across processes and must make no collective call.
     """
-    gt_boxes, gt_labels, gt_valid = pad_targets(targets, out.cls_logits.device)
-    labels, ltrb_target = fcos_targets(
-        out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, num_classes, center_radius,
-        regress_ranges,
-    )
-    cls_logits = out.cls_logits.float()
-    pos = labels < num_classes
-    num_pos = reduce_mean(pos.sum()).clamp(min=1.0)
 
-    cls_target = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
-    loss_cls = sigmoid_focal_loss(cls_logits, cls_target, focal_alpha, focal_gamma, reduction="sum") / num_pos
+    def __init__(
+        self,
+        num_classes: int,
+        box_loss: str = "giou",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        regress_ranges: tuple[tuple[float, float], ...] = FCOS_REGRESS_RANGES,
+        center_sampling_radius: float = 1.5,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.box_loss = iou_loss_by_name(box_loss)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.regress_ranges = tuple(tuple(float(v) for v in r) for r in regress_ranges)
+        self.center_sampling_radius = center_sampling_radius
 
-    pred_ltrb = out.ltrb.float()[pos]
-    ctr_logits = out.centerness.float()[pos]
-    if pred_ltrb.numel() == 0:  # keep the graph alive with zero losses
-        zero = out.ltrb.sum() * 0 + out.centerness.sum() * 0
-        return {"loss_cls": loss_cls, "loss_box": zero, "loss_centerness": zero}
-    # norm_on_bbox: targets in units of the location's stride; IoU is scale and translation invariant,
-    # so boxes decoded around the origin compare exactly as boxes around the point would.
-    target_ltrb = ltrb_target[pos] / out.strides.expand_as(labels)[pos].unsqueeze(-1)
-    ctr_target = centerness_target(target_ltrb)
-    origin = pred_ltrb.new_zeros((pred_ltrb.shape[0], 2))
-    box_losses = iou_loss_by_name(box_loss)(distance2bbox(origin, pred_ltrb), distance2bbox(origin, target_ltrb))
-    ctr_norm = reduce_mean(ctr_target.sum()).clamp(min=1e-6)
-    loss_box = (box_losses * ctr_target).sum() / ctr_norm
-    loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="sum") / num_pos
-    return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_centerness": loss_ctr}
+    def forward(self, out: FCOSOutput, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, out.cls_logits.device)
+        labels, ltrb_target = fcos_targets(
+            out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, self.num_classes,
+            self.center_sampling_radius, self.regress_ranges,
+        )
+        reduce = reduce_mean if self.training else (lambda v: v.detach().float())
+        pos = labels < self.num_classes
+        # norm_on_bbox: targets in units of the location's stride; IoU is scale and translation invariant,
+        # so boxes decoded around the origin compare exactly as boxes around the point would.
+        target_ltrb = ltrb_target[pos] / out.strides.expand_as(labels)[pos].unsqueeze(-1)
+        ctr_target = centerness_target(target_ltrb)
+        num_pos = reduce(pos.sum()).clamp(min=1.0)
+        ctr_norm = reduce(ctr_target.sum()).clamp(min=1e-6)
+
+        cls_logits = out.cls_logits.float()
+        cls_target = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(cls_logits.dtype)
+        loss_cls = sigmoid_focal_loss(cls_logits, cls_target, self.focal_alpha, self.focal_gamma,
+                                      reduction="sum") / num_pos
+        pred_ltrb = out.ltrb.float()[pos]
+        ctr_logits = out.centerness.float()[pos]
+        # With no positive the sums below are graph-connected zeros (mmdet: pred.sum()).
+        origin = pred_ltrb.new_zeros((pred_ltrb.shape[0], 2))
+        box_losses = self.box_loss(distance2bbox(origin, pred_ltrb), distance2bbox(origin, target_ltrb))
+        loss_box = (box_losses * ctr_target).sum() / ctr_norm
+        loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="sum") / num_pos
+        return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_centerness": loss_ctr}
 
 
-@torch.no_grad()
-def fcos_postprocess(
-    out: FCOSOutput,
-    image_sizes: list[tuple[int, int]],
-    score_threshold: float = 0.05,
-    pre_nms_top_k: int = 1000,
-    nms_threshold: float = 0.6,
-    max_detections: int = 100,
-) -> list[dict[str, torch.Tensor]]:
-    """Decode detections per image (REFERENCE.md §3.4).
+class FCOSPostprocess(nn.Module):
+    """Decode detections per image (REFERENCE.md §3.4); ``forward(outputs, image_sizes)`` -> list of dicts.
 
     Per level: keep (location, class) pairs whose raw class probability exceeds ``score_threshold``, the top
     ``pre_nms_top_k`` by cls * centerness; decode and clip to the image; class-wise NMS; keep
     ``max_detections``. The reported score is sqrt(cls * centerness): the same ranking as mmdet's
     cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
 
-    Returns:
-        per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
+    Returns per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
     """
-    cls_prob = out.cls_logits.float().sigmoid()
-    ctr_prob = out.centerness.float().sigmoid()
-    num_classes = cls_prob.shape[-1]
-    counts = torch.bincount(out.levels).tolist()  # levels are contiguous: slice instead of masking
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    results = []
-    for i, (h, w) in enumerate(image_sizes):
-        boxes_all, scores_all, labels_all = [], [], []
-        for start, count in zip(starts, counts):
-            level = slice(start, start + count)
-            prob = cls_prob[i, level]  # (P_l, C)
-            joint = (prob * ctr_prob[i, level, None]).flatten()
-            joint = torch.where(prob.flatten() > score_threshold, joint, torch.full_like(joint, -1.0))
-            top, idx = joint.topk(min(pre_nms_top_k, joint.numel()))
-            idx = idx[top >= 0]
-            loc = idx // num_classes + start
-            ltrb = out.ltrb[i, loc].float() * out.strides[loc].unsqueeze(-1)
-            boxes = distance2bbox(out.points[loc], ltrb)
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            boxes_all.append(boxes)
-            scores_all.append(joint[idx].sqrt())
-            labels_all.append(idx % num_classes)
-        boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-        keep = batched_nms(boxes, scores, labels, nms_threshold)[:max_detections]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return results
+
+    def __init__(self, score_threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_threshold: float = 0.6,
+                 max_detections: int = 100) -> None:
+        super().__init__()
+        self.score_threshold, self.pre_nms_top_k = score_threshold, pre_nms_top_k
+        self.nms_threshold, self.max_detections = nms_threshold, max_detections
+
+    @torch.no_grad()
+    def forward(self, out: FCOSOutput, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        cls_prob = out.cls_logits.float().sigmoid()
+        ctr_prob = out.centerness.float().sigmoid()
+        num_classes = cls_prob.shape[-1]
+        counts = torch.bincount(out.levels).tolist()  # levels are contiguous: slice instead of masking
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            boxes_all, scores_all, labels_all = [], [], []
+            for start, count in zip(starts, counts):
+                level = slice(start, start + count)
+                prob = cls_prob[i, level]  # (P_l, C)
+                joint = (prob * ctr_prob[i, level, None]).flatten()
+                joint = torch.where(prob.flatten() > self.score_threshold, joint, torch.full_like(joint, -1.0))
+                top, idx = joint.topk(min(self.pre_nms_top_k, joint.numel()))
+                idx = idx[top >= 0]
+                loc = idx // num_classes + start
+                ltrb = out.ltrb[i, loc].float() * out.strides[loc].unsqueeze(-1)
+                boxes = distance2bbox(out.points[loc], ltrb)
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+                boxes_all.append(boxes)
+                scores_all.append(joint[idx].sqrt())
+                labels_all.append(idx % num_classes)
+            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.max_detections]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+
+
+def build_fcos(
+    num_classes: int,
+    backbone: str = "resnet50",
+    pretrained: bool = False,
+    fpn_channels: int = 256,
+    head_convs: int = 4,
+    frozen_stages: int = -1,
+    frozen_bn: bool = False,
+    box_loss: str = "giou",
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    regress_ranges: tuple[tuple[float, float], ...] = FCOS_REGRESS_RANGES,
+    center_sampling_radius: float = 1.5,
+    score_threshold: float = 0.05,
+    pre_nms_top_k: int = 1000,
+    nms_threshold: float = 0.6,
+    max_detections: int = 100,
+) -> tuple[FCOS, FCOSCriterion, FCOSPostprocess]:
+    """The FCOS detector trio: network, criterion (losses with their settings) and post-processor."""
+    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn)
+    criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
+    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
