@@ -15,8 +15,7 @@ from test_tfrecord_detection import make_tfrecords  # the converter tool, run in
 
 from datamodules import IdentityFolderDataModule, TFRecordIdentityDataModule
 from datamodules.faces import face_transform
-from datamodules.tfrecord import CorruptRecordError, TFRecordWriter, build_example, load_index
-from datamodules.tfrecord.convert import write_label_map
+from datamodules.tfrecord import CorruptRecordError, TFRecordWriter, build_example, load_index, write_label_map
 
 # Lightning warns about any IterableDataset with __len__; ours splits workers itself, so the length is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
