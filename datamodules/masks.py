@@ -288,7 +288,8 @@ class MaskDataModule(BaseDataModule):
 
     Args:
         num_classes: number of classes (counting background when it is a class); None takes the length of
-            ``class_names_file``.
+            ``class_names_file``. Subclasses save the resolved count as their hyperparameter: the CLI links
+            ``num_classes`` into the task, and Lightning refuses to start when the two differ.
         class_names_file: YAML/JSON with the class names (list, ``{classes: [...]}`` or ``{id: name}``).
         ignore_index: unlabelled id in the masks.
         reduce_zero_label: masks use 0 for "unlabelled" and 1..C for the classes.
@@ -406,6 +407,7 @@ class VOCSegmentationDataModule(MaskDataModule):
             color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory,
         )
+        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
@@ -473,6 +475,7 @@ class FolderSegmentationDataModule(MaskDataModule):
             color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory,
         )
+        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
