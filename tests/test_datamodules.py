@@ -1,5 +1,7 @@
 """Package-wide contracts of ``datamodules``: lazy imports, a TFRecord library that knows no DataModule, and
-hyperparameters that agree with what the CLI links into the task."""
+hyperparameters that agree with what the CLI links into the task.
+
+``python -m datamodules.tfrecord.index`` (no runpy warning) is tested in test_tfrecord_reader.py."""
 
 from __future__ import annotations
 
@@ -60,18 +62,6 @@ def test_the_tfrecord_package_imports_nothing_else_of_datamodules() -> None:
                         name.startswith("datamodules") and not name.startswith("datamodules.tfrecord")):
                     outside.append(f"{path.name}: {name}")
     assert not outside
-
-
-def test_index_module_runs_without_a_runpy_warning(tmp_path: Path) -> None:
-    from datamodules.tfrecord import TFRecordWriter
-
-    with TFRecordWriter(tmp_path / "a.tfrecord", write_index=False) as writer:
-        writer.write(b"payload")
-    result = subprocess.run([sys.executable, "-W", "error", "-m", "datamodules.tfrecord.index",
-                             str(tmp_path / "a.tfrecord")], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
-    assert "(1 records)" in result.stdout
 
 
 # -- hyperparameters against the values linked into the task ----------------------------------------------
