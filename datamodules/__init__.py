@@ -17,7 +17,6 @@ _EXPORTS = {
     "pad_images": "base",
     "COCODetectionDataModule": "coco",
     "COCODetectionSource": "coco",
-    "DetectionDataModule": "detection",
     "DetectionDataset": "detection",
     "detection_collate": "detection",
     "detection_sample": "detection",

@@ -23,7 +23,8 @@ from PIL import Image
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 # torchvision ImageFolder's list: the raster formats a dataset folder holds, all decoded by Pillow itself.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
+                                               ".webp"})
 
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that shows the image upright (PIL.ImageOps.exif_transpose's table).

@@ -3,6 +3,8 @@
 Masks are single-channel PNGs of class ids. Palette ("P" mode) PNGs, as VOC ships them, are read as their
 palette *indices* (the class ids), never as RGB colours. ``ignore_index`` (default 255) marks unlabelled
 pixels; every other value must lie in ``[0, num_classes)``, else loading fails naming the file and the value.
+Images are read upright (``datamodules.images.decode_image`` applies the EXIF orientation); masks are read as
+stored, so they must be drawn on the upright image, as labelling tools draw them (see ``read_mask``).
 ``reduce_zero_label`` is for datasets (ADE20K-style) whose 0 means "unlabelled": 0 becomes ``ignore_index``
 and every other id moves down by one.
 
@@ -238,10 +240,10 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.load(index)
-        return make_sample(image, mask, self.transform, self.ignore_index, str(self.images[index]))
+        return segmentation_sample(image, mask, self.transform, self.ignore_index, str(self.images[index]))
 
 
-def make_sample(
+def segmentation_sample(
     image: np.ndarray, mask: np.ndarray | None, transform: A.Compose, ignore_index: int, path: str
 ) -> dict[str, Any]:
     """Run ``transform`` on an image (and mask) and pack the sample dict described in the module docstring."""

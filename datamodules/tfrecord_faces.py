@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from .faces import FaceDataModule, face_transform, identity_sample, scan_identity_folders
-from .tfrecord import FixedLen, TFRecordDataset, build_example, bytes_feature, int64_feature, normalize_spec, read_label_map
+from .tfrecord import (
+    FixedLen,
+    TFRecordDataset,
+    build_example,
+    bytes_feature,
+    int64_feature,
+    normalize_spec,
+    read_label_map,
+)
 from .tfrecord.example_pb2 import Example
 from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
 

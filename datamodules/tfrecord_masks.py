@@ -7,8 +7,8 @@ TensorFlow DeepLab's converters write them.
 
 Image and mask are decoded by :mod:`datamodules.masks`' own readers (the image upright, the mask as
 stored; palette PNGs give their indices), checked by its ``check_mask`` (ids in ``[0, num_classes)`` or
-``ignore_index``, ``reduce_zero_label``) and packed by its ``make_sample`` with its transforms, so a
-record gives exactly the sample ``MaskDataModule`` gives for the same image + mask files; ``path`` is
+``ignore_index``, ``reduce_zero_label``) and packed by its ``segmentation_sample`` with its transforms, so
+a record gives exactly the sample ``MaskDataModule`` gives for the same image + mask files; ``path`` is
 ``image/filename`` (what prediction writers name files by). Errors name the feature key and what is
 wrong; ``TFRecordDataset`` adds the shard, record and offset.
 """
@@ -27,7 +27,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .images import list_images
-from .masks import MaskDataModule, check_mask, check_mask_orientation, check_mask_size, make_sample, pair_by_stem, read_mask
+from .masks import (
+    MaskDataModule,
+    check_mask,
+    check_mask_orientation,
+    check_mask_size,
+    pair_by_stem,
+    read_mask,
+    segmentation_sample,
+)
 from .tfrecord import FixedLen, TFRecordDataset, build_example, bytes_feature, normalize_spec
 from .tfrecord.example_pb2 import Example
 from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes
@@ -111,7 +119,7 @@ class MaskDecoder:
         name = example["image/filename"] or example["image/source_id"]
         path = name.decode("utf-8", errors="replace") if name else f"{zlib.crc32(example['image/encoded']):08x}.png"
         if not self.with_mask:
-            return make_sample(image, None, self.transform, self.ignore_index, path)
+            return segmentation_sample(image, None, self.transform, self.ignore_index, path)
         fmt = example[MASK_FORMAT_KEY].decode("utf-8", errors="replace").lower()
         if fmt in LOSSY_FORMATS:
             raise ValueError(f"{MASK_FORMAT_KEY} is {fmt!r}: masks must be stored losslessly (PNG), lossy "
@@ -119,7 +127,7 @@ class MaskDecoder:
         mask = read_mask(_NamedBytes(example[MASK_KEY], MASK_KEY))
         mask = check_mask(mask, self.num_classes, self.ignore_index, self.reduce_zero_label, MASK_KEY)
         check_mask_size(mask, image, MASK_KEY, "image/encoded")
-        return make_sample(image, mask, self.transform, self.ignore_index, path)
+        return segmentation_sample(image, mask, self.transform, self.ignore_index, path)
 
 
 class TFRecordMaskDataModule(MaskDataModule):

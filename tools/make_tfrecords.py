@@ -2,7 +2,7 @@
 
     python tools/make_tfrecords.py coco --images DIR --annotations instances.json --out data/train \\
         --num-shards 16 [--compression gzip]
-    python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8 [--seed 0]  # ROOT/<identity>/<image>
+    python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8 [--seed 0]  # ROOT/<id>/<image>
     python tools/make_tfrecords.py masks --images DIR --masks DIR --out data/seg --num-shards 8
 
 Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``), records dealt round-robin over the shards

@@ -103,7 +103,8 @@ def write_sharded(
     paths = shard_paths(out, num_shards, compression)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with ExitStack() as stack:
-        writers = [stack.enter_context(TFRecordWriter(p, compression=normalize_compression(compression))) for p in paths]
+        compression = normalize_compression(compression)
+        writers = [stack.enter_context(TFRecordWriter(p, compression=compression)) for p in paths]
         for i, record in enumerate(records):
             writers[i % num_shards].write(record)
     return paths
