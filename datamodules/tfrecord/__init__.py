@@ -1,4 +1,5 @@
-"""TFRecord shards without TensorFlow: framing, tf.Example codec, indexes and sharded datasets.
+"""TFRecord shards without TensorFlow: framing, compression, tf.Example codec, indexes, reading, (sharded) writing,
+sharded datasets and TF OD API label maps.
 
     from datamodules.tfrecord import TFRecordWriter, read_records, parse_example, FixedLen, VarLen
 
