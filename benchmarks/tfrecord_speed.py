@@ -178,11 +178,11 @@ def detection_end_to_end(images: int, size: int, repeats: int, directory: str | 
     """
     import json as json_module
 
-    from datamodules import COCODetectionDataModule
+    from datamodules import COCODetectionDataModule, TFRecordDetectionDataModule
     from datamodules.coco import COCODetectionSource
     from datamodules.synthetic import SHAPE_CLASSES, render_shapes
-    from datamodules.tfrecord import TFRecordDetectionDataModule
-    from datamodules.tfrecord.convert import coco_examples, write_label_map, write_sharded
+    from datamodules.tfrecord import write_label_map, write_sharded
+    from datamodules.tfrecord_detection import coco_examples
 
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         os.makedirs(os.path.join(tmp, "train2017"))
@@ -202,7 +202,7 @@ def detection_end_to_end(images: int, size: int, repeats: int, directory: str | 
             json_module.dump({"images": entries, "annotations": annotations, "categories": categories}, f)
         source = COCODetectionSource(annotation_file, os.path.join(tmp, "train2017"))
         out = os.path.join(tmp, "tfr", "train")
-        write_sharded(coco_examples(source), out, num_shards=4, total=len(source), progress=False)
+        write_sharded(coco_examples(source), out, num_shards=4)
         write_label_map(out + ".label_map.pbtxt", source.category_ids, source.class_names)
         common = dict(image_size=size, batch_size=8, num_workers=0)
         coco = COCODetectionDataModule(tmp, train_annotations="annotations/instances_train2017.json",

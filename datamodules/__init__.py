@@ -1,29 +1,49 @@
-"""DataModules for lit-tasks: standard formats on disk and generated data (never imports ``lit_tasks``)."""
+"""DataModules for lit-tasks: standard formats on disk and generated data (never imports ``lit_tasks``).
 
-from .base import BaseDataModule, detection_collate, pad_images
-from .coco import COCODetectionDataModule, COCODetectionSource
-from .detection import DetectionDataset
-from .faces import IdentityFolderDataModule
-from .masks import FolderSegmentationDataModule, SegmentationDataset, VOCSegmentationDataModule, segmentation_collate
-from .synthetic import ShapesDetectionDataModule, ShapesSegmentationDataModule, SyntheticFacesDataModule
-from .tfrecord import TFRecordDetectionDataModule, TFRecordIdentityDataModule, TFRecordMaskDataModule
+Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
+neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
+decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
+``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data);
+``tfrecord`` (the TFRecord format itself, knowing no DataModule).
+"""
 
-__all__ = [
-    "BaseDataModule",
-    "COCODetectionDataModule",
-    "COCODetectionSource",
-    "DetectionDataset",
-    "FolderSegmentationDataModule",
-    "IdentityFolderDataModule",
-    "SegmentationDataset",
-    "ShapesDetectionDataModule",
-    "ShapesSegmentationDataModule",
-    "SyntheticFacesDataModule",
-    "TFRecordDetectionDataModule",
-    "TFRecordIdentityDataModule",
-    "TFRecordMaskDataModule",
-    "VOCSegmentationDataModule",
-    "detection_collate",
-    "pad_images",
-    "segmentation_collate",
-]
+import importlib
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+
+_EXPORTS = {
+    "BaseDataModule": "base",
+    "pad_images": "base",
+    "COCODetectionDataModule": "coco",
+    "COCODetectionSource": "coco",
+    "DetectionDataset": "detection",
+    "detection_collate": "detection",
+    "detection_sample": "detection",
+    "IdentityFolderDataModule": "faces",
+    "FolderSegmentationDataModule": "masks",
+    "SegmentationDataset": "masks",
+    "VOCSegmentationDataModule": "masks",
+    "segmentation_collate": "masks",
+    "ShapesDetectionDataModule": "synthetic",
+    "ShapesSegmentationDataModule": "synthetic",
+    "SyntheticFacesDataModule": "synthetic",
+    "TFRecordDetectionDataModule": "tfrecord_detection",
+    "TFRecordIdentityDataModule": "tfrecord_faces",
+    "TFRecordMaskDataModule": "tfrecord_masks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import the module that defines ``name`` on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,16 +1,12 @@
-"""Shared DataModule plumbing: loader construction and batch collation.
+"""Shared DataModule plumbing: lazily built split datasets, loader construction and image padding.
 
-Batches follow torchvision's detection convention: images ``(B, 3, H, W)`` float in [0, 1] (the task
-normalises), targets a list of dicts. Normalisation lives in the task so a trained model takes plain
-[0, 1] images from any source.
+Images leave every DataModule as float ``(3, H, W)`` in [0, 1] without mean/std normalisation: networks
+normalise inside, so a trained (or exported) model takes plain [0, 1] images from any source.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
 
 import lightning.pytorch as pl
 import torch
@@ -111,13 +107,3 @@ def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> torch.
     for i, im in enumerate(images):
         out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
     return out
-
-
-def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict]]:
-    """Collate ``(image, target)`` pairs into ``(images (B,3,H,W), [target, ...])`` padded to /32.
-
-    Each target keeps ``size`` = (h, w) of its image before padding and ``orig_size`` = (h, w) of the
-    file on disk, so predictions can be mapped back to original pixels.
-    """
-    images, targets = zip(*samples)
-    return pad_images(images), list(targets)

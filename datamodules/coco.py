@@ -18,11 +18,9 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .base import BaseDataModule, detection_collate
-from .detection import DetectionDataset, DetectionRecord
-from .transforms import detection_train_transforms, detection_val_transforms
+from .detection import DetectionDataModule, DetectionDataset, DetectionRecord
+from .images import decode_image
 
 
 def _record_name(kind: str, record: dict[str, Any], position: int) -> str:
@@ -159,25 +157,32 @@ class COCODetectionSource:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def check_size(self, index: int, size: tuple[int, int]) -> None:
+        """Raise unless ``size`` (h, w), of the image as displayed, is the json's ``height``/``width`` (when given).
+
+        COCO's sizes are of the displayed image, so they are compared after the EXIF orientation is applied.
+        """
+        expected = self.sizes[index]
+        if expected is not None and expected != tuple(size):
+            raise ValueError(
+                f"COCO image {self.image_ids[index]} in {self.annotation_file}: {self.files[index]} is "
+                f"{size[0]}x{size[1]} (h x w, upright by its EXIF orientation) but the json says "
+                f"{expected[0]}x{expected[1]}; the boxes would not match the pixels"
+            )
+
     def load(self, index: int) -> DetectionRecord:
         """``(image (H,W,3) uint8 RGB, boxes (N,4) xyxy, labels (N,), iscrowd (N,), image_id)`` of record ``index``."""
         path = self.files[index]
         iid = self.image_ids[index]
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise OSError(f"COCO image {iid} in {self.annotation_file}: cannot read {path}: {e}") from e
-        expected = self.sizes[index]
-        if expected is not None and expected != image.shape[:2]:
-            raise ValueError(
-                f"COCO image {iid} in {self.annotation_file}: {path} is {image.shape[0]}x{image.shape[1]} (h x w) "
-                f"but the json says {expected[0]}x{expected[1]}; the boxes would not match the pixels"
-            )
+            image = decode_image(path)
+        except OSError as e:
+            raise OSError(f"COCO image {iid} in {self.annotation_file}: {e}") from e
+        self.check_size(index, image.shape[:2])
         return image, self.boxes[index].copy(), self.labels[index].copy(), self.iscrowd[index].copy(), iid
 
 
-class COCODetectionDataModule(BaseDataModule):
+class COCODetectionDataModule(DetectionDataModule):
     """COCO-format detection from ``root`` (an instances json + image folder per split).
 
     Paths are relative to ``root`` unless absolute. The label set comes from the validation json
@@ -196,8 +201,6 @@ class COCODetectionDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
-    collate_fn = staticmethod(detection_collate)
-
     def __init__(
         self,
         root: str,
@@ -214,11 +217,10 @@ class COCODetectionDataModule(BaseDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.save_hyperparameters()
         self.root = root
-        self.image_size = image_size
-        self.augment = augment
         self.check_files = check_files
         if test_annotations is None:
             test_annotations, test_images = val_annotations, val_images
@@ -257,30 +259,11 @@ class COCODetectionDataModule(BaseDataModule):
                 f"only in the first {only_a[:10]}, only in the second {only_b[:10]} (as (id, name))"
             )
 
-    @property
-    def num_classes(self) -> int:
-        """Number of categories (labels ``0 .. num_classes - 1``, no background class)."""
-        return self.source("val").num_classes
-
-    @property
-    def class_names(self) -> list[str]:
-        """Category name of each label."""
-        return list(self.source("val").class_names)
-
-    @property
-    def category_ids(self) -> list[int]:
-        """COCO category id of each label: ``category_ids[label]``."""
-        return list(self.source("val").category_ids)
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        """Contiguous label -> COCO category id, to write predictions back in the json's ids."""
-        return dict(enumerate(self.source("val").category_ids))
+    def classes(self) -> tuple[list[int], list[str]]:
+        """Category ids (sorted) and names of the validation json (the CLI links ``num_classes`` from it)."""
+        source = self.source("val")
+        return source.category_ids, source.class_names
 
     def build_dataset(self, split: str) -> DetectionDataset:
         """Parse the split's json (train augmented when ``augment``)."""
-        if split == "train" and self.augment:
-            tf = detection_train_transforms(self.image_size)
-        else:
-            tf = detection_val_transforms(self.image_size)
-        return DetectionDataset(self.source(split), tf)
+        return DetectionDataset(self.source(split), self.transform(split))

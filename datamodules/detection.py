@@ -1,16 +1,23 @@
-"""Map-style detection dataset over any "source" of images and boxes (COCO files, synthetic shapes).
+"""Detection samples and what every detection DataModule shares (COCO files, TFRecord shards, synthetic shapes).
 
-A source only knows how to load record ``i`` as numpy arrays; this wrapper runs the albumentations
-transform and builds the target dict every detection task expects.
+A source only loads record ``i`` as numpy arrays; ``detection_sample`` runs the albumentations transform
+and builds the target dict every detection task expects, for map-style sources (``DetectionDataset``) and
+for TFRecord examples alike. ``DetectionDataModule`` holds the label map (contiguous labels
+``0 .. num_classes - 1`` for the dataset's sorted class ids, no background class), the transforms and
+the collation.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
+import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .base import BaseDataModule, pad_images
+from .transforms import detection_train_transforms, detection_val_transforms
 
 DetectionRecord = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
@@ -27,15 +34,60 @@ class DetectionSource(Protocol):
     def load(self, index: int) -> DetectionRecord: ...
 
 
-class DetectionDataset(Dataset):
-    """``(image, target)`` pairs from a source and an albumentations transform.
+def detection_sample(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    iscrowd: np.ndarray,
+    image_id: int,
+    transform: Callable[..., dict[str, Any]] | None,
+    where: str = "detection record",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(image, target)`` of one record after ``transform``.
 
     ``image`` is float32 ``(3, H, W)`` in [0, 1]. ``target`` holds ``boxes`` (N, 4) float32 xyxy pixels
     of the transformed image, ``labels`` (N,) int64, ``iscrowd`` (N,) int64, ``image_id`` int64 scalar,
     ``size`` int64 ``[h, w]`` of the transformed image and ``orig_size`` int64 ``[h, w]`` of the
     source image. The transform must take ``image``, ``bboxes``, ``labels`` and ``iscrowd`` and
     return a float tensor image (see ``datamodules.transforms``); ``None`` only converts to a tensor.
+    ``where`` names the record in errors.
     """
+    orig_h, orig_w = int(image.shape[0]), int(image.shape[1])
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    iscrowd = np.asarray(iscrowd, dtype=np.int64).reshape(-1)
+    if not len(boxes) == len(labels) == len(iscrowd):
+        raise ValueError(
+            f"{where} (image_id {image_id}): {len(boxes)} boxes, {len(labels)} labels and {len(iscrowd)} iscrowd "
+            "flags; they must have one entry per object"
+        )
+    if transform is not None:
+        out = transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd)
+        image_t = out["image"]
+        boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        iscrowd = np.asarray(out["iscrowd"], dtype=np.int64).reshape(-1)
+    else:
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    if not (isinstance(image_t, torch.Tensor) and image_t.is_floating_point() and image_t.ndim == 3):
+        raise TypeError(
+            f"{where}: the transform must return a float (3, H, W) tensor image (end it with "
+            f"datamodules.transforms.to_tensor()), got {type(image_t).__name__} {getattr(image_t, 'dtype', '')} "
+            f"{tuple(getattr(image_t, 'shape', ()))}"
+        )
+    target = {
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.from_numpy(labels),
+        "iscrowd": torch.from_numpy(iscrowd),
+        "image_id": torch.tensor(int(image_id), dtype=torch.int64),
+        "size": torch.tensor([image_t.shape[-2], image_t.shape[-1]], dtype=torch.int64),
+        "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
+    }
+    return image_t.float(), target
+
+
+class DetectionDataset(Dataset):
+    """``(image, target)`` pairs (see ``detection_sample``) from a source and an albumentations transform."""
 
     def __init__(self, source: DetectionSource, transform: Callable[..., dict[str, Any]] | None = None) -> None:
         self.source = source
@@ -45,36 +97,65 @@ class DetectionDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image, boxes, labels, iscrowd, image_id = self.source.load(index)
-        orig_h, orig_w = int(image.shape[0]), int(image.shape[1])
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        iscrowd = np.asarray(iscrowd, dtype=np.int64).reshape(-1)
-        if not len(boxes) == len(labels) == len(iscrowd):
-            raise ValueError(
-                f"{type(self.source).__name__}.load({index}) (image_id {image_id}): {len(boxes)} boxes, "
-                f"{len(labels)} labels and {len(iscrowd)} iscrowd flags; they must have one entry per object"
-            )
-        if self.transform is not None:
-            out = self.transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd)
-            image_t = out["image"]
-            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
-            iscrowd = np.asarray(out["iscrowd"], dtype=np.int64).reshape(-1)
-        else:
-            image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        if not (isinstance(image_t, torch.Tensor) and image_t.is_floating_point() and image_t.ndim == 3):
-            raise TypeError(
-                f"DetectionDataset: the transform must return a float (3, H, W) tensor image "
-                f"(end it with datamodules.transforms.to_tensor()), got {type(image_t).__name__} "
-                f"{getattr(image_t, 'dtype', '')} {tuple(getattr(image_t, 'shape', ()))}"
-            )
-        target = {
-            "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(labels),
-            "iscrowd": torch.from_numpy(iscrowd),
-            "image_id": torch.tensor(int(image_id), dtype=torch.int64),
-            "size": torch.tensor([image_t.shape[-2], image_t.shape[-1]], dtype=torch.int64),
-            "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
-        }
-        return image_t.float(), target
+        return detection_sample(*self.source.load(index), self.transform,
+                                where=f"{type(self.source).__name__}.load({index})")
+
+
+def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict]]:
+    """Collate ``(image, target)`` pairs into ``(images (B,3,H,W), [target, ...])`` padded to /32.
+
+    Each target keeps ``size`` = (h, w) of its image before padding and ``orig_size`` = (h, w) of the
+    file on disk, so predictions can be mapped back to original pixels.
+    """
+    images, targets = zip(*samples)
+    return pad_images(images), list(targets)
+
+
+class DetectionDataModule(BaseDataModule):
+    """Label map, transforms and collation shared by the detection DataModules.
+
+    A subclass implements ``classes()`` (class ids sorted ascending and their names) and
+    ``build_dataset(split)``, taking each split's transform from ``transform(split)``.
+
+    Args:
+        image_size: longest image side after resizing (aspect ratio kept).
+        augment: flip / zoom / colour jitter on the training split.
+        batch_size, num_workers, pin_memory: as ``BaseDataModule``.
+    """
+
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, image_size: int, augment: bool, batch_size: int, num_workers: int, pin_memory: bool) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.image_size = image_size
+        self.augment = augment
+
+    def classes(self) -> tuple[list[int], list[str]]:
+        """``(class ids ascending, their names)``: label ``k`` is the ``k``-th id."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels ``0 .. num_classes - 1``, no background class)."""
+        return len(self.classes()[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class name of each label."""
+        return list(self.classes()[1])
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The dataset's class id of each label: ``category_ids[label]``."""
+        return list(self.classes()[0])
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """Contiguous label -> the dataset's class id, to write predictions back in the dataset's ids."""
+        return dict(enumerate(self.classes()[0]))
+
+    def transform(self, split: str) -> A.Compose:
+        """The training preset for ``"train"`` when ``augment``, else the evaluation preset."""
+        if split == "train" and self.augment:
+            return detection_train_transforms(self.image_size)
+        return detection_val_transforms(self.image_size)

@@ -1,7 +1,7 @@
 """Face images on disk: one folder per identity for training, pairs for verification.
 
-Layout: ``root/<identity>/<image>`` with any image PIL opens (jpg, png, pgm, ...; greyscale and
-palette images are converted to RGB). Identities are the sorted folder names that hold at least one
+Layout: ``root/<identity>/<image>`` with images of ``datamodules.images.IMAGE_EXTENSIONS`` (jpg, png,
+pgm, ...; greyscale and palette images become RGB, EXIF-rotated photos are read upright). Identities are the sorted folder names that hold at least one
 readable image; a folder without one is skipped with a warning naming it.
 
 Verification pairs, from ``pairs`` (paths in it are relative to ``pairs_root``, default the pairs
@@ -20,51 +20,28 @@ train ``(images (B,3,S,S) float [0,1], labels (B,) int64)``; validation / test d
 from __future__ import annotations
 
 import csv
-import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Sequence
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+from typing import Sequence
 
 import albumentations as A
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from datamodules.base import BaseDataModule
-from datamodules.transforms import to_tensor
+from .base import BaseDataModule
+from .images import decode_image, image_header, is_image_file, list_images
+from .transforms import to_tensor
 
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes"}, {"0", "false", "no"}
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a file whose extension PIL registers (``.jpg``, ``.png``, ``.pgm``, ...)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _readable(path: Path) -> bool:
     try:
-        with Image.open(path) as image:  # reads the header only
-            image.size
+        image_header(path)  # the header only (a TIFF is decoded)
         return True
-    except (OSError, UnidentifiedImageError, ValueError):
+    except OSError:
         return False
-
-
-def load_rgb(source: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB of any image PIL opens (a path or a file object of encoded bytes).
-
-    Files and TFRecord payloads go through this one decoder so both give identical pixels; errors
-    name ``name`` (default: ``source``).
-    """
-    try:
-        with Image.open(source) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise OSError(f"cannot read image {name or source}: {err}") from err
 
 
 def scan_identity_folders(root: str | Path) -> tuple[list[str], list[list[Path]]]:
@@ -78,7 +55,7 @@ def scan_identity_folders(root: str | Path) -> tuple[list[str], list[list[Path]]
         raise FileNotFoundError(f"identity root {root} is not a directory")
     names, files = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = sorted(p for p in folder.iterdir() if is_image_file(p))
+        images = list_images(folder)
         if not any(_readable(p) for p in images):
             warnings.warn(f"identity folder {folder} has no readable image: skipped", stacklevel=2)
             continue
@@ -200,7 +177,7 @@ class IdentityImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.items[index]
-        return identity_sample(load_rgb(path), label, self.transform)
+        return identity_sample(decode_image(path), label, self.transform)
 
 
 class PairImages(Dataset):
@@ -215,8 +192,8 @@ class PairImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         a, b, same = self.pairs[index]
         return {
-            "image_a": self.transform(image=load_rgb(a))["image"],
-            "image_b": self.transform(image=load_rgb(b))["image"],
+            "image_a": self.transform(image=decode_image(a))["image"],
+            "image_b": self.transform(image=decode_image(b))["image"],
             "same": torch.tensor(bool(same)),
             "index": torch.tensor(index, dtype=torch.int64),
             "identity_a": a.parent.name,
@@ -236,37 +213,53 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         name = str(path.relative_to(self.base)) if self.base is not None and path.is_relative_to(self.base) else str(path)
-        return {"image": self.transform(image=load_rgb(path))["image"], "name": name}
+        return {"image": self.transform(image=decode_image(path))["image"], "name": name}
 
 
 class FaceDataModule(BaseDataModule):
-    """Verification splits shared by the face DataModules: pairs for validation and test, images for predict.
+    """What the face DataModules share: identities, verification pairs for validation and test, images for predict.
 
-    A subclass builds the training set (``train_dataset``), lists the pairs (``list_pairs``) and names the
-    folder the pairs' images are relative to (``pairs_base``);
-    ``val`` and ``test`` are the same ``PairImages``, and ``predict`` embeds every image under
-    ``predict_root`` (recursively) or else the pairs' images, named relative to ``pairs_base()``.
+    A subclass names its training identities (``identities``) and builds the training set
+    (``train_dataset``); the pairs come from ``pairs`` (relative to ``pairs_root``, default the pairs
+    file's folder) unless the subclass lists them otherwise (``list_pairs``, ``pairs_base``). ``val`` and
+    ``test`` are the same ``PairImages``, and ``predict`` embeds every image under ``predict_root``
+    (recursively) or else the pairs' images, named relative to ``pairs_base()``.
     """
 
     predict_split = "predict"
 
-    def __init__(self, image_size: int, predict_root: str | None, batch_size: int, num_workers: int,
-                 pin_memory: bool) -> None:
-        super().__init__(batch_size, num_workers, pin_memory)
+    def __init__(self, image_size: int, pairs: str | None, pairs_root: str | None, predict_root: str | None,
+                 batch_size: int, num_workers: int, pin_memory: bool) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.image_size, self.predict_root = image_size, predict_root
+        self.pairs, self.pairs_root = pairs, pairs_root
         self._pairs: list[tuple[Path, Path, bool]] | None = None
+
+    def identities(self) -> list[str]:
+        """Training identity names, index = label."""
+        raise NotImplementedError
+
+    @property
+    def num_identities(self) -> int:
+        """Number of training identities (the classifier size)."""
+        return len(self.identities())
+
+    @property
+    def class_names(self) -> list[str]:
+        """Training identity names, index = label."""
+        return list(self.identities())
 
     def train_dataset(self) -> Dataset:
         """The training samples ``(image (3,S,S), label int64)``."""
         raise NotImplementedError
 
     def list_pairs(self) -> list[tuple[Path, Path, bool]]:
-        """The verification pairs ``(path_a, path_b, same)`` (read once, by ``verification_pairs``)."""
-        raise NotImplementedError
+        """The verification pairs ``(path_a, path_b, same)`` of the pairs file (read once, by ``verification_pairs``)."""
+        return parse_pairs(self.pairs, self.pairs_root)
 
     def pairs_base(self) -> Path:
         """Folder the predicted pair images are named relative to."""
-        raise NotImplementedError
+        return Path(self.pairs_root or Path(self.pairs).parent)
 
     def verification_pairs(self) -> list[tuple[Path, Path, bool]]:
         """The pairs of the validation / test split, listed on first use."""
@@ -291,7 +284,6 @@ class FaceDataModule(BaseDataModule):
             base = self.pairs_base()
             paths = sorted({p for a, b, _ in self.verification_pairs() for p in (a, b)})
         return ImageFiles(paths, transform, base)
-
 
 
 class IdentityFolderDataModule(FaceDataModule):
@@ -323,9 +315,9 @@ class IdentityFolderDataModule(FaceDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size, predict_root, batch_size, num_workers, pin_memory)
-        self.root, self.pairs, self.pairs_root = root, pairs, pairs_root
-        self.val_fraction, self.num_val_pairs, self.seed = val_fraction, num_val_pairs, seed
+        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, predict_root=predict_root,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.root, self.val_fraction, self.num_val_pairs, self.seed = root, val_fraction, num_val_pairs, seed
         self._scan: tuple[list[str], list[list[Path]], list[list[Path]]] | None = None
 
     def _split(self) -> tuple[list[str], list[list[Path]], list[list[Path]]]:
@@ -347,26 +339,19 @@ class IdentityFolderDataModule(FaceDataModule):
             self._scan = (names, files, held_out)
         return self._scan
 
-    @property
-    def num_identities(self) -> int:
-        """Number of training identities (the classifier size)."""
-        return len(self._split()[0])
-
-    @property
-    def class_names(self) -> list[str]:
-        """Training identity names, index = label."""
-        return list(self._split()[0])
+    def identities(self) -> list[str]:
+        return self._split()[0]
 
     def train_dataset(self) -> IdentityImages:
         return IdentityImages(self._split()[1], face_transform(self.image_size, train=True))
 
     def list_pairs(self) -> list[tuple[Path, Path, bool]]:
         if self.pairs is not None:
-            return parse_pairs(self.pairs, self.pairs_root)
+            return super().list_pairs()
         held_out = self._split()[2]
         if not held_out:
             raise ValueError(f"{self.root}: no verification pairs; give `pairs` or a `val_fraction` > 0")
         return sample_pairs(held_out, self.num_val_pairs, self.seed)
 
     def pairs_base(self) -> Path:
-        return Path(self.pairs_root or Path(self.pairs).parent) if self.pairs else Path(self.root)
+        return super().pairs_base() if self.pairs else Path(self.root)

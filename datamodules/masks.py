@@ -3,6 +3,8 @@
 Masks are single-channel PNGs of class ids. Palette ("P" mode) PNGs, as VOC ships them, are read as their
 palette *indices* (the class ids), never as RGB colours. ``ignore_index`` (default 255) marks unlabelled
 pixels; every other value must lie in ``[0, num_classes)``, else loading fails naming the file and the value.
+Images are read upright (``datamodules.images.decode_image`` applies the EXIF orientation); masks are read as
+stored, so they must be drawn on the upright image, as labelling tools draw them (see ``read_mask``).
 ``reduce_zero_label`` is for datasets (ADE20K-style) whose 0 means "unlabelled": 0 becomes ``ignore_index``
 and every other id moves down by one.
 
@@ -16,11 +18,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
-from typing import Any, Sequence
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+from typing import Any, BinaryIO, Sequence
 
 import albumentations as A
 import cv2
@@ -30,10 +29,10 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import BaseDataModule
+from .base import BaseDataModule, pad_images
+from .images import decode_image, exif_orientation, list_images
 from .transforms import to_tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -41,19 +40,17 @@ VOC_CLASSES: tuple[str, ...] = (
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_image(path: str | Path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB image."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path | BinaryIO) -> np.ndarray:
     """``(H, W)`` int64 class ids of a mask file; palette PNGs give their indices, not their colours.
 
     A colour (RGB) mask is accepted only when its three channels are equal (a grey mask saved as RGB);
-    otherwise the class ids cannot be recovered and the error says so.
+    otherwise the class ids cannot be recovered and the error says so. Masks are read as stored, never
+    EXIF-rotated: labelling tools write them in the upright image's pixels (``decode_image`` reads the
+    image upright), and a mask that carries a rotating orientation tag of its own is refused
+    (``check_mask_orientation``).
     """
     with Image.open(path) as im:
+        check_mask_orientation(im, path)
         mode = im.mode
         if mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
             # np.asarray of a "P" image is its index plane: exactly the class ids VOC stores.
@@ -66,6 +63,20 @@ def read_mask(path: str | Path) -> np.ndarray:
         f"mask {path}: a {mode} image with distinct colour channels; expected a single-channel PNG of class "
         "ids or a palette (P mode) PNG"
     )
+
+
+def check_mask_orientation(mask: Image.Image, path: str | Path | BinaryIO) -> None:
+    """Refuse a mask whose EXIF orientation tag asks for a rotation or flip.
+
+    Whether its pixels are already upright (the tag copied from the photo) or as the camera stored them
+    cannot be told, and guessing wrong would misplace every label; saving it without the tag settles it.
+    """
+    orientation = exif_orientation(mask)
+    if orientation != 1:
+        raise ValueError(
+            f"mask {path}: carries EXIF orientation {orientation}; masks are read as stored, in the pixels of the "
+            "upright image, so a mask that asks to be rotated is ambiguous: save it without the orientation tag"
+        )
 
 
 def check_mask(
@@ -92,6 +103,15 @@ def check_mask(
     return out
 
 
+def check_mask_size(mask: np.ndarray, image: np.ndarray, mask_name: str, image_name: str) -> None:
+    """Raise naming both unless the ``(H, W)`` mask covers the upright ``(H, W, 3)`` image pixel for pixel."""
+    if mask.shape != image.shape[:2]:
+        raise ValueError(
+            f"{mask_name} is {mask.shape[1]}x{mask.shape[0]} but {image_name} is {image.shape[1]}x{image.shape[0]} "
+            "(width x height); images are read upright (EXIF orientation applied), masks as stored"
+        )
+
+
 def read_class_names(path: str | Path) -> list[str]:
     """Class names from a YAML or JSON file: a list, ``{classes|names: [...]}`` or ``{id: name}`` with ids 0..C-1."""
     path = Path(path)
@@ -110,14 +130,6 @@ def read_class_names(path: str | Path) -> list[str]:
     if not isinstance(data, list) or not data:
         raise ValueError(f"class names file {path}: expected a non-empty list of names or an {{id: name}} mapping")
     return [str(name) for name in data]
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def read_split(path: str | Path) -> list[str]:
@@ -218,24 +230,20 @@ class SegmentationDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw ``(image uint8 (H, W, 3), checked mask int64 (H, W) or None)`` of sample ``index``."""
-        image = read_image(self.images[index])
+        image = decode_image(self.images[index])
         if self.masks is None:
             return image, None
         path = self.masks[index]
         mask = check_mask(read_mask(path), self.num_classes, self.ignore_index, self.reduce_zero_label, path)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but image {self.images[index]} is "
-                f"{image.shape[1]}x{image.shape[0]} (width x height)"
-            )
+        check_mask_size(mask, image, f"mask {path}", f"image {self.images[index]}")
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.load(index)
-        return make_sample(image, mask, self.transform, self.ignore_index, str(self.images[index]))
+        return segmentation_sample(image, mask, self.transform, self.ignore_index, str(self.images[index]))
 
 
-def make_sample(
+def segmentation_sample(
     image: np.ndarray, mask: np.ndarray | None, transform: A.Compose, ignore_index: int, path: str
 ) -> dict[str, Any]:
     """Run ``transform`` on an image (and mask) and pack the sample dict described in the module docstring."""
@@ -260,14 +268,8 @@ def segmentation_collate(samples: list[dict[str, Any]], ignore_index: int = 255,
     Returns ``image`` ``(B, 3, H, W)``, ``mask`` ``(B, H, W)`` int64 (if the samples have masks), ``size`` and
     ``orig_size`` ``(B, 2)`` int64, ``path`` list of str.
     """
-    h = max(int(s["image"].shape[-2]) for s in samples)
-    w = max(int(s["image"].shape[-1]) for s in samples)
-    h = -(-h // size_divisor) * size_divisor
-    w = -(-w // size_divisor) * size_divisor
-    first = samples[0]["image"]
-    images = first.new_zeros((len(samples), first.shape[0], h, w))
-    for i, s in enumerate(samples):
-        images[i, :, : s["image"].shape[-2], : s["image"].shape[-1]] = s["image"]
+    images = pad_images([s["image"] for s in samples], size_divisor)
+    h, w = images.shape[-2:]
     batch = {
         "image": images,
         "size": torch.stack([s["size"] for s in samples]),
@@ -288,7 +290,8 @@ class MaskDataModule(BaseDataModule):
 
     Args:
         num_classes: number of classes (counting background when it is a class); None takes the length of
-            ``class_names_file``.
+            ``class_names_file``. Subclasses save the resolved count as their hyperparameter: the CLI links
+            ``num_classes`` into the task, and Lightning refuses to start when the two differ.
         class_names_file: YAML/JSON with the class names (list, ``{classes: [...]}`` or ``{id: name}``).
         ignore_index: unlabelled id in the masks.
         reduce_zero_label: masks use 0 for "unlabelled" and 1..C for the classes.
@@ -400,8 +403,13 @@ class VOCSegmentationDataModule(MaskDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(num_classes, class_names_file, ignore_index, reduce_zero_label, crop_size, scale_range,
-                         hflip, color_jitter, predict_dir, batch_size, num_workers, pin_memory)  # fmt: skip
+        super().__init__(
+            num_classes=num_classes, class_names_file=class_names_file, ignore_index=ignore_index,
+            reduce_zero_label=reduce_zero_label, crop_size=crop_size, scale_range=scale_range, hflip=hflip,
+            color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
@@ -463,8 +471,13 @@ class FolderSegmentationDataModule(MaskDataModule):
         if class_names_file is not None and not Path(class_names_file).is_absolute():
             if not Path(class_names_file).is_file() and (root_path / class_names_file).is_file():
                 class_names_file = str(root_path / class_names_file)
-        super().__init__(num_classes, class_names_file, ignore_index, reduce_zero_label, crop_size, scale_range,
-                         hflip, color_jitter, predict_dir, batch_size, num_workers, pin_memory)  # fmt: skip
+        super().__init__(
+            num_classes=num_classes, class_names_file=class_names_file, ignore_index=ignore_index,
+            reduce_zero_label=reduce_zero_label, crop_size=crop_size, scale_range=scale_range, hflip=hflip,
+            color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
+            pin_memory=pin_memory,
+        )
+        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

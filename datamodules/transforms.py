@@ -1,18 +1,15 @@
 """Albumentations presets shared by the DataModules.
 
 Every preset ends with ``ToFloat`` + ``ToTensorV2``: images leave as float32 ``(3, H, W)`` tensors in
-[0, 1] with no mean/std normalisation (the task normalises, so a trained model takes plain [0, 1]
-images). Boxes are pascal_voc (xyxy absolute pixels) and travel with the label fields named in
+[0, 1] with no mean/std normalisation (networks normalise inside, so a trained model takes plain
+[0, 1] images). Boxes are pascal_voc (xyxy absolute pixels) and travel with the label fields named in
 ``label_fields``; boxes partly outside the image are clipped, and those left (almost) empty are dropped.
 Segmentation and pose presets reuse ``bbox_params`` and add ``masks`` / ``KeypointParams`` of their own.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
 
 import albumentations as A
 import cv2

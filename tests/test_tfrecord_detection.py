@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import COCODetectionDataModule
-from datamodules.tfrecord import TFRecordDetectionDataModule, read_examples
-from datamodules.tfrecord.convert import read_label_map, write_label_map
+from datamodules import COCODetectionDataModule, TFRecordDetectionDataModule
+from datamodules.tfrecord import read_examples, read_label_map, write_label_map
 from lit_tasks import DetectionTask
 
 # Lightning warns about any IterableDataset with __len__; ours splits workers itself, so the length is exact.

@@ -15,8 +15,14 @@ from test_tfrecord_detection import make_tfrecords  # the converter tool, run in
 
 from datamodules import IdentityFolderDataModule, TFRecordIdentityDataModule
 from datamodules.faces import face_transform
-from datamodules.tfrecord import CorruptRecordError, TFRecordWriter, build_example, load_index
-from datamodules.tfrecord.convert import write_label_map
+from datamodules.tfrecord import (
+    CorruptRecordError,
+    TFRecordWriter,
+    build_example,
+    load_index,
+    read_examples,
+    write_label_map,
+)
 
 # Lightning warns about any IterableDataset with __len__; ours splits workers itself, so the length is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
@@ -151,3 +157,27 @@ def test_arcface_tfrecord_config_fast_dev_run(faces: dict, tmp_path: Path) -> No
     assert cli.model.hparams.num_identities == 3  # linked from the label map by the CLI
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert 0.0 <= float(cli.trainer.callback_metrics["val/verification_accuracy"]) <= 1.0
+
+
+def test_folder_conversion_shuffles_records_with_its_seed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ids"
+    for person in ("ann", "ben", "cid", "dan"):
+        (root / person).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(root / person / f"{k}.png")
+    folder_order = [f"{p}/{k}.png" for p in ("ann", "ben", "cid", "dan") for k in range(5)]  # labels 0..3, 5 each
+
+    def shards(seed: str, out: str) -> list[list[str]]:
+        paths = make_tfrecords("folder", "--root", str(root), "--out", str(tmp_path / out), "--num-shards", "2",
+                               "--seed", seed)
+        return [[r["image/filename"][0].decode() for r in read_examples(p)] for p in paths]
+
+    got = shards("0", "a")
+    # The records in a random order drawn from the seed, then dealt round-robin over the shards.
+    order = [folder_order[i] for i in np.random.default_rng(0).permutation(len(folder_order))]
+    assert got == [order[0::2], order[1::2]]
+    identities = [name.split("/")[0] for name in got[0]]
+    assert identities != sorted(identities)  # not written identity by identity
+    assert shards("0", "b") == got and shards("1", "c") != got
+    assert sorted(got[0] + got[1]) == sorted(folder_order)

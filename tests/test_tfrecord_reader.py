@@ -358,14 +358,13 @@ def damage_payload_and_rebuild_offset(path: Path) -> tuple[int, int]:
     return 1, offset
 
 
-@pytest.mark.slow  # the subprocess imports the whole datamodules package (Lightning, albumentations): ~10-25 s here
 def test_index_cli_as_module(tmp_path: Path) -> None:
     shutil.copy(DATA / "sequence_examples.tfrecord", tmp_path / "seq.tfrecord")
-    result = subprocess.run(
-        [sys.executable, "-m", "datamodules.tfrecord.index", str(tmp_path / "seq.tfrecord")],
+    result = subprocess.run(  # -W error: runpy's "found in sys.modules" RuntimeWarning would fail it
+        [sys.executable, "-W", "error", "-m", "datamodules.tfrecord.index", str(tmp_path / "seq.tfrecord")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
     assert "(3 records)" in result.stdout
     expected = VALUES["sequence_examples.tfrecord"]["index"]
     assert read_index(tmp_path / "seq.tfrecord.index").tolist() == expected

@@ -2,11 +2,14 @@
 
     python tools/make_tfrecords.py coco --images DIR --annotations instances.json --out data/train \\
         --num-shards 16 [--compression gzip]
-    python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8     # ROOT/<identity>/<image>
+    python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8 [--seed 0]  # ROOT/<id>/<image>
     python tools/make_tfrecords.py masks --images DIR --masks DIR --out data/seg --num-shards 8
 
-Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``) and, for ``coco`` and ``folder``,
-``OUT.label_map.pbtxt`` naming the classes. The logic lives in ``datamodules.tfrecord.convert``.
+Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``), records dealt round-robin over the shards
+(as the OD API's ``open_sharded_output_tfrecords``), and, for ``coco`` and ``folder``,
+``OUT.label_map.pbtxt`` naming the classes. ``folder`` writes the images in a random order drawn from
+``--seed``, so shards mix identities. The encoders live beside their DataModules
+(``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``, ``datamodules.tfrecord_masks``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from datamodules.tfrecord import convert  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from datamodules.tfrecord import write_label_map, write_sharded  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -30,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     coco.add_argument("--annotations", required=True, help="instances json")
     folder = sub.add_parser("folder", help="ROOT/<class or identity>/<image> -> classification shards")
     folder.add_argument("--root", required=True)
+    folder.add_argument("--seed", type=int, default=0, help="seed of the record order (records are shuffled)")
     masks = sub.add_parser("masks", help="image folder + mask folder (PNG class indices, same stems) -> segmentation shards")
     masks.add_argument("--images", required=True)
     masks.add_argument("--masks", required=True)
@@ -44,19 +50,24 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
     if args.format == "coco":
         from datamodules.coco import COCODetectionSource
+        from datamodules.tfrecord_detection import coco_examples
 
         source = COCODetectionSource(args.annotations, args.images)
-        examples, total = convert.coco_examples(source), len(source)
-        convert.write_label_map(args.out + ".label_map.pbtxt", source.category_ids, source.class_names)
+        examples, total = coco_examples(source), len(source)
+        write_label_map(args.out + ".label_map.pbtxt", source.category_ids, source.class_names)
     elif args.format == "folder":
-        classes, files = convert.folder_classes(args.root)
-        examples, total = convert.folder_examples(args.root, classes, files), sum(map(len, files))
-        convert.write_label_map(args.out + ".label_map.pbtxt", range(len(classes)), classes)
+        from datamodules.tfrecord_faces import folder_classes, folder_examples
+
+        classes, files = folder_classes(args.root)
+        examples, total = folder_examples(args.root, classes, files, args.seed), sum(map(len, files))
+        write_label_map(args.out + ".label_map.pbtxt", range(len(classes)), classes)
     else:
-        pairs = convert.mask_pairs(args.images, args.masks, args.mask_suffix)
-        examples, total = convert.mask_examples(pairs), len(pairs)
-    paths = convert.write_sharded(examples, args.out, args.num_shards, compression, total=total,
-                                  progress=not args.no_progress)
+        from datamodules.tfrecord_masks import mask_examples, mask_pairs
+
+        pairs = mask_pairs(args.images, args.masks, args.mask_suffix)
+        examples, total = mask_examples(pairs), len(pairs)
+    progress = tqdm(examples, total=total, disable=args.no_progress, unit="record")
+    paths = write_sharded(progress, args.out, args.num_shards, compression)
     print(f"wrote {len(paths)} shard(s): {paths[0]}{' ...' if len(paths) > 1 else ''}")
     return paths
 

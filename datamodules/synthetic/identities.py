@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import BaseDataModule
+from ..base import BaseDataModule
 
 STREAM_IDENTITY, STREAM_SAMPLE, STREAM_PAIR = 1, 2, 3  # separate random streams per purpose
 
@@ -251,7 +251,7 @@ class SyntheticFacesDataModule(BaseDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         if num_train_identities < 2:
             raise ValueError(f"num_train_identities={num_train_identities}: need at least 2 identities to train")
         self.num_train_identities, self.samples_per_identity = num_train_identities, samples_per_identity

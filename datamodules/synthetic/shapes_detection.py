@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
-from ..base import BaseDataModule, detection_collate
-from ..detection import DetectionDataset, DetectionRecord
-from ..transforms import detection_train_transforms, detection_val_transforms
+from ..detection import DetectionDataModule, DetectionDataset, DetectionRecord
 from .shapes import SHAPE_CLASSES, SIZE_RANGE, render_shapes
 
 
@@ -44,7 +41,7 @@ class ShapesSource:
         return s["image"], s["boxes"], s["labels"], iscrowd, index
 
 
-class ShapesDetectionDataModule(BaseDataModule):
+class ShapesDetectionDataModule(DetectionDataModule):
     """Synthetic shapes detection (``num_classes = len(SHAPE_CLASSES)``, no background class).
 
     Images are generated on the fly from ``(seed, index)``, so there is nothing to download or cache.
@@ -63,8 +60,6 @@ class ShapesDetectionDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
-    collate_fn = staticmethod(detection_collate)
-
     def __init__(
         self,
         num_train: int = 2000,
@@ -78,31 +73,22 @@ class ShapesDetectionDataModule(BaseDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.save_hyperparameters()
         self.num_train = num_train
         self.num_val = num_val
-        self.image_size = image_size
         self.max_objects = max_objects
         self.size_range = tuple(size_range)
         self.seed = seed
-        self.augment = augment
 
-    @property
-    def num_classes(self) -> int:
-        """Number of shape classes (labels are ``0 .. num_classes - 1``; no background class)."""
-        return len(SHAPE_CLASSES)
-
-    @property
-    def class_names(self) -> list[str]:
-        """Name of each label."""
-        return list(SHAPE_CLASSES)
+    def classes(self) -> tuple[list[int], list[str]]:
+        """One class per shape, ids ``0 .. len(SHAPE_CLASSES) - 1`` (the labels themselves)."""
+        return list(range(len(SHAPE_CLASSES))), list(SHAPE_CLASSES)
 
     def build_dataset(self, split: str) -> DetectionDataset:
         """Train: the augmented train stream; val and test: the validation stream."""
         stream = "train" if split == "train" else "val"
         count = self.num_train if split == "train" else self.num_val
-        augment = split == "train" and self.augment
-        transform = detection_train_transforms(self.image_size) if augment else detection_val_transforms(self.image_size)
         source = ShapesSource(count, split_seed(self.seed, stream), self.image_size, self.max_objects, self.size_range)
-        return DetectionDataset(source, transform)
+        return DetectionDataset(source, self.transform(split))

@@ -13,13 +13,18 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from ..base import BaseDataModule
-from ..masks import make_sample, segmentation_collate, segmentation_eval_transforms, segmentation_train_transforms
+from ..masks import (
+    segmentation_collate,
+    segmentation_eval_transforms,
+    segmentation_sample,
+    segmentation_train_transforms,
+)
 from .shapes import SHAPE_CLASSES, render_shapes
 from .shapes_detection import split_seed
 
 
 class ShapesSegmentationDataset(Dataset):
-    """Image ``i`` and its semantic mask, rendered on demand from ``(seed, i)``; samples as in ``datamodules.masks``."""
+    """Image ``i`` and its semantic mask, rendered on demand from ``(seed, i)``, as ``segmentation_sample`` packs them."""
 
     def __init__(
         self, num_images: int, seed: int, image_size: int, max_objects: int, transform: Callable[..., dict], ignore_index: int = 255
@@ -42,7 +47,8 @@ class ShapesSegmentationDataset(Dataset):
             raise IndexError(f"ShapesSegmentationDataset: index {index} out of range [0, {self.num_images})")
         s = render_shapes(index, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects)
         mask = s["semantic"] if self.with_masks else None
-        return make_sample(s["image"], mask, self.transform, self.ignore_index, f"shapes_{self.seed}_{index:06d}.png")
+        name = f"shapes_{self.seed}_{index:06d}.png"
+        return segmentation_sample(s["image"], mask, self.transform, self.ignore_index, name)
 
 
 class ShapesSegmentationDataModule(BaseDataModule):

@@ -1,4 +1,5 @@
-"""TFRecord shards without TensorFlow: framing, tf.Example codec, indexes and sharded datasets.
+"""TFRecord shards without TensorFlow: framing, compression, tf.Example codec, indexes, reading, (sharded) writing,
+sharded datasets and TF OD API label maps.
 
     from datamodules.tfrecord import TFRecordWriter, read_records, parse_example, FixedLen, VarLen
 
@@ -9,9 +10,12 @@
 
 Shards written here are byte-for-byte what TensorFlow's ``tf.io.TFRecordWriter`` writes for the same
 payloads, and TensorFlow's shards (plain, GZIP, ZLIB) read here.
-"""
 
-import importlib
+A format library: it knows no DataModule and imports nothing else of ``datamodules`` (nor Lightning or
+albumentations). What the records of a task hold, and the DataModules over them, live beside their
+on-disk siblings: ``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``,
+``datamodules.tfrecord_masks``.
+"""
 
 from .compression import detect_compression
 from .dataset import TFRecordDataset, TFRecordMapDataset, expand_files
@@ -35,26 +39,9 @@ from .features import (
 )
 from .framing import CorruptRecordError, CorruptRecordWarning, masked_crc32c
 from .index import index_path, load_index, read_index, scan_shard, write_index
+from .label_map import read_label_map, write_label_map
 from .reader import RecordReader, StaleIndexError, parse_record, read_examples, read_records
-from .writer import TFRecordWriter
-
-
-# DataModules import Lightning and albumentations: load them only when asked for.
-_LAZY = {
-    "TFRecordDetectionDataModule": "detection",
-    "DetectionDecoder": "detection",
-    "TFRecordIdentityDataModule": "faces",
-    "IdentityDecoder": "faces",
-    "TFRecordMaskDataModule": "masks",
-    "MaskDecoder": "masks",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .writer import TFRecordWriter, shard_paths, write_sharded
 
 __all__ = [
     "BYTES",
@@ -67,10 +54,7 @@ __all__ = [
     "RecordReader",
     "StaleIndexError",
     "TFRecordDataset",
-    "TFRecordDetectionDataModule",
-    "TFRecordIdentityDataModule",
     "TFRecordMapDataset",
-    "TFRecordMaskDataModule",
     "TFRecordWriter",
     "VarLen",
     "WireFormatError",
@@ -90,8 +74,12 @@ __all__ = [
     "parse_record",
     "read_examples",
     "read_index",
+    "read_label_map",
     "read_records",
     "scan_shard",
+    "shard_paths",
     "to_feature",
     "write_index",
+    "write_label_map",
+    "write_sharded",
 ]

@@ -1,52 +1,73 @@
-"""Detection from TFRecord shards in the TF Object Detection API layout (see :mod:`.convert` for the keys).
+"""Detection as TFRecord shards in the TF Object Detection API layout: the COCO encoder, the decoder, the DataModule.
 
-Boxes are stored normalised to [0, 1]; they are scaled back by the decoded image's size, so a sample
-equals what ``COCODetectionDataModule`` gives for the same image up to float32 rounding of the
-normalised coordinates (well under 0.01 px). ``image/object/class/label`` holds label-map ids (COCO
-category ids for shards made from COCO); the label map (``label_map.pbtxt``, written by
-``tools/make_tfrecords.py``) sorted by id gives the contiguous labels ``0 .. num_classes - 1``, the same
-mapping as the COCO DataModule.
+Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds
+``image/object/bbox/xmin|ymin|xmax|ymax`` normalised to [0, 1] by the (upright) image size,
+``image/object/class/label`` (label-map ids, e.g. COCO category ids, as the OD API does),
+``image/object/class/text`` and ``image/object/is_crowd``. ``tools/make_tfrecords.py coco`` writes them
+with ``coco_examples`` and the label map (``label_map.pbtxt``) beside the shards; sorted by id, the label
+map gives the contiguous labels ``0 .. num_classes - 1``, the same mapping as the COCO DataModule.
+
+Boxes are scaled back by the decoded image's size and the sample is built by ``detection_sample``, so a
+record gives what ``COCODetectionDataModule`` gives for the same image up to float32 rounding of the
+normalised coordinates (well under 0.01 px).
 """
 
 from __future__ import annotations
 
-import io
+import os
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ..base import BaseDataModule, detection_collate
-from ..detection import DetectionDataset, DetectionRecord
-from ..transforms import detection_train_transforms, detection_val_transforms
-from .convert import read_label_map
-from .dataset import TFRecordDataset
-from .features import FixedLen, VarLen, normalize_spec
+from .coco import COCODetectionSource
+from .detection import DetectionDataModule, DetectionRecord, detection_sample
+from .tfrecord import (
+    FixedLen,
+    TFRecordDataset,
+    VarLen,
+    build_example,
+    bytes_feature,
+    float_feature,
+    int64_feature,
+    normalize_spec,
+    read_label_map,
+)
+from .tfrecord.example_pb2 import Example
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
 
 BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
+LABEL_KEY, TEXT_KEY, CROWD_KEY = "image/object/class/label", "image/object/class/text", "image/object/is_crowd"
 DETECTION_FEATURES = normalize_spec({
-    "image/encoded": FixedLen((), "bytes"),
-    "image/source_id": FixedLen((), "bytes", default=b""),
-    "image/height": FixedLen((), "int64", default=0),
-    "image/width": FixedLen((), "int64", default=0),
+    **IMAGE_FEATURES,
     **{key: VarLen("float") for key in BOX_KEYS},
-    "image/object/class/label": VarLen("int64"),
-    "image/object/is_crowd": VarLen("int64"),
+    LABEL_KEY: VarLen("int64"),
+    CROWD_KEY: VarLen("int64"),
 })
 
 
-class _OneRecord:
-    """A one-record source, so decoding reuses ``DetectionDataset``'s transform and target code unchanged."""
-
-    def __init__(self, record: DetectionRecord) -> None:
-        self.record = record
-
-    def __len__(self) -> int:
-        return 1
-
-    def load(self, index: int) -> DetectionRecord:
-        return self.record
+def coco_examples(source: COCODetectionSource) -> Iterator[Example]:
+    """One detection Example per image of a parsed COCO json (images kept as their original bytes)."""
+    ids = np.asarray(source.category_ids, dtype=np.int64)
+    names = [n.encode("utf-8") for n in source.class_names]
+    for i in range(len(source)):
+        path, image_id = source.files[i], source.image_ids[i]
+        try:
+            features, height, width = image_features(path, os.path.basename(path), str(image_id))
+        except OSError as err:
+            raise OSError(f"COCO image {image_id} in {source.annotation_file}: {err}") from err
+        source.check_size(i, (height, width))
+        boxes, labels = source.boxes[i], source.labels[i]
+        yield build_example({
+            **features,
+            BOX_KEYS[0]: float_feature(boxes[:, 0] / width),
+            BOX_KEYS[1]: float_feature(boxes[:, 1] / height),
+            BOX_KEYS[2]: float_feature(boxes[:, 2] / width),
+            BOX_KEYS[3]: float_feature(boxes[:, 3] / height),
+            LABEL_KEY: int64_feature(ids[labels]),
+            TEXT_KEY: bytes_feature([names[k] for k in labels]),
+            CROWD_KEY: int64_feature(source.iscrowd[i]),
+        })
 
 
 def image_id_of(source_id: bytes) -> int:
@@ -56,7 +77,7 @@ def image_id_of(source_id: bytes) -> int:
 
 
 class DetectionDecoder:
-    """Parsed OD API example -> ``(image, target)`` as ``DetectionDataset`` builds them (picklable for workers)."""
+    """Parsed OD API example -> ``(image, target)`` of ``detection_sample`` (picklable for workers)."""
 
     def __init__(self, category_ids: Sequence[int], transform: Callable[..., dict[str, Any]] | None) -> None:
         self.category_ids = list(category_ids)
@@ -65,15 +86,11 @@ class DetectionDecoder:
 
     def record(self, example: dict[str, Any]) -> DetectionRecord:
         """``(image (H,W,3) uint8, boxes (N,4) xyxy pixels, labels (N,), iscrowd (N,), image_id)``."""
-        with Image.open(io.BytesIO(example["image/encoded"])) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = decode_image_feature(example)
         h, w = image.shape[:2]
-        stored = (int(example["image/height"]), int(example["image/width"]))
-        if stored != (0, 0) and stored != (h, w):
-            raise ValueError(f"image/height x image/width say {stored[0]}x{stored[1]} but the image is {h}x{w}")
         columns = [example[k] for k in BOX_KEYS]
-        ids = example["image/object/class/label"]
-        crowd = example["image/object/is_crowd"]
+        ids = example[LABEL_KEY]
+        crowd = example[CROWD_KEY]
         if len({len(c) for c in columns} | {len(ids)}) != 1 or len(crowd) not in (0, len(ids)):
             raise ValueError(f"object lists differ in length: {[len(c) for c in columns]} box values, "
                              f"{len(ids)} labels, {len(crowd)} is_crowd flags")
@@ -85,11 +102,11 @@ class DetectionDecoder:
         iscrowd = crowd.astype(np.int64) if len(crowd) else np.zeros(len(ids), np.int64)
         return image, boxes, labels, iscrowd, image_id_of(example["image/source_id"])
 
-    def __call__(self, example: dict[str, Any]) -> Any:
-        return DetectionDataset(_OneRecord(self.record(example)), self.transform)[0]
+    def __call__(self, example: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return detection_sample(*self.record(example), self.transform)
 
 
-class TFRecordDetectionDataModule(BaseDataModule):
+class TFRecordDetectionDataModule(DetectionDataModule):
     """Detection from TF OD API shards: ``train_files`` / ``val_files`` are paths or globs (``data/train-*.tfrecord``).
 
     Args:
@@ -106,8 +123,6 @@ class TFRecordDetectionDataModule(BaseDataModule):
     lengths and record-level balancing.
     """
 
-    collate_fn = staticmethod(detection_collate)
-
     def __init__(
         self,
         train_files: str | list[str],
@@ -123,42 +138,24 @@ class TFRecordDetectionDataModule(BaseDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.save_hyperparameters()
         self.files = {"train": train_files, "val": val_files, "test": test_files or val_files}
         self.label_map = label_map
-        self.image_size, self.augment = image_size, augment
         self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt
         self._labels: tuple[list[int], list[str]] | None = None
 
-    def _label_map(self) -> tuple[list[int], list[str]]:
+    def classes(self) -> tuple[list[int], list[str]]:
+        """Ids and names of the label map file, read once."""
         if self._labels is None:
             self._labels = read_label_map(self.label_map)
         return self._labels
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes in the label map (no background class)."""
-        return len(self._label_map()[0])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._label_map()[1])
-
-    @property
-    def category_ids(self) -> list[int]:
-        """Label-map id of each contiguous label: ``category_ids[label]``."""
-        return list(self._label_map()[0])
-
-    @property
-    def label_to_category_id(self) -> dict[int, int]:
-        return dict(enumerate(self.category_ids))
-
     def build_dataset(self, split: str) -> TFRecordDataset:
-        train = split == "train"
-        transform = (detection_train_transforms if train and self.augment else detection_val_transforms)(self.image_size)
         return TFRecordDataset(
-            self.files[split], features=DETECTION_FEATURES, decode=DetectionDecoder(self.category_ids, transform),
-            shuffle=train, shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad",
-            batch_size=self.batch_size, on_corrupt=self.on_corrupt,
+            self.files[split], features=DETECTION_FEATURES,
+            decode=DetectionDecoder(self.category_ids, self.transform(split)), shuffle=split == "train",
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
+            on_corrupt=self.on_corrupt,
         )

@@ -1,37 +1,75 @@
-"""Face identities from TFRecord shards (``image/class/label``, as ``tools/make_tfrecords.py folder`` writes).
+"""Face identities as TFRecord shards: the identity-folder encoder, the decoder, the DataModule.
 
-Training images come from the shards; verification pairs for validation and test stay a pairs file
-over an image folder, exactly as for :class:`~datamodules.faces.IdentityFolderDataModule`. Records are
-decoded by the folder DataModule's own code (``load_rgb`` + ``face_transform``), so an image gives
-the same tensor from a shard as from its file. The identities come from the label map written beside
-the shards (``OUT.label_map.pbtxt``): sorted by id, the ids become the contiguous labels ``0 .. N - 1``
-and their names the ``class_names``, known without reading a record. For shards made by
-``make_tfrecords.py folder`` that is the folder DataModule's mapping (both sort the identity folders).
+Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds ``image/class/label`` (a
+label-map id) and ``image/class/text`` (the identity's name). ``tools/make_tfrecords.py folder`` writes
+one record per image of ``ROOT/<identity>/<image>`` with ``folder_examples``, in a seeded random order
+(as TF and RecordIO converters do, so a shuffle buffer small against the dataset still mixes
+identities), and the label map ``OUT.label_map.pbtxt``. Sorted by id, the label map's ids become the
+contiguous labels ``0 .. N - 1`` and its names the ``class_names``, known without reading a record; for
+shards made by ``make_tfrecords.py folder`` that is the folder DataModule's mapping (both scan the
+identity folders with ``scan_identity_folders``).
+
+Records are decoded by the folder DataModule's own code (``decode_image`` + ``identity_sample``), so an
+image gives the same tensor from a shard as from its file. Verification pairs for validation and test
+stay a pairs file over an image folder, exactly as for :class:`~datamodules.faces.IdentityFolderDataModule`.
 """
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
-from typing import Any, Sequence
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks the network
+from typing import Any, Iterator, Sequence
 
 import albumentations as A
+import numpy as np
 import torch
 
-from ..faces import FaceDataModule, face_transform, identity_sample, load_rgb, parse_pairs
-from .convert import read_label_map
-from .dataset import TFRecordDataset
-from .features import FixedLen, normalize_spec
+from .faces import FaceDataModule, face_transform, identity_sample, scan_identity_folders
+from .tfrecord import (
+    FixedLen,
+    TFRecordDataset,
+    build_example,
+    bytes_feature,
+    int64_feature,
+    normalize_spec,
+    read_label_map,
+)
+from .tfrecord.example_pb2 import Example
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
 
 LABEL_KEY, TEXT_KEY = "image/class/label", "image/class/text"
 IDENTITY_FEATURES = normalize_spec({
-    "image/encoded": FixedLen((), "bytes"),
+    **IMAGE_FEATURES,
     LABEL_KEY: FixedLen((), "int64"),
     TEXT_KEY: FixedLen((), "bytes", default=b""),
 })
+
+
+def folder_classes(root: str) -> tuple[list[str], list[list[str]]]:
+    """Class (identity) names and their image files, exactly as ``IdentityFolderDataModule`` scans ``root``.
+
+    The same scan (sorted sub-folders, image files directly inside, folders without a readable image
+    skipped with a warning) gives the same names and so the same labels from shards as from the folder.
+    """
+    names, files = scan_identity_folders(root)
+    if not names:
+        raise ValueError(f"{root}: no sub-folders with images (expected ROOT/<class>/<image>)")
+    return names, [[str(p) for p in group] for group in files]
+
+
+def folder_examples(root: str, classes: Sequence[str], files: Sequence[Sequence[str]], seed: int = 0
+                    ) -> Iterator[Example]:
+    """One Example per image of ``root/<class>/...`` in a random order drawn from ``seed``.
+
+    ``image/class/label`` is the class index. Shuffled here, once: written in folder order, a shard
+    would hold one identity after another and a shuffle buffer smaller than the dataset could not mix
+    them (TensorFlow's and MXNet RecordIO's converters shuffle for the same reason).
+    """
+    items = [(label, path) for label, paths in enumerate(files) for path in paths]
+    for k in np.random.default_rng(seed).permutation(len(items)):
+        label, path = items[k]
+        relative = os.path.relpath(path, root)
+        features, _, _ = image_features(path, relative, relative)
+        yield build_example({**features, LABEL_KEY: int64_feature(label), TEXT_KEY: bytes_feature(classes[label])})
 
 
 class IdentityDecoder:
@@ -56,7 +94,7 @@ class IdentityDecoder:
         if text and text != self.names[label]:
             raise ValueError(f"{TEXT_KEY} {text!r} differs from the name {self.names[label]!r} that the label map "
                              f"{self.label_map} gives id {stored}: the shards and the label map do not belong together")
-        return identity_sample(load_rgb(io.BytesIO(example["image/encoded"]), "image/encoded"), label, self.transform)
+        return identity_sample(decode_image_feature(example), label, self.transform)
 
 
 class TFRecordIdentityDataModule(FaceDataModule):
@@ -72,8 +110,8 @@ class TFRecordIdentityDataModule(FaceDataModule):
         image_size: side S the images are resized to.
         augment: random horizontal flips when training (off: the evaluation transform).
         shuffle_buffer, seed: training shuffle (shard order per epoch + a buffer of this many records).
-            ``make_tfrecords.py folder`` writes each shard identity by identity, so the buffer should span
-            many identities for mixed batches.
+            ``make_tfrecords.py folder`` shuffles the records when it writes them, so the buffer only
+            has to vary the order from epoch to epoch.
         on_corrupt: ``"raise"`` or ``"skip"`` damaged records (see ``TFRecordDataset``).
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
@@ -94,10 +132,10 @@ class TFRecordIdentityDataModule(FaceDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size, predict_root, batch_size, num_workers, pin_memory)
+        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, predict_root=predict_root,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.save_hyperparameters()
         self.train_files, self.label_map = train_files, label_map
-        self.pairs, self.pairs_root = pairs, pairs_root
         self.augment, self.shuffle_buffer, self.seed, self.on_corrupt = augment, shuffle_buffer, seed, on_corrupt
         self._labels: tuple[list[int], list[str]] | None = None
 
@@ -110,15 +148,8 @@ class TFRecordIdentityDataModule(FaceDataModule):
             self._labels = (ids, names)
         return self._labels
 
-    @property
-    def num_identities(self) -> int:
-        """Number of training identities (the classifier size), from the label map."""
-        return len(self._label_map()[0])
-
-    @property
-    def class_names(self) -> list[str]:
-        """Training identity names, index = label."""
-        return list(self._label_map()[1])
+    def identities(self) -> list[str]:
+        return self._label_map()[1]
 
     def train_dataset(self) -> TFRecordDataset:
         ids, names = self._label_map()
@@ -128,9 +159,3 @@ class TFRecordIdentityDataModule(FaceDataModule):
             shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
             on_corrupt=self.on_corrupt,
         )
-
-    def list_pairs(self) -> list[tuple[Path, Path, bool]]:
-        return parse_pairs(self.pairs, self.pairs_root)
-
-    def pairs_base(self) -> Path:
-        return Path(self.pairs_root or Path(self.pairs).parent)
