@@ -94,8 +94,9 @@ def test_hand_worked_ap_and_cap() -> None:
     ap, cap = frame_ap_cap(scores, labels)
     assert ap.item() == pytest.approx(0.7, abs=1e-15)
     assert cap.item() == pytest.approx(0.75, abs=1e-15)
-    # Ties: scores 0.9, 0.5 (x2: one positive, one negative) -> the tied positive gets precision 2/3.
-    ap, _ = frame_ap_cap(torch.tensor([[0.9], [0.5], [0.5]]), torch.tensor([[1], [0], [1]], dtype=torch.bool))
+    # Ties: scores 0.9, 0.5 (x2: a positive listed before a negative) -> the tied positive gets precision
+    # 2/3, the precision of the whole group, not 2/2 as an order-based walk would give.
+    ap, _ = frame_ap_cap(torch.tensor([[0.9], [0.5], [0.5]]), torch.tensor([[1], [1], [0]], dtype=torch.bool))
     assert ap.item() == pytest.approx((1 + 2 / 3) / 2, abs=1e-15)
 
 
