@@ -162,3 +162,23 @@ def test_class_probabilities_drop_the_ambiguous_column() -> None:
     p = class_probabilities(logits.to(torch.bfloat16), ambiguous_index=2)
     assert p.dtype == torch.float32 and (p[:, 2] == 0).all()
     torch.testing.assert_close(class_probabilities(logits), logits.softmax(-1))
+
+
+@pytest.mark.parametrize("pad", ["replicate", "zeros"])
+def test_streaming_equals_the_window_dataset(pad: str) -> None:
+    """The DataModule's windows (datamodules.features) and the streaming detector share one padding rule."""
+    from datamodules.features import FeatureWindowDataset
+    from datamodules.synthetic.streams import make_feature_streams
+
+    data = make_feature_streams(num_sessions=2, num_actions=4, feature_dim=12, min_frames=20, max_frames=30, seed=3)
+    model = tiny_model(seed=4)
+    ds = FeatureWindowDataset(data, window=8, num_future=4, pad=pad)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        offline = class_probabilities(model(batch["features"]).current, data.ambiguous_index)
+    for k, s in enumerate(data.sessions):
+        detector = model.streaming(pad=pad, ambiguous_index=data.ambiguous_index)
+        online = torch.stack([detector.step(torch.from_numpy(f)).current for f in s.features])
+        rows = batch["session"] == k
+        assert batch["frame"][rows].tolist() == list(range(s.num_frames))
+        torch.testing.assert_close(online, offline[rows], rtol=0, atol=1e-5)
