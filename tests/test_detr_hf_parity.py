@@ -35,10 +35,17 @@ OURS = dict(d_model=32, nheads=4, num_encoder_layers=2, num_decoder_layers=3, di
 ATOL = 1e-4
 
 
-def _randomise_norms(model: torch.nn.Module, seed: int = 5) -> None:
+def _randomise(model: torch.nn.Module, seed: int = 5) -> None:
+    """Scrambles HF's initialisation so that every part of the computation shows in the outputs.
+
+    HF initialises linear layers and embeddings with std 0.02: attention is then almost uniform and the decoder
+    output nearly the same for every query, so positional encodings or key/query mix-ups would go unseen.
+    Here matrices get std 1/sqrt(fan_in), biases std 0.1, query embeddings std 1, LayerNorms and frozen-BN
+    statistics random values (the backbone's convolutions keep timm's / HF's initialisation).
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("FrozenBatchNorm2d"):
                 n = module.weight.numel()
                 module.weight.copy_(torch.rand(n, generator=g) + 0.5)
@@ -46,6 +53,12 @@ def _randomise_norms(model: torch.nn.Module, seed: int = 5) -> None:
                 if hasattr(module, "running_var"):
                     module.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                     module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not name.startswith("model.backbone"):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in**0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g))
 
 
 def _pair(position_embedding: str = "sine", dilation: bool = False, **ours_kwargs):
@@ -54,7 +67,7 @@ def _pair(position_embedding: str = "sine", dilation: bool = False, **ours_kwarg
                                      use_pretrained_backbone=False, position_embedding_type=position_embedding,
                                      dilation=dilation, **SMALL)
     hf = transformers.DetrForObjectDetection(config).eval()
-    _randomise_norms(hf)
+    _randomise(hf)
     ours = build_detr(NUM_CLASSES, backbone="test_resnet.r160_in1k", position_embedding=position_embedding,
                       dilation=dilation, **OURS, **ours_kwargs)[0].eval()
     load_detr_weights(ours, hf.state_dict())
@@ -86,6 +99,11 @@ def _targets(counts):
     return ours, theirs
 
 
+class _Zeros(torch.nn.Module):
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape[0], OURS["d_model"], *mask.shape[1:])
+
+
 @pytest.mark.parametrize("position_embedding,dilation", [("sine", False), ("learned", False), ("sine", True)])
 def test_logits_and_boxes_match_hf_on_a_padded_batch(position_embedding, dilation) -> None:
     hf, ours = _pair(position_embedding, dilation, backbone_on_padded_batch=True)
@@ -95,6 +113,15 @@ def test_logits_and_boxes_match_hf_on_a_padded_batch(position_embedding, dilatio
         out = ours(images, SIZES)
     torch.testing.assert_close(out.pred_logits, expected.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(out.pred_boxes, expected.pred_boxes, atol=ATOL, rtol=0)
+    # The comparison can see mistakes (differences 100x its tolerance): queries differ, and the positional
+    # encoding changes the outputs.
+    assert (out.pred_logits[:, 1:] - out.pred_logits[:, :1]).abs().max() > 100 * ATOL
+    with torch.no_grad():
+        pos_embedding = ours.position_embedding
+        ours.position_embedding = _Zeros()
+        without_pos = ours(images, SIZES)
+        ours.position_embedding = pos_embedding
+    assert (without_pos.pred_logits - out.pred_logits).abs().max() > 100 * ATOL
     # The intermediate decoder layers (auxiliary outputs): the final LayerNorm applied to each layer's raw output.
     # (HF's decoder_hidden_states: the decoder input, the raw outputs of layers 0 .. L-2, then its last_hidden_state.)
     hidden = expected.decoder_hidden_states[1:-1]
@@ -164,7 +191,7 @@ def test_hf_resnet_backbone_and_transformers_4_names() -> None:
     resnet = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 1, 1],
                                        layer_type="basic", out_features=["stage4"])
     hf = transformers.DetrForObjectDetection(transformers.DetrConfig(backbone_config=resnet, **SMALL)).eval()
-    _randomise_norms(hf)
+    _randomise(hf)
     ours = build_detr(NUM_CLASSES, backbone="resnet18", backbone_on_padded_batch=True, **OURS)[0]
     ours.backbone = build_backbone("resnet18", out_indices=(-1,), frozen_stages=1, frozen_bn=True, layers=(1, 1, 1, 1))
     ours.eval()
