@@ -38,21 +38,19 @@ from torch import Tensor, nn
 # (pattern, replacement) applied in order, first match wins. The replacement is a template, a function of the match,
 # or None for a key that carries nothing for us.
 _Rule = tuple[str, Union[str, Callable[[re.Match], str], None]]
+_HF_BACKBONE = r"^model\.backbone\.(?:conv_encoder\.)?model\."  # transformers 4.x: conv_encoder; 5.x: none
+_HF_BLOCK = _HF_BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\."  # HF ResNet stage S, block B
 _HF_RULES: list[_Rule] = [
     (r".*\.num_batches_tracked$", None),
     # Hugging Face's own ResNet (use_timm_backbone=False) -> timm / torchvision names.
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.embedder\.embedder\.convolution\.", "backbone.conv1."),
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.embedder\.embedder\.normalization\.", "backbone.bn1."),
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+    (_HF_BACKBONE + r"embedder\.embedder\.convolution\.", "backbone.conv1."),
+    (_HF_BACKBONE + r"embedder\.embedder\.normalization\.", "backbone.bn1."),
+    (_HF_BLOCK + r"shortcut\.convolution\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (_HF_BLOCK + r"shortcut\.normalization\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (_HF_BLOCK + r"layer\.(\d+)\.convolution\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (_HF_BLOCK + r"layer\.(\d+)\.normalization\.", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
     # timm backbone: the names are timm's already.
-    (r"^model\.backbone\.(?:conv_encoder\.)?model\.", "backbone."),
+    (_HF_BACKBONE, "backbone."),
     (r"^model\.(?:backbone\.)?position_embedding\.row_embeddings\.", "position_embedding.row_embed."),
     (r"^model\.(?:backbone\.)?position_embedding\.column_embeddings\.", "position_embedding.col_embed."),
     (r"^model\.input_projection\.", "input_proj."),
