@@ -100,7 +100,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: Any, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         logits_all, boxes_all = outputs.logits, outputs.boxes
-        num_layers, batch = logits_all.shape[:2]
+        num_layers, batch = logits_all.shape[:2]  # (L, B, Q, C + 1)
         if logits_all.shape[-1] != self.num_classes + 1:
             raise ValueError(f"SetCriterion for {self.num_classes} classes got {logits_all.shape[-1]} logits "
                              f"(expected num_classes + 1, no-object last)")
@@ -112,11 +112,14 @@ class SetCriterion(nn.Module):
         num_boxes = torch.tensor(float(sum(len(t) for t in tgt_labels)), device=logits_all.device)
         num_boxes = (reduce_mean(num_boxes) if self.training else num_boxes).clamp(min=1.0)
 
+        # Every layer gets its own matching; all layers are matched in one call (one device-to-host copy).
+        all_indices = hungarian_match(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,
+                                      tgt_boxes * num_layers, *self.costs)
         losses: dict[str, Tensor] = {}
         with torch.autocast(device_type=logits_all.device.type, enabled=False):
             for layer in range(num_layers):
                 logits, boxes = logits_all[layer].float(), boxes_all[layer].float()
-                indices = hungarian_match(logits, boxes, tgt_labels, tgt_boxes, *self.costs)
+                indices = all_indices[layer * batch: (layer + 1) * batch]
                 suffix = "" if layer == num_layers - 1 else f"_{layer}"
                 losses.update(self.layer_losses(logits, boxes, tgt_labels, tgt_boxes, indices, num_boxes, suffix))
             losses.update(self.logged_errors(logits, tgt_labels, indices))
