@@ -254,7 +254,10 @@ def build_detr(
     ``num_classes`` counts real classes only (labels in [0, num_classes)); the class head has one more logit
     for "no object". Unlike the reference's COCO setup (91 = max category id + 1, detr#108), ids are expected
     contiguous. ``frozen_stages=1`` and ``frozen_bn=True`` freeze the stem, layer1 and every BatchNorm as the
-    reference does (``frozen_stages=4`` freezes the whole ResNet, the reference with lr_backbone 0).
+    reference does (``frozen_stages=4`` freezes the whole ResNet, the reference with lr_backbone 0). They only make
+    sense with pretrained or converted weights: on a randomly initialised timm ResNet, frozen BN keeps identity
+    statistics and timm's zero-initialised last BN of every residual block at 0, so those blocks add nothing,
+    ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
     """
     model = DETR(num_classes, backbone, pretrained, dilation, position_embedding, d_model, nheads,
                  num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, num_queries, aux_loss,
