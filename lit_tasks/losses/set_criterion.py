@@ -1,0 +1,177 @@
+"""DETR's set prediction loss (Carion et al. 2020, §3.1, Eq. 2): Hungarian matching, then class and box losses.
+
+Per decoder layer: predictions are matched one-to-one to the ground truth (:func:`~lit_tasks.ops.matcher.hungarian_match`),
+matched queries learn their object's class and box, the others learn "no object" (the last class, down-weighted by
+``eos_coef``). Every intermediate decoder layer gets the same losses with its own matching (§3.2, auxiliary
+decoding losses). Everything runs in fp32 whatever the autocast state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_tasks.losses.iou import giou_loss
+from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from lit_tasks.ops.distributed import reduce_mean
+from lit_tasks.ops.matcher import hungarian_match
+
+
+def normalized_targets(
+    targets: Sequence[dict[str, Tensor]], image_sizes: Tensor, num_classes: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Labels and boxes DETR learns: crowd boxes dropped, xyxy pixels -> cxcywh in [0, 1] of the unpadded image.
+
+    Args:
+        targets: per image ``boxes`` (N, 4) xyxy input pixels, ``labels`` (N,) in [0, num_classes), optional
+            ``iscrowd`` (N,).
+        image_sizes: ``(B, 2)`` unpadded (h, w) of each image.
+
+    Returns:
+        B label tensors ``(T_i,)`` int64 and B box tensors ``(T_i, 4)`` float32, on ``image_sizes.device``.
+    """
+    device = image_sizes.device
+    scale = image_sizes.to(device, torch.float32).flip(-1).repeat(1, 2)  # (B, 4): w, h, w, h
+    labels_out, boxes_out = [], []
+    for i, target in enumerate(targets):
+        labels = target["labels"].to(device, torch.int64).reshape(-1)
+        boxes = target["boxes"].to(device, torch.float32).reshape(-1, 4)
+        if len(labels) != len(boxes):
+            raise ValueError(f"target {i}: {len(labels)} labels but {len(boxes)} boxes")
+        crowd = target.get("iscrowd")
+        if crowd is not None:
+            keep = crowd.to(device).reshape(-1) == 0
+            labels, boxes = labels[keep], boxes[keep]
+        labels_out.append(labels)
+        boxes_out.append(box_xyxy_to_cxcywh(boxes) / scale[i])
+    all_labels = torch.cat(labels_out) if labels_out else torch.empty(0, dtype=torch.int64)
+    if all_labels.numel() and bool(((all_labels < 0) | (all_labels >= num_classes)).any()):
+        bad = next(i for i, t in enumerate(labels_out) if t.numel() and bool(((t < 0) | (t >= num_classes)).any()))
+        raise ValueError(f"target {bad}: labels {labels_out[bad].tolist()} outside [0, {num_classes})")
+    return labels_out, boxes_out
+
+
+class SetCriterion(nn.Module):
+    """DETR losses for every decoder layer: ``forward(outputs, targets)`` -> weighted ``loss_*`` dict + logged values.
+
+    Per layer (the last unsuffixed, intermediate layer l suffixed ``_l``, as the reference names them):
+
+    - ``loss_ce``: cross entropy over all B*Q queries, unmatched ones targeting no-object, class weights 1 and
+      ``eos_coef`` for no-object (``sum w_i CE_i / sum w_i``, PyTorch's weighted mean), times ``weight_ce``;
+    - ``loss_bbox``: L1 on normalised (cx, cy, w, h) of matched pairs, summed / num_boxes, times ``weight_bbox``;
+    - ``loss_giou``: 1 - GIoU of matched pairs, summed / num_boxes, times ``weight_giou``.
+
+    num_boxes = number of (non-crowd) target boxes in the batch; in training mode the mean over processes
+    (computed before anything else, so every rank makes the same collective call whatever its data), min 1.
+    Logged, not losses (last layer only): ``class_error`` = 100 - top-1 accuracy of matched queries (0 when
+    nothing is matched; the reference reports 100 there), ``cardinality_error`` = mean over images of
+    |#queries whose argmax is not no-object - #targets|.
+
+    GIoU is :func:`lit_tasks.losses.iou.giou_loss` (eps 1e-7 added to the union and the enclosing area, as
+    torchvision): finite for degenerate predicted boxes where the reference asserts (REFERENCE.md §5.7); it
+    differs from the eps-free reference by < 1e-7 / (union area) per box.
+
+    ``outputs`` is any object with ``logits`` ``(L, B, Q, C + 1)`` (no-object last), ``boxes`` ``(L, B, Q, 4)``
+    (sigmoid, normalised cxcywh of each unpadded image), last decoder layer last, and ``image_sizes`` ``(B, 2)``
+    (h, w). ``targets`` as :func:`normalized_targets` takes them.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        eos_coef: float = 0.1,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.costs = (cost_class, cost_bbox, cost_giou)
+        self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("class_weight", class_weight, persistent=False)
+
+    def forward(self, outputs: Any, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        logits_all, boxes_all = outputs.logits, outputs.boxes
+        num_layers, batch = logits_all.shape[:2]  # (L, B, Q, C + 1)
+        if logits_all.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"SetCriterion for {self.num_classes} classes got {logits_all.shape[-1]} logits "
+                             f"(expected num_classes + 1, no-object last)")
+        if len(targets) != batch:
+            raise ValueError(f"SetCriterion: {batch} images of predictions but {len(targets)} targets")
+        tgt_labels, tgt_boxes = normalized_targets(targets, outputs.image_sizes, self.num_classes)
+
+        # The normaliser first: every process must reach this collective call, whatever its targets.
+        num_boxes = torch.tensor(float(sum(len(t) for t in tgt_labels)), device=logits_all.device)
+        num_boxes = (reduce_mean(num_boxes) if self.training else num_boxes).clamp(min=1.0)
+
+        # Every layer gets its own matching; all layers are matched in one call (one device-to-host copy).
+        all_indices = hungarian_match(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,
+                                      tgt_boxes * num_layers, *self.costs)
+        losses: dict[str, Tensor] = {}
+        with torch.autocast(device_type=logits_all.device.type, enabled=False):
+            for layer in range(num_layers):
+                logits, boxes = logits_all[layer].float(), boxes_all[layer].float()
+                indices = all_indices[layer * batch: (layer + 1) * batch]
+                suffix = "" if layer == num_layers - 1 else f"_{layer}"
+                losses.update(self.layer_losses(logits, boxes, tgt_labels, tgt_boxes, indices, num_boxes, suffix))
+            losses.update(self.logged_errors(logits, tgt_labels, indices))
+        return losses
+
+    def layer_losses(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        tgt_labels: Sequence[Tensor],
+        tgt_boxes: Sequence[Tensor],
+        indices: Sequence[tuple[Tensor, Tensor]],
+        num_boxes: Tensor,
+        suffix: str = "",
+    ) -> dict[str, Tensor]:
+        """Weighted losses of one layer, ``logits`` (B, Q, C + 1), ``boxes`` (B, Q, 4), for a given matching."""
+        batch_idx, query_idx = _matched_queries(indices, logits.device)
+        matched_labels = torch.cat([t[j.to(t.device)] for t, (_, j) in zip(tgt_labels, indices)])
+        matched_tgt = torch.cat([t[j.to(t.device)] for t, (_, j) in zip(tgt_boxes, indices)])
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, query_idx] = matched_labels
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.class_weight)
+
+        matched_pred = boxes[batch_idx, query_idx]  # (M, 4); M = 0 gives graph-connected zero sums
+        loss_bbox = F.l1_loss(matched_pred, matched_tgt, reduction="sum") / num_boxes
+        loss_giou = giou_loss(box_cxcywh_to_xyxy(matched_pred), box_cxcywh_to_xyxy(matched_tgt), reduction="sum")
+        return {
+            f"loss_ce{suffix}": self.weight_ce * loss_ce,
+            f"loss_bbox{suffix}": self.weight_bbox * loss_bbox,
+            f"loss_giou{suffix}": self.weight_giou * loss_giou / num_boxes,
+        }
+
+    @torch.no_grad()
+    def logged_errors(
+        self, logits: Tensor, tgt_labels: Sequence[Tensor], indices: Sequence[tuple[Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
+        """``class_error`` (%) of matched queries and ``cardinality_error`` for one layer's ``logits`` (B, Q, C + 1)."""
+        batch_idx, query_idx = _matched_queries(indices, logits.device)
+        matched_labels = torch.cat([t[j.to(t.device)] for t, (_, j) in zip(tgt_labels, indices)])
+        if len(matched_labels):
+            correct = (logits[batch_idx, query_idx].argmax(-1) == matched_labels).float().mean()
+            class_error = 100.0 * (1.0 - correct)
+        else:
+            class_error = logits.new_zeros(())
+        num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        num_tgt = torch.tensor([float(len(t)) for t in tgt_labels], device=logits.device)
+        return {"class_error": class_error, "cardinality_error": (num_pred - num_tgt).abs().mean()}
+
+
+def _matched_queries(indices: Sequence[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(image index, query index) of every matched pair, on ``device`` (one host-to-device copy)."""
+    batch_idx = torch.cat([torch.full_like(i, b) for b, (i, _) in enumerate(indices)])
+    query_idx = torch.cat([i for i, _ in indices])
+    both = torch.stack([batch_idx, query_idx]).to(device, non_blocking=True)
+    return both[0], both[1]
