@@ -124,6 +124,18 @@ def test_box_spanning_two_levels():
     assert (boxes[0, labels[0] == NUM_CLASSES] == 0).all()
 
 
+def test_threshold_uses_unbiased_std():
+    # Box [5, 34, 53, 59] on a 64 px image, five levels: its candidates' IoUs give mean + std = 0.25577 with
+    # torch.std's n - 1 (mmdet) but 0.25327 with n. The anchors at x = 16 (IoU 0.25468, centres inside the
+    # box) fall in between: negative here. The positives are the 8 anchors of IoU 0.293 and 0.270.
+    points, anchors, counts = anchors_for([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], [8, 16, 32, 64, 128])
+    box = torch.tensor([[[5.0, 34.0, 53.0, 59.0]]])
+    labels, _ = atss_targets(anchors, counts, box, torch.tensor([[0]]), torch.tensor([[True]]), NUM_CLASSES)
+    pos = sorted(tuple(points[i].int().tolist()) for i in (labels[0] == 0).nonzero().flatten())
+    assert pos == [(24, 40), (24, 48), (24, 56), (32, 40), (32, 48), (32, 56), (40, 40), (40, 48)]
+    assert torch.equal(labels[0] == 0, mmdet_atss_loop(anchors, counts, box[0]) > 0)
+
+
 def test_anchor_centre_must_be_inside_by_more_than_001():
     # One level, stride 8. Box x in [x1, 75.995] (about 20 wide), y in [29, 99] (70 tall), centre (~66, 64):
     # candidates are columns {56, 64, 72} x rows {56, 64, 72}. Every anchor contains the box's x-extent;
