@@ -245,7 +245,8 @@ def test_postprocess_matches_a_naive_loop():
     )
     post = VFNetPostprocess(score_threshold=0.2, pre_nms_top_k=3, nms_threshold=0.5, max_detections=5)
     prob = out.cls_logits[:, :6].sigmoid()  # level 0: locations ranked by max class score, not by their sum
-    assert prob.max(-1).values.topk(3).indices.sort().values.tolist() != prob.sum(-1).topk(3).indices.sort().values.tolist()
+    by_max, by_sum = prob.max(-1).values.topk(3).indices, prob.sum(-1).topk(3).indices
+    assert by_max.sort().values.tolist() != by_sum.sort().values.tolist()
     got = post(out, out.image_sizes)
     for i, (h, w) in enumerate(out.image_sizes):
         boxes, scores, labels = [], [], []
@@ -308,7 +309,8 @@ def test_bad_input_errors():
 
 
 def test_optimizer_steps_decrease_the_loss():
-    model, criterion, _ = tiny_vfnet(frozen_bn=True)
+    model, criterion, _ = tiny_vfnet(frozen_stages=1, frozen_bn=True)  # the COCO recipe's freezing
+    assert not any(p.requires_grad for p in model.backbone.conv1.parameters())
     images, sizes, targets = batch_two_sizes()
     criterion.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -367,11 +369,12 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path):
     # Rank 0 gets two images with objects, rank 1 two without (one of them smaller than the padding).
     images, sizes, targets = batch_two_sizes()
     g = torch.Generator().manual_seed(1)
-    more = [{"boxes": torch.tensor([[30.0, 5.0, 75.0, 40.0], [5.0, 40.0, 60.0, 92.0]]), "labels": torch.tensor([1, 0])}]
+    more = {"boxes": torch.tensor([[30.0, 5.0, 75.0, 40.0], [5.0, 40.0, 60.0, 92.0]]), "labels": torch.tensor([1, 0])}
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
-    all_images = torch.cat((images[:1], torch.rand(1, 3, 96, 80, generator=g), images[1:], torch.rand(1, 3, 96, 80, generator=g)))
+    noise = torch.rand(2, 3, 96, 80, generator=g)
+    all_images = torch.cat((images[:1], noise[:1], images[1:], noise[1:]))
     all_sizes = [sizes[0], (96, 80), sizes[1], (96, 80)]
-    all_targets = [targets[0], more[0], empty, empty]
+    all_targets = [targets[0], more, empty, empty]
     model, criterion, _ = tiny_vfnet()
     path = str(tmp_path / "data.pt")
     torch.save({"state": model.state_dict(), "images": all_images, "sizes": all_sizes, "targets": all_targets}, path)

@@ -32,7 +32,14 @@ from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
 from lit_tasks.models.backbone import Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
-from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, atss_targets, fcos_targets, grid_points, pad_targets, square_anchors
+from lit_tasks.ops.assigners import (
+    FCOS_REGRESS_RANGES,
+    atss_targets,
+    fcos_targets,
+    grid_points,
+    pad_targets,
+    square_anchors,
+)
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
 from lit_tasks.ops.distributed import reduce_mean
 
