@@ -124,3 +124,106 @@ def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) ->
         crowd = t.get("iscrowd")
         valid[i, :n] = True if crowd is None else ~crowd.to(device).bool()
     return boxes, labels, valid
+
+
+# --- ATSS (Zhang et al. 2020, "Bridging the Gap Between Anchor-based and Anchor-free Detection", Alg. 1) ---
+from lit_tasks.ops.box_ops import box_iou  # noqa: E402  (appended section; belongs with the imports above)
+
+
+def square_anchors(points: torch.Tensor, strides: torch.Tensor, scale: float = 8.0) -> torch.Tensor:
+    """One square anchor per location: side ``scale * stride``, centred on the point ``(P, 2) -> (P, 4)`` xyxy.
+
+    VFNet's ATSS anchors (mmdet AnchorGenerator, ratio 1, octave_base_scale 8, scales_per_octave 1).
+    """
+    half = (strides * (scale / 2)).unsqueeze(-1)
+    return torch.cat((points - half, points + half), dim=-1)
+
+
+def atss_targets(
+    anchors: torch.Tensor,
+    num_level_anchors: list[int],
+    gt_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_valid: torch.Tensor,
+    num_classes: int,
+    topk: int = 9,
+    anchor_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive Training Sample Selection for a padded batch of ground truths (ATSS Alg. 1, mmdet ATSSAssigner).
+
+    For each ground truth and pyramid level, the ``topk`` anchors whose centres are closest (L2) to the box
+    centre are candidates (fewer where a level has fewer anchors). The box's IoU threshold is the mean plus
+    the standard deviation of its candidates' IoUs (unbiased, n - 1, as ``torch.std`` in mmdet). A candidate
+    is positive when its IoU >= the threshold and its centre lies inside the box by more than 0.01 px on
+    every side (mmdet's rule). An anchor positive for several boxes goes to the one of highest IoU (first
+    box on exact ties, as ``max``). Vectorised over images, anchors and boxes; the only loop is over levels.
+
+    Differences from mmdet, on purpose: anchors outside an image are marked with ``anchor_valid`` instead of
+    being removed (same result: they can be neither candidates nor positives); a box with a single valid
+    candidate gets std 0 (torch.std gives NaN, so mmdet silently assigns it nothing).
+
+    Args:
+        anchors: (P, 4) xyxy, all levels concatenated finest first (e.g. :func:`square_anchors`).
+        num_level_anchors: anchors per level, summing to P.
+        gt_boxes: (B, G, 4) xyxy pixels, padded; gt_labels: (B, G) int64; gt_valid: (B, G) bool (False for
+            padding and boxes not to train on, e.g. crowd: they take no part at all, as mmdet's ignored boxes
+            with ``ignore_iof_thr=-1``).
+        num_classes: foreground classes; the background label is ``num_classes``.
+        topk: candidates per level and box (9).
+        anchor_valid: optional (B, P) bool, False for anchors of an image's padding.
+
+    Returns:
+        labels (B, P) int64 with ``num_classes`` for background, boxes (B, P, 4) xyxy of the assigned ground
+        truth (zeros for background).
+    """
+    batch, num_gt = gt_labels.shape
+    num_anchors = anchors.shape[0]
+    if sum(num_level_anchors) != num_anchors:
+        raise ValueError(f"atss_targets: num_level_anchors {list(num_level_anchors)} sum to "
+                         f"{sum(num_level_anchors)}, but there are {num_anchors} anchors")
+    labels = gt_labels.new_full((batch, num_anchors), num_classes)
+    assigned = gt_boxes.new_zeros((batch, num_anchors, 4), dtype=torch.float32)
+    if num_gt == 0 or num_anchors == 0:
+        return labels, assigned
+    anchors, gt_boxes = anchors.float(), gt_boxes.float()
+
+    iou = box_iou(anchors, gt_boxes)  # (B, P, G)
+    anchor_centre = (anchors[:, :2] + anchors[:, 2:]) / 2  # (P, 2)
+    gt_centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
+    distance = (anchor_centre[None, :, None] - gt_centre[:, None]).pow(2).sum(-1).sqrt()  # (B, P, G)
+    if anchor_valid is not None:
+        distance = distance.masked_fill(~anchor_valid[..., None], float("inf"))
+
+    candidates, start = [], 0
+    for count in num_level_anchors:
+        k = min(topk, count)
+        if k > 0:
+            candidates.append(distance[:, start : start + count].topk(k, dim=1, largest=False).indices + start)
+        start += count
+    candidate = torch.cat(candidates, dim=1)  # (B, K, G) anchor indices, unique per (image, box)
+
+    candidate_iou = iou.gather(1, candidate)
+    usable = gt_valid[:, None, :].expand_as(candidate)
+    if anchor_valid is not None:
+        usable = usable & anchor_valid.gather(1, candidate.flatten(1)).view_as(candidate)
+    count = usable.sum(1, keepdim=True)  # (B, 1, G)
+    mean = (candidate_iou * usable).sum(1, keepdim=True) / count.clamp(min=1)
+    var = ((candidate_iou - mean) * usable).pow(2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+    threshold = mean + var.sqrt()
+
+    centre = anchor_centre[candidate]  # (B, K, G, 2)
+    x1, y1, x2, y2 = gt_boxes[:, None].unbind(-1)  # (B, 1, G)
+    inside = torch.stack(
+        (centre[..., 0] - x1, centre[..., 1] - y1, x2 - centre[..., 0], y2 - centre[..., 1]), dim=-1
+    ).min(-1).values > 0.01
+    positive = usable & inside & (candidate_iou >= threshold)
+
+    # IoU of every (anchor, box) pair that is a positive candidate, -1 elsewhere; the best box per anchor.
+    score = iou.new_full((batch, num_anchors, num_gt), -1.0)
+    score.scatter_(1, candidate, torch.where(positive, candidate_iou, torch.full_like(candidate_iou, -1.0)))
+    best, index = score.max(dim=-1)  # (B, P)
+    is_pos = best >= 0
+    labels = torch.where(is_pos, gt_labels.gather(1, index), labels)
+    boxes = gt_boxes.gather(1, index[..., None].expand(-1, -1, 4))
+    assigned = torch.where(is_pos[..., None], boxes, assigned)
+    return labels, assigned
