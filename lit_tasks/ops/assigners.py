@@ -1,8 +1,10 @@
-"""Target assignment for dense detectors (FCOS), vectorised over images, locations and boxes."""
+"""Target assignment for dense detectors (FCOS, ATSS for VFNet), vectorised over images, locations and boxes."""
 
 from __future__ import annotations
 
 import torch
+
+from lit_tasks.ops.box_ops import box_iou
 
 INF = 1e8
 # Per-level limits on max(l, t, r, b) in pixels for P3..P7, both ends inclusive (REFERENCE.md §3.2).
@@ -127,7 +129,6 @@ def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) ->
 
 
 # --- ATSS (Zhang et al. 2020, "Bridging the Gap Between Anchor-based and Anchor-free Detection", Alg. 1) ---
-from lit_tasks.ops.box_ops import box_iou  # noqa: E402  (appended section; belongs with the imports above)
 
 
 def square_anchors(points: torch.Tensor, strides: torch.Tensor, scale: float = 8.0) -> torch.Tensor:
