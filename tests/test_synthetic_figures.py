@@ -11,6 +11,7 @@ import pytest
 from datamodules.keypoints import flip_pairs_from_names, validate_box_xywh, validate_keypoints
 from datamodules.synthetic.figures import (
     FIGURE_KEYPOINT_NAMES,
+    FIGURE_OKS_SIGMAS,
     FIGURE_SKELETON,
     NUM_FIGURE_KEYPOINTS,
     render_figures,
@@ -59,6 +60,8 @@ def test_keypoints_lie_on_their_figure() -> None:
 def test_left_right_structure() -> None:
     """A front-facing upright figure has its left shoulder / hip on the image right of its right ones."""
     pairs = flip_pairs_from_names(FIGURE_KEYPOINT_NAMES)
+    assert len(FIGURE_OKS_SIGMAS) == NUM_FIGURE_KEYPOINTS
+    assert all(FIGURE_OKS_SIGMAS[a] == FIGURE_OKS_SIGMAS[b] for a, b in pairs)  # mirror-symmetric
     assert len(pairs) == 6 and all(FIGURE_KEYPOINT_NAMES[a].startswith("left_") for a, _ in pairs)
     agree = total = 0
     for index in range(60):

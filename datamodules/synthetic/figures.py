@@ -49,6 +49,12 @@ FIGURE_SKELETON: tuple[tuple[int, int], ...] = (
     (7, 9), (9, 11), (8, 10), (10, 12),
 )
 FIGURE_UPPER_BODY_IDS: tuple[int, ...] = tuple(range(7))  # head .. wrists, for half-body augmentation
+# OKS sigmas for the 13 keypoints: COCO's for the same joints (shoulders .079, elbows .072, wrists .062, hips
+# .107, knees .087, ankles .089); the head centre gets 0.05 (between COCO's nose .026 and ear .035 and the
+# shoulders: a disc centre is less sharp than a nose tip). Stick figures cover ~0.28 of their box (median;
+# COCO people roughly half), so the same pixel error costs more OKS here than on people.
+FIGURE_OKS_SIGMAS: tuple[float, ...] = (0.05, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087, 0.087,
+                                        0.089, 0.089)
 OCCLUDER_ID = 255
 _SHIFT = 4  # cv2 drawing sub-pixel bits
 _UNLABELLED_IF_COVERED = 0.3  # share of covered keypoints left unlabelled (v = 0)
