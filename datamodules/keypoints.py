@@ -145,7 +145,7 @@ def validate_box_xywh(box: Any, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- geometry
 def box_xywh_to_center_scale(box_xywh: Sequence[float] | np.ndarray, aspect_ratio: float = 192 / 256,
                              padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
-    """Crop region of a person box: ``center (2,)`` and ``scale (2,) = (w, h)`` in pixels (official ``_box_to_center_scale``).
+    """Crop region of a person box: ``center (2,)``, ``scale (2,) = (w, h)`` pixels (official ``_box_to_center_scale``).
 
     The box is widened or heightened (never shrunk) to ``w / h = aspect_ratio`` about its centre, then
     multiplied by ``padding``.

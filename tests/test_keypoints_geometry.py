@@ -103,7 +103,8 @@ def test_crop_and_inverse_round_trip_on_pixels(rot: float, flip: bool) -> None:
         crop_center = np.array([image.shape[1] - 1 - center[0], center[1]])
         matrix = compose_affine(get_affine_transform(crop_center, scale, rot, out), hflip_matrix(image.shape[1]))
         # Folding the flip into the matrix gives the pixels of the official "flip the image, then crop".
-        official = crop_image(np.ascontiguousarray(image[:, ::-1]), get_affine_transform(crop_center, scale, rot, out), out)
+        flipped_first = np.ascontiguousarray(image[:, ::-1])
+        official = crop_image(flipped_first, get_affine_transform(crop_center, scale, rot, out), out)
         assert np.abs(crop_image(image, matrix, out).astype(int) - official.astype(int)).max() <= 1
     else:
         matrix = get_affine_transform(center, scale, rot, out)
@@ -171,9 +172,10 @@ def test_top_down_affine_eval_is_plain_box_crop_and_deterministic() -> None:
     np.testing.assert_allclose(sample.center, center)
     np.testing.assert_allclose(sample.scale, scale)
     assert sample.rotation == 0.0 and not sample.flipped and sample.image.shape == (64, 48, 3)
-    np.testing.assert_allclose(sample.keypoints[[0, 2], :2], transform_points(kpts[[0, 2], :2], sample.matrix), atol=1e-4)
+    labelled = sample.keypoints[[0, 2], :2]
+    np.testing.assert_allclose(labelled, transform_points(kpts[[0, 2], :2], sample.matrix), atol=1e-4)
     np.testing.assert_array_equal(sample.keypoints[1], [0, 0, 0])
-    np.testing.assert_allclose(crop_points_to_image(sample.keypoints[[0, 2], :2], sample.center, sample.scale, (48, 64)),
+    np.testing.assert_allclose(crop_points_to_image(labelled, sample.center, sample.scale, (48, 64)),
                                kpts[[0, 2], :2], atol=1e-4)
     train = TopDownAffine(input_size=(64, 48), train=True, flip_index=[0, 1, 2], upper_body_ids=[0])
     a = train(image, kpts, [30, 20, 60, 80], np.random.default_rng(5))

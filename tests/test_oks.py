@@ -86,7 +86,8 @@ def test_oks_nms_random_matches_mmpose() -> None:
     scores = rng.random(40)
     areas = rng.uniform(2000, 5000, 40)
     for thr, vis in ((0.9, None), (0.5, None), (0.7, 0.3)):
-        keep = oks_nms(torch.tensor(kpts), torch.tensor(scores), torch.tensor(areas), thr, sigmas=sig, vis_threshold=vis)
+        keep = oks_nms(torch.tensor(kpts), torch.tensor(scores), torch.tensor(areas), thr, sigmas=sig,
+                       vis_threshold=vis)
         assert keep.tolist() == [int(i) for i in _mm_oks_nms(kpts, scores, areas, thr, sig, vis)]
         assert 4 <= len(keep) < 40  # something was suppressed, and each of the 4 people survives
 

@@ -226,7 +226,8 @@ def _feed(metric: KeypointAP, gt: dict, results: list, k: int, chunks: int = 1) 
     annotated = {a["image_id"] for a in anns}
     for img in gt["images"]:
         if img["id"] not in annotated:
-            metric.update(targets={"keypoints": torch.zeros(0, k, 3), "boxes": torch.zeros(0, 4), "area": torch.zeros(0),
+            metric.update(targets={"keypoints": torch.zeros(0, k, 3), "boxes": torch.zeros(0, 4),
+                                   "area": torch.zeros(0),
                                    "image_id": torch.zeros(0), "id": torch.zeros(0)})
 
 
@@ -256,7 +257,8 @@ def test_keypoint_ap_empty_predictions_and_table(tmp_path: Path) -> None:
 
 def test_keypoint_ap_bad_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(P, 17, 2\|3\)"):
-        KeypointAP().update(preds={"keypoints": torch.zeros(1, 5, 3), "scores": torch.zeros(1), "image_id": torch.zeros(1)})
+        KeypointAP().update(preds={"keypoints": torch.zeros(1, 5, 3), "scores": torch.zeros(1),
+                                   "image_id": torch.zeros(1)})
     with pytest.raises(ValueError, match="backend"):
         KeypointAP(backend="coco")
 

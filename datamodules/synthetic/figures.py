@@ -107,7 +107,8 @@ def _pose(rng: np.random.Generator) -> tuple[np.ndarray, bool]:
 def _draw_figure(canvas: np.ndarray, owner: np.ndarray, fid: int, kpts: np.ndarray, height: float, front: bool,
                  up: np.ndarray, rng: np.random.Generator) -> None:
     """Paint one figure on ``canvas`` (float32 RGB) and its id on ``owner`` (uint8), same primitives on both."""
-    reference = canvas[np.clip(int(kpts[7, 1]), 0, canvas.shape[0] - 1), np.clip(int(kpts[7, 0]), 0, canvas.shape[1] - 1)]
+    hy, hx = np.clip(kpts[7, ::-1].astype(int), 0, np.array(canvas.shape[:2]) - 1)
+    reference = canvas[hy, hx]
     skin, shirt, trousers, hair = (_colour(rng, reference) for _ in range(4))
     limb = max(2, int(round(0.045 * height)))
     head_r = max(2.0, 0.065 * height)
@@ -199,7 +200,7 @@ def render_figures(index: int, seed: int = 0, image_size: int = 128, max_figures
         axes = rng.uniform(0.06, 0.2, 2) * size
         colour = _colour(rng).tolist()
         if rng.random() < 0.5:
-            pts = _fixed(np.array([c - axes, [c[0] + axes[0], c[1] - axes[1]], c + axes, [c[0] - axes[0], c[1] + axes[1]]]))
+            pts = _fixed(c + axes * np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]))
             cv2.fillPoly(canvas, [pts], colour, cv2.LINE_AA, _SHIFT)
             cv2.fillPoly(owner, [pts], OCCLUDER_ID, cv2.LINE_8, _SHIFT)
         else:

@@ -50,7 +50,7 @@ _EPS = 1e-9  # as both references, in the residual's denominator
 
 
 def _check_shapes(coords: Tensor, target: Tensor, weight: Tensor, name: str) -> Tensor:
-    """Check ``(B, K, 2)`` coordinates and a ``(B, K)`` / ``(B, K, 1)`` / ``(B, K, 2)`` weight; return it as (B, K, 1|2)."""
+    """Check ``(B, K, 2)`` coordinates and a ``(B, K)`` / ``(B, K, 1|2)`` weight; return it as ``(B, K, 1|2)``."""
     if coords.ndim != 3 or coords.shape[-1] != 2:
         raise ValueError(f"{name}: coordinates must be (B, K, 2), got {tuple(coords.shape)}")
     if target.shape != coords.shape:

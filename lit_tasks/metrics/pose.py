@@ -140,7 +140,7 @@ class PCK(_PCKCounts):
 
 
 class PCKAUC(_PCKCounts):
-    """Area under the PCK curve: mean of :class:`PCK` over thresholds ``0, 1/n, ..., (n-1)/n`` (mmpose ``keypoint_auc``)."""
+    """Area under the PCK curve: mean of :class:`PCK` at ``0, 1/n, ..., (n-1)/n`` (mmpose ``keypoint_auc``)."""
 
     def __init__(self, num_keypoints: int, num_thresholds: int = 20, **kwargs: Any) -> None:
         if num_thresholds < 1:

@@ -71,7 +71,7 @@ class RealNVP(nn.Module):
                     nn.init.xavier_uniform_(m.weight, gain=xavier_gain)
 
     def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> latent: ``z = f(x)`` and ``log |det df/dx|``, for ``x`` of shape ``(N, 2)`` -> ``(N, 2)``, ``(N,)``."""
+        """Data -> latent: ``z = f(x)`` ``(N, 2)`` and ``log |det df/dx|`` ``(N,)`` for ``x`` of shape ``(N, 2)``."""
         log_det = x.new_zeros(x.shape[0])
         z = x
         for i in reversed(range(len(self.t))):
