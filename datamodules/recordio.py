@@ -49,9 +49,17 @@ _FIRST_READ_CAP = 4 << 20  # bytes fetched by the first read of a record; larger
 
 
 class RecordIOError(ValueError):
-    """A damaged RecordIO file or index; ``path``, ``key``, ``offset`` (bytes) and ``reason`` say where and what."""
+    """A damaged RecordIO file or index; ``path``, ``key``, ``offset`` (bytes) and ``reason`` say where and what.
 
-    def __init__(self, path: str, key: int | None, offset: int | None, reason: str) -> None:
+    Built with one argument it is a ready message (how a DataLoader re-raises a worker's error); the fields
+    are then ``None`` except ``reason``.
+    """
+
+    def __init__(self, path: str, key: int | None = None, offset: int | None = None, reason: str | None = None) -> None:
+        if reason is None:
+            super().__init__(str(path))
+            self.path, self.key, self.offset, self.reason = None, None, None, str(path)
+            return
         where = str(path)
         if key is not None:
             where += f": key {key}"
@@ -342,8 +350,9 @@ def decode_rgb(data: bytes | bytearray | memoryview, where: str = "image") -> np
     Pillow decodes JPEG with libjpeg(-turbo) in its default mode (accurate integer IDCT, "fancy" chroma
     upsampling), the mode OpenCV's ``imdecode`` also uses, which is what ``mx.image.imdecode`` calls; so the
     pixels equal MXNet's for the JPEGs these files hold (checked on the golden files: every image hashes to
-    the value in ``tests``' ``values.json``, which MXNet produced too). Greyscale, palette and CMYK images are
-    converted to RGB (MXNet's default ``flag=1`` also gives 3 channels). This is the one place a RecordIO or
+    the ``rgb_sha256`` in the golden ``values.json``, which ``mx.image.imdecode`` gives too). Greyscale and palette
+    images are converted to RGB (MXNet's default ``flag=1`` also gives 3 channels); for the rare CMYK JPEG,
+    Pillow's CMYK->RGB conversion may differ from OpenCV's. This is the one place a RecordIO or
     ``.bin`` image is decoded, so a faster or shared decoder can be swapped in here.
 
     Raises:
@@ -351,7 +360,8 @@ def decode_rgb(data: bytes | bytearray | memoryview, where: str = "image") -> np
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            # np.array copies into a writable array (np.asarray of a PIL image is read-only).
+            return np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise OSError(f"{where}: cannot decode image ({len(data)} bytes): {err}") from err
 
