@@ -162,6 +162,24 @@ def write_recordio(rec_path: str | os.PathLike, records: Iterable[tuple[int, byt
             rec.write(frame_record(payload))
 
 
+def _parse_index_fast(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """Vectorised parse of a well-formed ``.idx`` (only ``digits<TAB>digits<LF>`` lines); ``None`` sends it to the careful path."""
+    if data.translate(None, b"0123456789\t\n"):
+        return None
+    body = data if data.endswith(b"\n") else data + b"\n"
+    raw = np.frombuffer(body, dtype=np.uint8)
+    ends = np.flatnonzero(raw == 10)
+    tabs = np.flatnonzero(raw == 9)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    # Exactly one tab per line with a digit on each side: tabs and lines pair up one to one.
+    if len(tabs) != len(ends) or not (np.all(tabs > starts) and np.all(tabs < ends - 1)):
+        return None
+    values = np.fromstring(body, dtype=np.int64, sep=" ")  # text mode: whitespace-separated integers
+    if len(values) != 2 * len(ends) or (values >= 10**18).any():  # numbers past int64 saturate: check carefully
+        return None
+    return values[0::2].copy(), values[1::2].copy()
+
+
 def read_index(idx_path: str | os.PathLike, rec_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(keys, offsets)`` int64 arrays of a ``.idx`` file, in file order.
 
@@ -176,23 +194,27 @@ def read_index(idx_path: str | os.PathLike, rec_size: int | None = None) -> tupl
     """
     idx_path = str(idx_path)
     data = Path(idx_path).read_bytes()
-    lines = data.splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    keys = np.empty(len(lines), dtype=np.int64)
-    offsets = np.empty(len(lines), dtype=np.int64)
-    for n, line in enumerate(lines):  # ~1 s per million lines; an index is read once per process
-        fields = line.split()
-        try:
-            if len(fields) != 2:
-                raise ValueError
-            key, offset = int(fields[0]), int(fields[1])
-            if key < 0 or offset < 0:
-                raise ValueError
-        except ValueError:
-            raise RecordIOError(idx_path, None, None, f"line {n + 1}: expected 'key<TAB>offset' with two non-negative "
-                                f"integers, got {line[:80]!r}") from None
-        keys[n], offsets[n] = key, offset
+    parsed = _parse_index_fast(data)
+    if parsed is not None:
+        keys, offsets = parsed
+    else:  # other whitespace, blank lines, or an error to locate: line by line
+        lines = data.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        keys = np.empty(len(lines), dtype=np.int64)
+        offsets = np.empty(len(lines), dtype=np.int64)
+        for n, line in enumerate(lines):
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                key, offset = int(fields[0]), int(fields[1])
+                if key < 0 or offset < 0:
+                    raise ValueError
+                keys[n], offsets[n] = key, offset
+            except (ValueError, OverflowError):
+                raise RecordIOError(idx_path, None, None, f"line {n + 1}: expected 'key<TAB>offset' with two non-negative "
+                                    f"integers, got {line[:80]!r}") from None
     order = np.argsort(keys, kind="stable")
     repeated = np.flatnonzero(np.diff(keys[order]) == 0)
     if len(repeated):
@@ -235,9 +257,10 @@ class IndexedRecordIO:
                 raise FileNotFoundError(f"RecordIO file {path} does not exist")
         self.size = os.path.getsize(self.rec_path)
         self.keys, self.offsets = read_index(self.idx_path, self.size)
-        self._sorted = np.argsort(self.keys, kind="stable")
+        self._sorted = None if np.all(np.diff(self.keys) > 0) else np.argsort(self.keys, kind="stable")
         # Where each record's bytes may extend to: the next larger indexed offset, or the end of the file.
-        starts = np.append(np.unique(self.offsets), self.size)
+        starts = np.sort(self.offsets)
+        starts = np.append(starts[np.concatenate([[True], np.diff(starts) > 0])], self.size)  # distinct, ascending
         self._ends = starts[np.searchsorted(starts, self.offsets, side="right")]
         self._fd, self._pid = -1, -1
 
@@ -266,11 +289,20 @@ class IndexedRecordIO:
             self._fd, self._pid = os.open(self.rec_path, os.O_RDONLY), os.getpid()
         return self._fd
 
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` in :attr:`keys` (``.idx`` order), -1 where a key is absent (vectorised)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(self.keys) == 0:
+            return np.full(keys.shape, -1, dtype=np.int64)
+        i = np.minimum(np.searchsorted(self.keys, keys, sorter=self._sorted), len(self.keys) - 1)
+        rows = i if self._sorted is None else self._sorted[i]
+        return np.where(self.keys[rows] == keys, rows, -1)
+
     def position(self, key: int, missing_ok: bool = False) -> int | None:
         """Row of ``key`` in :attr:`keys` (``.idx`` order); ``None`` if absent and ``missing_ok``, else ``KeyError``."""
-        i = int(np.searchsorted(self.keys, key, sorter=self._sorted))
-        if i < len(self.keys) and self.keys[self._sorted[i]] == key:
-            return int(self._sorted[i])
+        row = int(self.positions(np.array([key]))[0])
+        if row >= 0:
+            return row
         if missing_ok:
             return None
         raise KeyError(f"{self.idx_path}: no record with key {key}")
@@ -335,9 +367,30 @@ class IndexedRecordIO:
         except ValueError as err:
             raise RecordIOError(self.rec_path, int(self.keys[row]), int(self.offsets[row]), str(err)) from None
 
+    def header_at(self, row: int) -> IRHeader:
+        """The :class:`IRHeader` of the record on ``row``, reading only its first bytes (for labels, not pixels).
+
+        The framing is checked as far as the header tells it (magic, flag, the length within the file and before
+        the next indexed record); a multi-part record, or one that fails a check, is read whole by
+        :meth:`unpack_at`, which raises the precise error.
+        """
+        offset, end = int(self.offsets[row]), int(self._ends[row])
+        head = os.pread(self._descriptor(), 64, offset)
+        if len(head) >= CHUNK_HEADER.size + IR_HEADER.size:
+            magic, lrec = CHUNK_HEADER.unpack_from(head)
+            length = lrec & LENGTH_MASK
+            flag = IR_HEADER.unpack_from(head, CHUNK_HEADER.size)[0]
+            need = CHUNK_HEADER.size + IR_HEADER.size + 4 * flag
+            if (magic == MAGIC and lrec >> 29 == 0 and IR_HEADER.size + 4 * flag <= length
+                    and offset + CHUNK_HEADER.size + length <= min(end, self.size)):
+                if need > len(head):
+                    head = os.pread(self._descriptor(), need, offset)
+                return _split_payload(memoryview(head)[CHUNK_HEADER.size : need])[0]
+        return self.unpack_at(row)[0]
+
     def read_header(self, key: int) -> IRHeader:
-        """The :class:`IRHeader` of record ``key`` (reads the whole record; header and identity records are small)."""
-        return self.unpack_at(self.position(key))[0]
+        """The :class:`IRHeader` of record ``key`` (see :meth:`header_at`)."""
+        return self.header_at(self.position(key))
 
     def where(self, row: int) -> str:
         """How errors name the record on ``row``: file, key and byte offset."""
@@ -429,7 +482,7 @@ class RecordIODataset:
         self.header0: tuple[int, int] | None = None
         records = self.records
         zero = records.position(0, missing_ok=True)
-        header = records.unpack_at(zero)[0] if zero is not None else None
+        header = records.header_at(zero) if zero is not None else None
         if header is not None and header.flag > 0:
             label = np.atleast_1d(header.label)
             if label.size < 2 or not 1 <= label[0] <= label[1]:
@@ -437,12 +490,12 @@ class RecordIODataset:
                                     "is not [first identity key, one past the last key]")
             self.header0 = (int(label[0]), int(label[1]))
             self.image_keys = np.arange(1, self.header0[0], dtype=np.int64)
-            rows = [records.position(int(k), missing_ok=True) for k in range(1, self.header0[1])]
-            if None in rows:
-                missing = 1 + rows.index(None)
+            rows = records.positions(np.arange(1, self.header0[1], dtype=np.int64))
+            if (rows < 0).any():
+                missing = 1 + int(np.flatnonzero(rows < 0)[0])
                 raise RecordIOError(records.idx_path, missing, None, f"listed by the header record (images 1..{self.header0[0] - 1}, "
                                     f"identities {self.header0[0]}..{self.header0[1] - 1}) but not in the index")
-            self._rows = np.asarray(rows[: len(self.image_keys)], dtype=np.int64)
+            self._rows = rows[: len(self.image_keys)]
             self.num_identities: int | None = self.header0[1] - self.header0[0]
         else:
             self.image_keys = records.keys.copy()
@@ -469,12 +522,15 @@ class RecordIODataset:
         return (self.transform(image) if self.transform is not None else image), label
 
     def label(self, i: int) -> int:
-        """The class of item ``i`` without decoding its image."""
-        header, _, where = self.read(i)
-        return class_of(header.label, where)
+        """The class of item ``i``, reading only the start of its record."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        row = int(self._rows[i % n])
+        return class_of(self.records.header_at(row).label, self.records.where(row))
 
     def labels(self) -> np.ndarray:
-        """``(N,)`` int64 classes of all items (reads every record once, no decoding: for sampling or counting classes)."""
+        """``(N,)`` int64 classes of all items (the first bytes of every record: for sampling or counting classes)."""
         return np.fromiter((self.label(i) for i in range(len(self))), dtype=np.int64, count=len(self))
 
     def identity_ranges(self) -> np.ndarray:
@@ -484,7 +540,7 @@ class RecordIODataset:
         ranges = np.empty((self.header0[1] - self.header0[0], 2), dtype=np.int64)
         for n, key in enumerate(range(*self.header0)):
             row = self.records.position(key)
-            label = np.atleast_1d(self.records.unpack_at(row)[0].label)
+            label = np.atleast_1d(self.records.header_at(row).label)
             if label.size < 2:
                 raise RecordIOError(self.records.rec_path, key, int(self.records.offsets[row]),
                                     f"identity record label {label.tolist()} is not a [start, end) key range")

@@ -392,6 +392,27 @@ def test_reads_only_the_record_not_the_file(tmp_path, monkeypatch):
     largest = max(r["parts"][0][1] + 8 for r in VALUES["train"]["records"].values() if len(r["parts"]) == 1)
     assert len(sizes) == len(ds)  # one read per record
     assert max(sizes) <= largest + 16  # its own bytes (+ up to 3 of padding), never the file
+    sizes.clear()
+    assert ds.labels().tolist() == [VALUES["train"]["records"][str(k)]["label"] for k in range(1, 25)]
+    # Labels read 64 bytes per record; only the multi-part key 14 is read whole (its first chunk is 48 bytes).
+    assert len(sizes) == 25 and sorted(sizes)[:-1] == [64] * 24 and sorted(sizes)[-1] > 7000
+
+
+@needs_golden
+def test_index_fast_and_careful_parsers_agree(tmp_path):
+    keys, offsets = read_index(GOLDEN / "train.idx")  # well formed: the vectorised path
+    assert [[int(k), int(o)] for k, o in zip(keys, offsets)] == VALUES["train"]["idx_file_order"]
+    (tmp_path / "crlf.idx").write_bytes((GOLDEN / "train.idx").read_bytes().replace(b"\n", b"\r\n") + b"\n\n")
+    again = read_index(tmp_path / "crlf.idx")  # CRLF and trailing blank lines: line by line
+    assert np.array_equal(again[0], keys) and np.array_equal(again[1], offsets)
+    (tmp_path / "shifted.idx").write_bytes(b"1\t0\t8\n2\n")  # token count right, lines wrong
+    with pytest.raises(RecordIOError, match=r"shifted.idx: line 1: expected 'key<TAB>offset'"):
+        read_index(tmp_path / "shifted.idx")
+    (tmp_path / "huge.idx").write_bytes(b"1\t99999999999999999999999\n")
+    with pytest.raises(RecordIOError, match=r"huge.idx: line 1"):
+        read_index(tmp_path / "huge.idx")
+    rec = IndexedRecordIO(GOLDEN / "train.rec")  # keys not sorted in the file (0 last): lookups through a sort
+    assert rec.positions(np.array([0, 30, 1, 31, 99])).tolist() == [30, 29, 0, -1, -1]
 
 
 # --------------------------------------------------------------------------------------------- processes
