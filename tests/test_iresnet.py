@@ -248,3 +248,17 @@ def test_mobilefacenet_bf16_autocast_is_finite():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images)
     assert out.dtype == torch.float32 and out.shape == (2, 512) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("build", [lambda: build_iresnet("iresnet18", image_size=32, fp16=True),
+                                   lambda: build_mobilefacenet("mbf", image_size=32, fp16=True)])
+def test_fp16_flag_runs_the_body_in_float16_and_the_head_in_float32(build):
+    """insightface's ``fp16=True``: autocast float16 around the body only (here on CPU, 32 px inputs to stay fast)."""
+    model = build()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    if hasattr(model, "forward_features"):
+        assert model.forward_features(images)[-1].dtype == torch.float16
+    out = model(images)
+    assert out.dtype == torch.float32 and out.shape == (2, 512) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
