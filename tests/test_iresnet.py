@@ -3,6 +3,7 @@ functional re-statement of arcface_torch's definitions (backbones/iresnet.py, ba
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +263,26 @@ def test_fp16_flag_runs_the_body_in_float16_and_the_head_in_float32(build):
     assert out.dtype == torch.float32 and out.shape == (2, 512) and torch.isfinite(out).all()
     out.pow(2).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("build", [lambda: build_iresnet("iresnet18", image_size=32),
+                                   lambda: build_mobilefacenet("mbf", image_size=32)])
+def test_traces_and_exports_to_onnx_like_the_timm_embedding_network(build, tmp_path):
+    """The face task exports ``NormalisedEmbedder(network)`` by tracing (TorchScript) and to ONNX: both must hold."""
+    ort = pytest.importorskip("onnxruntime")
+    from lit_tasks.models.embedding import NormalisedEmbedder
+
+    model = build()
+    randomise_(model, 9)
+    embedder = NormalisedEmbedder(model.eval(), flip=True).eval()
+    example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    other = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(10))  # another batch size
+    with torch.no_grad():
+        expected = embedder(other)
+        traced = torch.jit.trace(embedder, example)
+        assert torch.allclose(traced(other), expected, atol=1e-5)
+        torch.onnx.export(embedder, example, str(tmp_path / "net.onnx"), input_names=["images"], output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": other.numpy()})[0]
+    assert got.shape == (3, 512) and np.allclose(got, expected.numpy(), atol=1e-4)

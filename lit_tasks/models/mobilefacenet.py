@@ -145,7 +145,8 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+        if not torch.jit.is_tracing() and (images.ndim != 4 or images.shape[1] != 3
+                                           or tuple(images.shape[-2:]) != (self.image_size, self.image_size)):
             raise ValueError(f"images of shape {tuple(images.shape)}: this network takes (B, 3, {self.image_size}, "
                              f"{self.image_size})")
         x = self.normalize(images)
