@@ -34,7 +34,7 @@ from .tfrecord import (
     read_label_map,
 )
 from .tfrecord.example_pb2 import Example
-from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, uneven_for
 
 BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
 LABEL_KEY, TEXT_KEY, CROWD_KEY = "image/object/class/label", "image/object/class/text", "image/object/is_crowd"
@@ -156,6 +156,6 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         return TFRecordDataset(
             self.files[split], features=DETECTION_FEATURES,
             decode=DetectionDecoder(self.category_ids, self.transform(split)), shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
             on_corrupt=self.on_corrupt,
         )

@@ -76,6 +76,19 @@ def test_same_samples_as_the_coco_datamodule(converted: dict, split: str) -> Non
     assert objects > 0
 
 
+def test_evaluation_splits_records_over_ranks_without_repeats(converted: dict) -> None:
+    """Training pads ranks to equal length (repeats); evaluation must not: metrics would count repeats twice."""
+    tfr = TFRecordDetectionDataModule(converted["train_files"], converted["val_files"], converted["label_map"],
+                                      image_size=64, augment=False, num_workers=0)
+    val, train = tfr.build_dataset("val"), tfr.build_dataset("train")
+    assert (val.uneven, train.uneven) == ("none", "pad")
+    ids = []
+    for rank in range(3):  # 4 validation images over 3 ranks
+        val._explicit_dist = (rank, 3)
+        ids += [int(target["image_id"]) for _, target in val]
+    assert sorted(ids) == [1, 2, 3, 4]
+
+
 def test_fast_dev_run_fit_from_shards(converted: dict, tmp_path: Path) -> None:
     dm = TFRecordDetectionDataModule(converted["train_files"], converted["val_files"], converted["label_map"],
                                      image_size=64, batch_size=2, num_workers=0)

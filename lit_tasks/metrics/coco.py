@@ -6,8 +6,11 @@ pycocotools algorithm, several times faster), given pycocotools' exact float64 t
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchmetrics.detection import MeanAveragePrecision
 
 # pycocotools' exact float64 thresholds (Params.setDetParams): torchmetrics' float32 defaults differ by ~2e-5 in AP.
@@ -30,9 +33,30 @@ COCO_SUMMARY_ROWS = (
 )
 
 
+class COCOMeanAveragePrecision(MeanAveragePrecision):
+    """torchmetrics' MeanAveragePrecision whose DDP sync works when processes evaluated different numbers of images.
+
+    torchmetrics all-gathers its per-image list states one element at a time, so processes holding different
+    numbers of images pair different collectives (gloo aborts, NCCL hangs). Evaluation loaders give every image
+    to exactly one process (processes differ by one image when the set does not divide), so each list state is
+    gathered whole as one object instead, processes concatenated in rank order (the states stay aligned image
+    by image). Ground-truth ``area`` (the annotation's, as pycocotools uses for the area ranges) is a state of
+    torchmetrics' own.
+    """
+
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
+        group = process_group or self.process_group
+        world = dist.get_world_size(group)
+        for attr in self._reductions:
+            local = [t.detach().cpu() for t in getattr(self, attr)]
+            gathered: list[list[torch.Tensor] | None] = [None] * world
+            dist.all_gather_object(gathered, local, group=group)
+            setattr(self, attr, [t.to(self.device) for part in gathered for t in part])
+
+
 def coco_map_metric(**kwargs) -> MeanAveragePrecision:
     """COCO box mAP via faster_coco_eval, with pycocotools' exact IoU/recall thresholds (kwargs pass through)."""
-    return MeanAveragePrecision(
+    return COCOMeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",
         iou_thresholds=COCO_IOU_THRESHOLDS,
