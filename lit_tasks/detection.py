@@ -190,21 +190,17 @@ class DetectionTask(BaseTask):
         return losses["loss"]
 
     def _eval_step(self, batch: tuple[torch.Tensor, list[dict]], metric: MeanAveragePrecision, stage: str) -> list[dict]:
+        """Loss on the training targets; mAP of the detections, mapped to original pixels, against the dataset's
+        own annotations (``target["original"]``: boxes before any resize or clipping, with their ``area``), so a
+        small object a downscale erased still counts as a miss; without them, the targets mapped back."""
         images, targets = batch
         sizes = sizes_of(targets)
         outputs = self.model(images, sizes)
         self.log(f"{stage}/loss", self.losses(outputs, targets)["loss"], batch_size=len(targets), sync_dist=True)
         preds = self.postprocess(outputs, sizes)
-        preds_orig, targets_orig = [], []
-        for p, t in zip(preds, targets):
-            preds_orig.append({**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])})
-            gt = {"boxes": rescale_boxes(t["boxes"].float(), t["size"], t["orig_size"]), "labels": t["labels"]}
-            if "iscrowd" in t:
-                gt["iscrowd"] = t["iscrowd"]
-            targets_orig.append(gt)
-        metric.update(preds_orig, targets_orig)
+        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])} for p, t in zip(preds, targets)]
+        metric.update(preds_orig, [evaluation_target(t) for t in targets])
         return preds
-
     def validation_step(self, batch: Any, batch_idx: int) -> list[dict]:
         return self._eval_step(batch, self.val_map, "val")
 
@@ -228,6 +224,17 @@ class DetectionTask(BaseTask):
             {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
             for p, t in zip(preds, targets)
         ]
+
+
+def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ground truth COCO evaluation scores against: ``target["original"]`` when the DataModule gives it (the
+    dataset's annotations in original pixels, with their areas), else the training target mapped back."""
+    if "original" in target:
+        return target["original"]
+    gt = {"boxes": rescale_boxes(target["boxes"].float(), target["size"], target["orig_size"]), "labels": target["labels"]}
+    if "iscrowd" in target:
+        gt["iscrowd"] = target["iscrowd"]
+    return gt
 
 
 def sizes_of(targets: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:

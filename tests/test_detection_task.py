@@ -214,3 +214,43 @@ def test_channels_last_backbone_gives_the_same_detections():
         out_a, out_b = a.model(images, [(64, 96)] * 2), b.model(images, [(64, 96)] * 2)
     for name in ("cls_logits", "ltrb", "centerness"):
         assert torch.allclose(getattr(out_a, name), getattr(out_b, name), atol=1e-5), name
+
+
+class Found(torch.nn.Module):
+    """A post-processor that returns the same detections for every image."""
+
+    def __init__(self, detections: dict) -> None:
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, outputs, sizes):
+        return [dict(self.detections) for _ in sizes]
+
+
+def test_map_counts_objects_the_resize_erased_as_misses(tmp_path):
+    """COCO mAP scores against the dataset's own boxes: a 3 x 3 px object of a 640 x 480 image resized to 64 px
+    falls under 1 px^2 and leaves the training target, but a detector that misses it must still lose recall."""
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (640, 480), (90, 120, 150)).save(tmp_path / "images" / "a.png")
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 100, 300, 200], "area": 50000.0},
+                   {"id": 2, "image_id": 1, "category_id": 1, "bbox": [600, 20, 3, 3], "area": 7.0}]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 480, "width": 640}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    dm = COCODetectionDataModule(str(tmp_path), train_annotations="val.json", val_annotations="val.json",
+                                 train_images="images", val_images="images", image_size=64, num_workers=0)
+    task = tiny_task(num_classes=1, num_log_images=0)
+    # A detector that finds the large object exactly (input pixels: 640 -> 64 is a 0.1 scale) and nothing else.
+    found = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    task.postprocess = Found(found)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(task, dm, verbose=False)
+    # One of two objects found at precision 1: AP@0.5 = 51/101 on pycocotools' 101 recall points (1.0 if the
+    # erased object were not counted); the small-area AP is 0 (the 7 px^2 object is the only small one).
+    assert float(metrics["val/map_50"]) == pytest.approx(51 / 101, abs=1e-6)
+    assert float(metrics["val/map_small"]) == 0.0 and float(metrics["val/map_large"]) == pytest.approx(1.0)

@@ -72,6 +72,10 @@ def test_same_samples_as_the_coco_datamodule(converted: dict, split: str) -> Non
         torch.testing.assert_close(target_t["boxes"], target["boxes"], atol=1e-3, rtol=0)
         for key in ("labels", "iscrowd", "size", "orig_size", "image_id"):
             assert torch.equal(target_t[key], target[key]), key
+        # The evaluation ground truth travels too: original boxes and the json's (non-box) areas.
+        torch.testing.assert_close(target_t["original"]["boxes"], target["original"]["boxes"], atol=1e-3, rtol=0)
+        for key in ("labels", "iscrowd", "area"):
+            assert torch.equal(target_t["original"][key], target["original"][key]), key
         objects += len(target["labels"])
     assert objects > 0
 
