@@ -93,3 +93,36 @@ def test_rescale_boxes_to_original_size():
     # network input 128 x 256 (h, w) from an original 256 x 1024 image
     out = rescale_boxes(boxes, torch.tensor([128, 256]), torch.tensor([256, 1024]))
     assert out.tolist() == [[40.0, 40.0, 120.0, 80.0]]
+
+
+def test_per_class_table_equals_pycocotools_per_category():
+    from lit_tasks.metrics.coco import format_class_ap_table, per_class_ap
+
+    preds, targets = _random_scene(np.random.default_rng(3))
+    metric = coco_map_metric(class_metrics=True)
+    metric.update(preds, targets)
+    ours = metric.compute()
+    images, anns, dets = [], [], []
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        images.append({"id": i, "width": 500, "height": 500})
+        for b, c, crowd, area in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), t["area"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                         "area": area, "iscrowd": crowd})
+        for b, c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
+            dets.append({"image_id": i, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+    names = ["ant", "bee", "cow"]
+    logged = per_class_ap(ours, names)
+    table = format_class_ap_table(ours, names).splitlines()
+    for c in range(3):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k} for k in range(3)]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+            ev.params.catIds = [c]  # pycocotools' per-category AP
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert float(logged[f"AP/{names[c]}"]) == pytest.approx(ev.stats[0], abs=1e-6)
+        row = next(line for line in table if line.startswith(names[c]))
+        assert f"{100 * ev.stats[0]:.2f}" in row

@@ -227,7 +227,7 @@ class Found(torch.nn.Module):
         return [dict(self.detections) for _ in sizes]
 
 
-def test_map_counts_objects_the_resize_erased_as_misses(tmp_path):
+def test_map_counts_objects_the_resize_erased_as_misses(tmp_path, capsys):
     """COCO mAP scores against the dataset's own boxes: a 3 x 3 px object of a 640 x 480 image resized to 64 px
     falls under 1 px^2 and leaves the training target, but a detector that misses it must still lose recall."""
     import json
@@ -254,3 +254,8 @@ def test_map_counts_objects_the_resize_erased_as_misses(tmp_path):
     # erased object were not counted); the small-area AP is 0 (the 7 px^2 object is the only small one).
     assert float(metrics["val/map_50"]) == pytest.approx(51 / 101, abs=1e-6)
     assert float(metrics["val/map_small"]) == 0.0 and float(metrics["val/map_large"]) == pytest.approx(1.0)
+    assert float(metrics["val/AP/thing"]) == pytest.approx(float(metrics["val/map"]))  # per-class AP, logged by name
+    capsys.readouterr()
+    trainer.test(task, dm, verbose=False)
+    printed = capsys.readouterr().out
+    assert "COCO bbox evaluation" in printed and any(line.startswith("thing ") for line in printed.splitlines())

@@ -75,3 +75,27 @@ def format_coco_table(values: dict[str, torch.Tensor], title: str = "COCO bbox e
         lines.append(f" {name:<18} {short[name]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = "
                      f"{float(values[key]):.3f}")
     return "\n".join(lines)
+
+
+def format_class_ap_table(values: dict[str, torch.Tensor], class_names: list[str] | None = None) -> str:
+    """Per-class AP@[.5:.95] and AR@100 (in %) from a ``class_metrics=True`` result; "-" for a class without
+    ground truth (pycocotools' -1)."""
+    classes = [int(c) for c in values["classes"].reshape(-1).tolist()]
+    names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in classes]
+    ap, ar = values["map_per_class"].reshape(-1).tolist(), values["mar_100_per_class"].reshape(-1).tolist()
+    width = max([len("class"), *(len(n) for n in names)])
+    shown = lambda v: f"{100 * v:7.2f}" if v >= 0 else f"{'-':>7}"  # noqa: E731
+    lines = [f"{'class':<{width}}  {'AP':>7}  {'AR@100':>7}", "-" * (width + 18)]
+    lines += [f"{n:<{width}}  {shown(p)}  {shown(r)}" for n, p, r in zip(names, ap, ar)]
+    return "\n".join(lines)
+
+
+def per_class_ap(values: dict[str, torch.Tensor], class_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{"AP/<class name>": AP}`` for the classes with ground truth, from a ``class_metrics=True`` result."""
+    out = {}
+    for c, ap in zip(values["classes"].reshape(-1).tolist(), values["map_per_class"].reshape(-1)):
+        if float(ap) >= 0:
+            name = class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c))
+            out[f"AP/{str(name).replace(' ', '_')}"] = ap
+    return out
+
