@@ -243,7 +243,7 @@ def test_map_counts_objects_the_resize_erased_as_misses(tmp_path, capsys):
     (tmp_path / "val.json").write_text(json.dumps(coco))
     dm = COCODetectionDataModule(str(tmp_path), train_annotations="val.json", val_annotations="val.json",
                                  train_images="images", val_images="images", image_size=64, num_workers=0)
-    task = tiny_task(num_classes=1, num_log_images=0)
+    task = tiny_task(num_classes=1, num_log_images=0, class_names=["thing"])
     # A detector that finds the large object exactly (input pixels: 640 -> 64 is a 0.1 scale) and nothing else.
     found = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
     task.postprocess = Found(found)
