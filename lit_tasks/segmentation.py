@@ -49,7 +49,8 @@ class SemanticSegmentationTask(BaseTask):
         dropout: dropout before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss on stage 3 (0 builds no auxiliary head).
         class_weights: optional per-class cross-entropy weights (length ``num_classes``).
-        ignore_index: mask label that is neither trained on nor scored; linked from the DataModule.
+        ignore_index: mask label that is neither trained on nor scored; linked from the DataModule. Must be
+            >= num_classes: negative values are refused (mask files hold unsigned ids, so none can carry one).
         class_names: names for per-class logs; linked from the DataModule.
         channels_last: run convolutions in NHWC (about 1.5x faster for conv nets on CPU and tensor cores).
         lr, weight_decay: SGD recipe (momentum 0.9, poly decay with power 0.9) used when ``optimizer`` is None.
@@ -105,7 +106,10 @@ class SemanticSegmentationTask(BaseTask):
             raise ValueError(f"class_weights has {len(class_weights)} entries for num_classes={num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        if 0 <= ignore_index < num_classes:
+        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.masks.check_ignore_index)
+            raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
+                             "can hold a negative value; use an id >= num_classes, e.g. 255")
+        if ignore_index < num_classes:
             raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 

@@ -330,3 +330,18 @@ def test_predictions_do_not_depend_on_batch_mates(tmp_path, model):
     for path in one:
         assert torch.equal(one[path], four[path]), path
     assert m1["val/mIoU"] == m4["val/mIoU"]
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100])
+def test_negative_ignore_index_is_refused_at_construction(tmp_path, ignore_index):
+    """Masks hold unsigned class ids (PNG, TFRecord planes): a negative label can never be read from a mask file,
+    and the uint8/uint16 mask path turned -1 into 255 and F.cross_entropy then raised an IndexError mid-fit."""
+    write_folder_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        tiny_task(num_classes=3, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        FolderSegmentationDataModule(root=str(tmp_path / "data"), num_classes=3, ignore_index=ignore_index)
+    from datamodules import ShapesSegmentationDataModule
+
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        ShapesSegmentationDataModule(ignore_index=ignore_index)
