@@ -259,3 +259,38 @@ def test_map_counts_objects_the_resize_erased_as_misses(tmp_path, capsys):
     trainer.test(task, dm, verbose=False)
     printed = capsys.readouterr().out
     assert "COCO bbox evaluation" in printed and any(line.startswith("thing ") for line in printed.splitlines())
+
+
+def test_frozen_stem_stage_and_batchnorm_do_not_change_during_fit(tmp_path):
+    """frozen_stages=1 + frozen_bn (the recipe with pretrained weights): stem, layer1 and every BatchNorm statistic
+    and affine stay as they were; the rest of the backbone trains."""
+    task = tiny_task(frozen_stages=1, frozen_bn=True, num_log_images=0)
+    backbone = task.model.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(task, tiny_shapes())
+    after = backbone.state_dict()
+    frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1.")) or ".bn" in k or "downsample.1" in k
+              or k.endswith(("running_mean", "running_var"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    trained = [k for k in before if k.startswith(("layer2.", "layer3.", "layer4.")) and k.endswith("conv1.weight")]
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_recipe_freezing_follows_pretrained(monkeypatch):
+    """pretrained=True defaults to frozen BN + frozen stem/stage 1 (mmdet's FCOS recipe); from scratch nothing is
+    frozen (a random network with fixed identity normalisation and zero-initialised last BNs cannot train)."""
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False}))  # no hub
+    pretrained = tiny_task(pretrained=True)
+    scratch = tiny_task()
+    names = lambda t: {type(m).__name__ for m in t.model.backbone.modules()}  # noqa: E731
+    assert "FrozenBatchNorm2d" in names(pretrained) and "BatchNorm2d" not in names(pretrained)
+    assert not pretrained.model.backbone.layer1[0].conv1.weight.requires_grad
+    assert pretrained.model.backbone.layer2[0].conv1.weight.requires_grad
+    assert "FrozenBatchNorm2d" not in names(scratch)
+    assert all(p.requires_grad for p in scratch.model.backbone.parameters())
