@@ -8,9 +8,13 @@ Method (ArcFace, Deng et al. CVPR 2019; insightface arcface_torch, REFERENCE §1
    ``num_identities`` L2-normalised class centres go through a margin head (ArcFace / CosFace /
    SphereFace / combined) and cross entropy, in fp32 whatever the precision.
 3. With ``partial_fc=True`` the centres are sharded across DDP processes and a ``sample_rate`` fraction
-   of them is used per step (:mod:`lit_tasks.losses.partial_fc`); they are then updated by lazy
-   row-sparse SGD inside the task (``lr``, ``momentum``, ``weight_decay``, following the LR schedule
-   of the optimizer), not by the optimizer, and are saved whole in checkpoints.
+   of them is used per step (:mod:`lit_tasks.losses.partial_fc`). They are not Parameters: after each
+   optimizer step, the sampled rows are updated lazily (row-sparse) by the optimizer's own rule with the
+   hyperparameters of its first parameter group as scheduled at that step (``torch.optim.SGD`` with
+   momentum / Nesterov / weight decay, as insightface; ``torch.optim.AdamW`` or ``Adam`` with their state
+   kept per row, as the ViT recipes need; other optimizers are refused). A step the AMP GradScaler skips
+   (inf / NaN gradients) never calls ``optimizer.step()``, so the centres skip it too. Centres and their
+   optimizer state are saved whole in checkpoints, so a resumed run continues exactly.
 4. Validation is verification on pairs of identities never seen in training: the flip-fused embedding
    ``normalize(f(x) + f(mirror x))``, the LFW 10-fold accuracy, TAR@FAR and ROC AUC
    (:class:`lit_tasks.metrics.verification.VerificationMetric`).
@@ -55,8 +59,8 @@ class FaceRecognitionTask(BaseTask):
         margin_gradient: ``"classic"`` (exact derivative) or ``"straight_through"`` (insightface now).
         partial_fc: shard the centres across processes and sample them (Partial FC).
         sample_rate: fraction of centres per step with ``partial_fc`` (positives always kept).
-        lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4), and of
-            the lazy Partial FC centre update.
+        lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4). With an
+            injected optimizer they are unused: its own settings apply, to the Partial FC centres too.
         warmup_steps: linear warm-up of the default warm-up + cosine schedule.
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
@@ -116,9 +120,7 @@ class FaceRecognitionTask(BaseTask):
         h = self.hparams
         margin = build_margin(h.margin, h.scale, h.m1, h.m2, h.m3, h.margin_gradient)
         if h.partial_fc:
-            self.head: nn.Module = PartialFC(
-                h.num_identities, h.embedding_size, margin, h.sample_rate, h.momentum, h.weight_decay
-            )
+            self.head: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, self.head.ddp_ignored_buffers("head.")
@@ -180,12 +182,20 @@ class FaceRecognitionTask(BaseTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
         if isinstance(self.head, PartialFC):
-            group = optimizer.param_groups[0]
-            lr = self.hparams.lr * group["lr"] / group.get("initial_lr", group["lr"])  # follow the schedule
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            self.head.step(lr, float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
+            optimizer = config["optimizer"]
+            self.head.bind_optimizer(optimizer)
+            # After optimizer.step() only: a step the AMP GradScaler skips (inf / NaN gradients) never calls it.
+            optimizer.register_step_post_hook(self._step_centres)
+        return config
+
+    def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.head.step(optimizer.param_groups[0], scale)
 
     def _verification_step(self, batch: dict[str, Any], metric: VerificationMetric) -> dict[str, torch.Tensor]:
         flip = self.embedder()

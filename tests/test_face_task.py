@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from PIL import Image
 
 from datamodules.synthetic.identities import SyntheticFacesDataModule
@@ -219,3 +220,122 @@ def test_ddp_two_processes_partial_fc_fit_and_checkpoint(tmp_path) -> None:
     ddp_metrics, single_metrics = ddp.validate(task, data)[0], single.validate(task, data)[0]
     for key in ("val/verification_accuracy", "val/auc", "val/tar_at_far_1e-2"):
         assert ddp_metrics[key] == pytest.approx(single_metrics[key], abs=1e-7), key
+
+
+# -- Partial FC centres and the injected optimizer (issue 16 item 12) ------------------------------------------
+def fixed_loader(num_identities: int = 6, batch_size: int = 8) -> torch.utils.data.DataLoader:
+    """Synthetic faces in a fixed order without random flips: two runs see exactly the same batches."""
+    from datamodules.synthetic.identities import SyntheticIdentities
+
+    dataset = SyntheticIdentities(num_identities, 4, image_size=32, hflip=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def adamw(params):
+    # eps well above float32 noise: a centre gradient within rounding of 0 (the two runs compute the softmax
+    # gradient in different orders) must not get a full-size Adam step in one run and not in the other.
+    return torch.optim.AdamW(params, lr=3e-3, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.05)
+
+
+def linear_decay(optimizer):
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.2, total_iters=3)
+
+
+def sgd_nesterov(params):
+    return torch.optim.SGD(params, lr=0.02, momentum=0.8, nesterov=True, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", [adamw, sgd_nesterov], ids=["adamw", "sgd_nesterov"])
+def test_partial_fc_centres_follow_the_injected_optimizer_and_schedule(optimizer) -> None:
+    """Every row sampled: the lazy centre update equals the injected optimizer on an ordinary centre Parameter.
+
+    The full-softmax task trains its centres as a Parameter of the injected optimizer (AdamW or Nesterov SGD, lr
+    decayed linearly per step); Partial FC must give the same centres (and so the same backbone) step by step.
+    Tolerance: 3 steps of float32 updates of O(1e-2) weights whose gradients agree to ~1e-6 relative.
+    """
+    kwargs = dict(optimizer=optimizer, lr_scheduler=linear_decay, lr_scheduler_interval="step", lr=0.5)
+    full = tiny_task(**kwargs)
+    pfc = tiny_task(partial_fc=True, sample_rate=1.0, **kwargs)
+    pfc.model.load_state_dict(full.model.state_dict())
+    with torch.no_grad():
+        pfc.head.weight.copy_(full.head.weight)
+    for task in (full, pfc):
+        quiet_trainer(max_steps=3, limit_val_batches=0).fit(task, train_dataloaders=fixed_loader())
+    assert not torch.equal(pfc.head.weight, full.head.weight.new_zeros(()))  # trained at all
+    torch.testing.assert_close(pfc.head.weight, full.head.weight.detach(), rtol=1e-4, atol=1e-6)
+    for (name, a), b in zip(pfc.model.state_dict().items(), full.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class NaNBackboneGradient(pl.Callback):
+    """Makes one backbone gradient NaN on the given steps, as an fp16 overflow would: the GradScaler skips them."""
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        self.steps, self.scales = steps, []
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps:
+            grad = next(p for p in pl_module.model.parameters() if p.grad is not None).grad
+            grad[(0,) * grad.ndim] = float("nan")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def fp16_with_scaler() -> MixedPrecision:
+    """float16 autocast with torch's GradScaler on the CPU (``precision="16-mixed"`` alone becomes bf16 there)."""
+    # A small initial scale: the default 2**16 overflows float16 gradients here, and the step is skipped anyway.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+
+
+def test_partial_fc_centres_skip_the_steps_the_grad_scaler_skips() -> None:
+    """16-mixed on CPU: a NaN backbone gradient makes torch's GradScaler skip optimizer.step and halve its scale;
+    the centres must not move on that step either (they did: the lazy update ran in on_before_optimizer_step)."""
+    task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6)
+    before_model = {k: v.clone() for k, v in task.model.state_dict().items()}
+    before = task.head.weight.clone()
+    nan = NaNBackboneGradient(steps=(0,))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
+    trainer.fit(task, train_dataloaders=fixed_loader())
+    assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0] / 2  # the scaler saw the NaN and skipped
+    assert all(torch.equal(v, before_model[k]) for k, v in task.model.state_dict().items() if "num_batches" not in k
+               and "running" not in k)  # the optimizer step was skipped (BN statistics move in forward)
+    assert torch.equal(task.head.weight, before)
+    # A step the scaler takes still updates the centres.
+    nan.steps, nan.scales = (), []
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
+    trainer.fit(task, train_dataloaders=fixed_loader())
+    assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0]  # taken: no inf, the scale stays
+    assert not torch.equal(task.head.weight, before)
+
+
+class SeedEachStep(pl.Callback):
+    """Seeds torch before each step, so Partial FC's negative sampling does not depend on how the run got there
+    (Lightning restores no RNG state, and a resumed run draws loader seeds at other moments)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        torch.manual_seed(1000 + trainer.global_step)
+
+
+def test_partial_fc_resume_with_adamw_continues_exactly(tmp_path) -> None:
+    """Per-row AdamW state (moments, step counts) is in the checkpoint: 2 epochs == 1 epoch + save + resume 1."""
+    def decay(optimizer):
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=4)
+
+    def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[FaceRecognitionTask, pl.Trainer]:
+        task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6, optimizer=adamw, lr_scheduler=decay,
+                         lr_scheduler_interval="step")
+        trainer = quiet_trainer(max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=0,
+                                callbacks=[SeedEachStep()])
+        trainer.fit(task, train_dataloaders=fixed_loader(), ckpt_path=ckpt_path)
+        return task, trainer
+
+    straight, _ = run(2)
+    first, trainer = run(1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    state = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert {"head.exp_avg", "head.exp_avg_sq", "head.row_steps"} <= set(state)
+    assert len(set(state["head.row_steps"].tolist())) > 1  # rows sampled a different number of times: per-row state
+    resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
+    for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
+        assert torch.equal(getattr(resumed.head, name), getattr(straight.head, name)), name
