@@ -2,8 +2,8 @@
 
 Method (ArcFace, Deng et al. CVPR 2019; insightface arcface_torch, REFERENCE §1):
 
-1. A timm backbone and the BN-Dropout-FC-BN head map a ``(B, 3, 112, 112)`` face in [0, 1] (normalised
-   inside as ``(x - 0.5) / 0.5``) to a 512-d embedding.
+1. insightface's IResNet (or MobileFaceNet, or a timm backbone under the same BN-Dropout-FC-BN head)
+   maps a ``(B, 3, 112, 112)`` face in [0, 1] (normalised inside as ``(x - 0.5) / 0.5``) to a 512-d embedding.
 2. Training treats every identity as a class: cosines between the L2-normalised embedding and the
    ``num_identities`` L2-normalised class centres go through a margin head (ArcFace / CosFace /
    SphereFace / combined) and cross entropy, in fp32 whatever the precision.
@@ -17,12 +17,17 @@ Method (ArcFace, Deng et al. CVPR 2019; insightface arcface_torch, REFERENCE §1
    optimizer state are saved whole in checkpoints, so a resumed run continues exactly.
 4. Validation is verification on pairs of identities never seen in training: the flip-fused embedding
    ``normalize(f(x) + f(mirror x))``, the LFW 10-fold accuracy, TAR@FAR and ROC AUC
-   (:class:`lit_tasks.metrics.verification.VerificationMetric`).
+   (:class:`lit_tasks.metrics.verification.VerificationMetric`). Several named sets (insightface's
+   ``lfw``, ``cfp_fp``, ``agedb_30`` ``.bin`` files) are validated in one loop, one dataloader each, each
+   with its own 10-fold result (``val/lfw/accuracy``, ``val/lfw/tar_at_far_1e-3``, ...); their mean is
+   ``val/verification_accuracy``, the monitored metric (one unnamed set logs ``val/verification_accuracy``,
+   ``val/auc``, ``val/tar_at_far_*`` directly).
 
 Batches: training ``(images (B,3,S,S), labels (B,) int64 in [0, num_identities))``; validation / test a
 dict with ``image_a``, ``image_b`` ``(B,3,S,S)``, ``same`` ``(B,)`` bool and ``index`` ``(B,)`` int64 (the
-pair's position in the pairs list; fold membership depends on it); predict a dict with ``image`` and
-optionally ``name`` (list of str), or a plain tensor of images.
+pair's position in its set; fold membership depends on it), from dataloader ``k`` for the k-th of
+``verification_sets``; predict a dict with ``image`` and optionally ``name`` (list of str), or a plain tensor
+of images.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
-from lit_tasks.models.embedding import EmbeddingNetwork, NormalisedEmbedder
+from lit_tasks.models.embedding import NormalisedEmbedder, build_face_network
 
 
 class FaceRecognitionTask(BaseTask):
@@ -48,9 +53,14 @@ class FaceRecognitionTask(BaseTask):
 
     Args:
         num_identities: training identities (classes), linked from the DataModule.
-        backbone: timm model name (``features_only`` support); its last stage feeds the head.
+        backbone: ``iresnet18|34|50|100|200`` (insightface's IResNet, the network of the published
+            arcface_torch numbers), ``mbf`` / ``mbf_large`` (MobileFaceNet): names starting with ``iresnet`` or
+            ``mbf`` are built from insightface's definitions; every other name is a timm model
+            (``features_only``; its last stage feeds insightface's embedding head). One rule, no registry:
+            :func:`lit_tasks.models.embedding.build_face_network`.
         image_size: input side S (112 for aligned faces); the FC is sized for it.
-        output_stride: backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet.
+        output_stride: timm backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet (the
+            insightface networks have stride 16 by construction).
         embedding_size: D (512 in insightface).
         dropout: dropout before the embedding FC.
         margin: ``"arcface"``, ``"cosface"``, ``"sphereface"``, ``"combined"`` or ``"softmax"``.
@@ -67,15 +77,20 @@ class FaceRecognitionTask(BaseTask):
 
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
         flip_test: fuse the embedding of the mirrored image at validation, test, predict and export time.
-        num_log_images: validation faces shown with their embeddings in TensorBoard's projector each epoch,
-            with the ROC curve (0 disables both).
+        num_log_images: validation faces shown with their embeddings in TensorBoard's projector each epoch
+            (from the first set), with the ROC curve of every set (0 disables both).
+        verification_sets: names of the validation / test sets, one per dataloader in this order (linked
+            from the DataModule by the CLI: the ``.bin`` stems); None for one unnamed set.
 
         optimizer, lr_scheduler, lr_scheduler_interval: injected callables (see ``BaseTask``).
     """
 
     monitor = "val/verification_accuracy"
     mode = "max"
-    eval_options = ("flip_test", "num_log_images")
+    eval_options = ("flip_test", "num_log_images", "verification_sets")
+    SET_KEYS = {"verification_accuracy": "accuracy", "verification_accuracy_std": "accuracy_std",
+                "threshold": "threshold", "auc": "auc", "tar_at_far_1e-4": "tar_at_far_1e-4",
+                "tar_at_far_1e-3": "tar_at_far_1e-3", "tar_at_far_1e-2": "tar_at_far_1e-2"}
 
     def __init__(
         self,
@@ -101,18 +116,21 @@ class FaceRecognitionTask(BaseTask):
         pretrained: bool = False,
         flip_test: bool = True,
         num_log_images: int = 300,
+        verification_sets: list[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
         if num_identities < 2:
             raise ValueError(f"num_identities={num_identities}: a softmax over identities needs at least 2")
+        if verification_sets is not None and (not verification_sets or len(set(verification_sets)) != len(verification_sets)):
+            raise ValueError(f"verification_sets={verification_sets!r}: give distinct names, one per dataloader")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
-        self.model = EmbeddingNetwork(
+        self.model = build_face_network(
             h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
         )
 
@@ -129,8 +147,10 @@ class FaceRecognitionTask(BaseTask):
             self.head = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
 
     def configure_metrics(self) -> None:
-        self.val_verification = VerificationMetric()
-        self.test_verification = VerificationMetric()
+        # One metric per verification set (dataloader), in the order of ``verification_sets``.
+        count = len(self.verification_sets or [None])
+        self.val_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
+        self.test_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [EmbeddingProjector(max_images=self.num_log_images)] if self.num_log_images > 0 else []
@@ -197,23 +217,53 @@ class FaceRecognitionTask(BaseTask):
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self.head.step(optimizer.param_groups[0], scale)
 
-    def _verification_step(self, batch: dict[str, Any], metric: VerificationMetric) -> dict[str, torch.Tensor]:
+    def _verification_step(self, batch: dict[str, Any], metrics: nn.ModuleList, dataloader_idx: int
+                           ) -> dict[str, torch.Tensor]:
+        if dataloader_idx >= len(metrics):
+            raise ValueError(f"verification dataloader {dataloader_idx} has no set: verification_sets="
+                             f"{self.verification_sets!r} names {len(metrics)}; give one name per dataloader "
+                             "(the CLI links the DataModule's verification_sets)")
         flip = self.embedder()
         embeddings_a, embeddings_b = flip(batch["image_a"]), flip(batch["image_b"])
-        metric.update(embeddings_a, embeddings_b, batch["same"], batch["index"])
+        metrics[dataloader_idx].update(embeddings_a, embeddings_b, batch["same"], batch["index"])
         return {"embeddings_a": embeddings_a, "embeddings_b": embeddings_b}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.val_verification)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._verification_step(batch, self.val_verification, dataloader_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.test_verification)
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._verification_step(batch, self.test_verification, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch_metric(self.val_verification, "val")
+        self.log_verification(self.val_verification, "val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_epoch_metric(self.test_verification, "test")
+        self.log_verification(self.test_verification, "test")
+
+    def log_verification(self, metrics: nn.ModuleList, stage: str) -> None:
+        """Compute, log and keep each set's result; named sets under ``stage/<name>/`` and their mean accuracy.
+
+        ``epoch_results[stage]`` holds the first set's full result (ROC curve included) with the mean accuracy as
+        ``verification_accuracy`` and the set's name as ``set_name``; ``epoch_results[f"{stage}/{name}"]`` each
+        named set's. Every process computes every set (the metric's DDP sync is a collective).
+        """
+        if not self.verification_sets:
+            self.log_epoch_metric(metrics[0], stage)
+            self.epoch_results[stage]["set_name"] = None
+            return
+        accuracies = []
+        for name, metric in zip(self.verification_sets, metrics):
+            values = metric.compute()
+            metric.reset()
+            self.log_metrics({short: values[key] for key, short in self.SET_KEYS.items() if key in values},
+                             f"{stage}/{name}")
+            result = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in values.items()}
+            self.epoch_results[f"{stage}/{name}"] = {**result, "set_name": name}
+            accuracies.append(float(values["verification_accuracy"]))
+        mean = torch.tensor(sum(accuracies) / len(accuracies), dtype=torch.float64)
+        self.log_metrics({"verification_accuracy": mean}, stage)
+        first = self.epoch_results[f"{stage}/{self.verification_sets[0]}"]
+        self.epoch_results[stage] = {**first, "verification_accuracy": mean, "set_name": self.verification_sets[0]}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """``{"embeddings": (B, D) L2-normalised on CPU, "names": list[str] | None}``."""

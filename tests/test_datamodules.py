@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What lit_tasks.cli links from the DataModule into the task (LINKED_SIZES, and ignore_index): Lightning refuses
 # to start when a DataModule saved one of these under the same name with another value ("Error while merging
 # hparams").
-LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index")
+LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
