@@ -23,7 +23,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from .faces import FaceDataModule, face_transform, identity_sample, scan_identity_folders
+from .faces import FaceDataModule, NamedIdentities, face_transform, identity_sample, scan_identity_folders
 from .tfrecord import (
     FixedLen,
     TFRecordDataset,
@@ -97,8 +97,8 @@ class IdentityDecoder:
         return identity_sample(decode_image_feature(example), label, self.transform)
 
 
-class TFRecordIdentityDataModule(FaceDataModule):
-    """Face recognition from identity shards (``data/faces-*.tfrecord``) with LFW-style or CSV verification pairs.
+class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
+    """Face recognition from identity shards (``data/faces-*.tfrecord``), verified on LFW-style / CSV pairs or ``.bin`` sets.
 
     Args:
         train_files: training shards, paths or glob patterns (plain, ``.gz`` or ``.zlib``).
@@ -106,6 +106,8 @@ class TFRecordIdentityDataModule(FaceDataModule):
             writes ``OUT.label_map.pbtxt``).
         pairs: LFW ``pairs.txt`` or ``path_a,path_b,same`` CSV for validation / test.
         pairs_root: folder the pair paths are relative to (default: the pairs file's folder).
+        val_bins: insightface ``.bin`` verification sets instead of ``pairs`` (relative to the working directory
+            or absolute), one validation dataloader each.
         predict_root: folder whose images (recursively) ``predict`` embeds; default the pairs' images.
         image_size: side S the images are resized to.
         augment: random horizontal flips when training (off: the evaluation transform).
@@ -120,8 +122,9 @@ class TFRecordIdentityDataModule(FaceDataModule):
         self,
         train_files: str | list[str],
         label_map: str,
-        pairs: str,
+        pairs: str | None = None,
         pairs_root: str | None = None,
+        val_bins: list[str] | None = None,
         predict_root: str | None = None,
         image_size: int = 112,
         augment: bool = True,
@@ -132,8 +135,9 @@ class TFRecordIdentityDataModule(FaceDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, predict_root=predict_root,
-                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
+                         predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.save_hyperparameters()
         self.train_files, self.label_map = train_files, label_map
         self.augment, self.shuffle_buffer, self.seed, self.on_corrupt = augment, shuffle_buffer, seed, on_corrupt

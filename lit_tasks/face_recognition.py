@@ -46,6 +46,7 @@ from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
 from lit_tasks.models.embedding import NormalisedEmbedder, build_face_network
+from lit_tasks.schedules import warmup_poly
 
 
 class FaceRecognitionTask(BaseTask):
@@ -71,7 +72,7 @@ class FaceRecognitionTask(BaseTask):
         sample_rate: fraction of centres per step with ``partial_fc`` (positives always kept).
         lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4). With an
             injected optimizer they are unused: its own settings apply, to the Partial FC centres too.
-        warmup_steps: linear warm-up of the default warm-up + cosine schedule.
+        warmup_steps: linear warm-up of the default schedule (arcface_torch's: warm-up, then linear decay to 0).
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
 
@@ -163,6 +164,11 @@ class FaceRecognitionTask(BaseTask):
         """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5)."""
         h = self.hparams
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """arcface_torch's ``PolynomialLRWarmup`` (REFERENCE §1.5): linear warm-up over ``warmup_steps``, then linear
+        decay (power 1) to 0 at the last step, stepped every optimizer step."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps, power=1.0))
 
     # -- inference -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,7 @@ def every_datamodule(class_file: str) -> dict[str, list[dict]]:
         "ShapesDetectionDataModule": [{}],
         "IdentityFolderDataModule": [dict(root="faces")],
         "TFRecordIdentityDataModule": [dict(train_files="t", label_map="map.pbtxt", pairs="pairs.txt")],
+        "RecordIOFaceDataModule": [dict(rec="train.rec", val_bins=["lfw.bin"])],
         "SyntheticFacesDataModule": [{}],
         "VOCSegmentationDataModule": [{}, dict(class_names_file=class_file), dict(num_classes=21)],
         "FolderSegmentationDataModule": [dict(class_names_file=class_file), dict(num_classes=3),

@@ -21,8 +21,10 @@ from lit_tasks.face_recognition import FaceRecognitionTask
 from lit_tasks.losses.partial_fc import PartialFC
 
 ROOT = Path(__file__).resolve().parents[1]
-# arcface_tfrecord.yaml needs shards: tests/test_tfrecord_faces.py runs it.
-FACE_CONFIGS = sorted(p for p in (ROOT / "configs" / "face").glob("*.yaml") if "tfrecord" not in p.name)
+# arcface_tfrecord.yaml needs shards: tests/test_tfrecord_faces.py runs it; arcface_ms1m.yaml needs a RecordIO pack:
+# tests/test_recordio_faces.py runs it on the golden insightface files.
+FACE_CONFIGS = sorted(p for p in (ROOT / "configs" / "face").glob("*.yaml") if p.name not in ("arcface_tfrecord.yaml",
+                                                                                              "arcface_ms1m.yaml"))
 SMALL_SYNTHETIC = ["--data.num_train_identities=6", "--data.samples_per_identity=2", "--data.num_val_identities=4",
                    "--data.val_samples_per_identity=2", "--data.num_val_pairs=20", "--data.batch_size=4",
                    "--data.num_workers=0"]
@@ -60,7 +62,7 @@ def write_face_folder(root: Path, identities: int = 3, per_identity: int = 2, si
 
 def test_every_face_config_is_covered() -> None:
     names = {p.name for p in (ROOT / "configs" / "face").glob("*.yaml")}
-    assert names == {"arcface_synthetic.yaml", "arcface_folder.yaml", "arcface_tfrecord.yaml"}
+    assert names == {"arcface_synthetic.yaml", "arcface_folder.yaml", "arcface_tfrecord.yaml", "arcface_ms1m.yaml"}
 
 
 @pytest.mark.parametrize("config", FACE_CONFIGS, ids=lambda p: p.name)
@@ -339,3 +341,78 @@ def test_partial_fc_resume_with_adamw_continues_exactly(tmp_path) -> None:
     resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
         assert torch.equal(getattr(resumed.head, name), getattr(straight.head, name)), name
+
+
+# -- several verification sets in one validation loop ---------------------------------------------------------------
+def write_synthetic_bin(path: Path, num_pairs: int, first_identity: int, image_size: int = 32) -> Path:
+    """An insightface-style .bin (pickled (JPEG list, issame list)) of synthetic faces, same and different pairs."""
+    import io
+    import pickle
+
+    from datamodules.synthetic.identities import render_identity
+
+    def jpeg(identity: int, sample: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(render_identity(identity, sample, image_size=image_size)).save(out, format="JPEG", quality=95)
+        return out.getvalue()
+
+    images, issame = [], []
+    for k in range(num_pairs):
+        a = first_identity + k // 2
+        b = a if k % 3 else a + 50  # two same pairs, then a different one
+        images += [jpeg(a, 0), jpeg(b, 1)]
+        issame.append(a == b)
+    with open(path, "wb") as f:
+        pickle.dump((images, issame), f, protocol=2)
+    return path
+
+
+def two_set_data(tmp_path: Path, batch_size: int = 4):
+    from datamodules.faces import IdentityFolderDataModule
+
+    write_face_folder(tmp_path / "faces", size=32)
+    bins = [str(write_synthetic_bin(tmp_path / "setA.bin", 13, 1000)),
+            str(write_synthetic_bin(tmp_path / "setB.bin", 20, 2000))]
+    return IdentityFolderDataModule(str(tmp_path / "faces"), val_bins=bins, image_size=32, batch_size=batch_size,
+                                    num_workers=0)
+
+
+def test_several_sets_equal_each_set_alone(tmp_path) -> None:
+    """val/<set>/* of one validation loop over two .bin sets == the verification metric run on each set alone."""
+    from lit_tasks.metrics.verification import VerificationMetric
+
+    dm = two_set_data(tmp_path)
+    task = tiny_task(num_identities=dm.num_identities, verification_sets=dm.verification_sets)
+    assert dm.verification_sets == ["setA", "setB"]
+    logged = quiet_trainer().validate(task, dm)  # one result dict per dataloader, holding every logged value
+    results = logged[0]
+    accuracies = []
+    for name, loader in zip(dm.verification_sets, dm.val_dataloader()):
+        alone = VerificationMetric()
+        for batch in loader:
+            alone.update(task.embed(batch["image_a"]), task.embed(batch["image_b"]), batch["same"], batch["index"])
+        expected = alone.compute()
+        accuracies.append(float(expected["verification_accuracy"]))
+        assert results[f"val/{name}/accuracy"] == pytest.approx(float(expected["verification_accuracy"]), abs=1e-7)
+        for key in ("tar_at_far_1e-3", "auc", "threshold", "accuracy_std"):
+            source = "verification_accuracy_std" if key == "accuracy_std" else key
+            assert results[f"val/{name}/{key}"] == pytest.approx(float(expected[source]), abs=1e-6), (name, key)
+        assert torch.equal(task.epoch_results[f"val/{name}"]["fold_accuracy"], expected["fold_accuracy"])
+    assert results["val/verification_accuracy"] == pytest.approx(sum(accuracies) / 2, abs=1e-7)
+    assert not any("dataloader_idx" in key for key in results)  # epoch-end keys carry no loader suffix
+    assert task.epoch_results["val"]["set_name"] == "setA"  # the projector / ROC view: the first set
+    with pytest.raises(ValueError, match=r"verification dataloader 1 has no set: verification_sets=None names 1"):
+        quiet_trainer().validate(tiny_task(num_identities=3), dm)
+
+
+@pytest.mark.slow
+def test_several_sets_under_ddp_equal_one_process(tmp_path) -> None:
+    """2 processes (gloo, ddp_spawn), sets of 13 and 20 pairs and batches of 4: every per-set value as in 1 process."""
+    dm = two_set_data(tmp_path, batch_size=4)
+    task = tiny_task(num_identities=dm.num_identities, verification_sets=dm.verification_sets)
+    single = quiet_trainer(devices=1).validate(task, dm)[0]
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path).validate(task, dm)[0]
+    for key in ("val/setA/accuracy", "val/setB/accuracy", "val/setB/tar_at_far_1e-2", "val/setA/auc",
+                "val/verification_accuracy"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-7), key

@@ -201,7 +201,7 @@ class VerificationMetric(Metric):
         process only, so a small set may leave one without any) joins the gather with empty states of the right
         dtype; torchmetrics would send float32 placeholders that do not match the other processes' bool / int64."""
         for name, dtype in self.STATE_DTYPES.items():
-            if not getattr(self, name):
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
                 getattr(self, name).append(torch.empty(0, dtype=dtype, device=self.device))
         if dist_sync_fn is None:
             super()._sync_dist(process_group=process_group)
@@ -209,7 +209,7 @@ class VerificationMetric(Metric):
             super()._sync_dist(dist_sync_fn, process_group)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.dist:  # nothing seen anywhere: NaN results (verification_report warns about too few pairs)
+        if isinstance(self.dist, list) and not self.dist:  # nothing seen anywhere: NaN results (verification_report warns about too few pairs)
             return verification_report(np.zeros(0), np.zeros(0, dtype=bool), self.n_folds)
         dist = dim_zero_cat(self.dist).cpu().numpy()
         same = dim_zero_cat(self.same).cpu().numpy()
