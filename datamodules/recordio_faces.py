@@ -24,6 +24,14 @@ from .images import decode_image
 from .recordio import RecordIODataset, class_of
 
 
+def identity_count(records: RecordIODataset) -> int:
+    """Training identities of a pack: the header record's, else the ``property`` file's, else largest label + 1."""
+    if records.num_identities is not None:
+        return records.num_identities
+    labels = records.labels()
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
 class RecordIOIdentities(Dataset):
     """``(image (3,S,S) float [0,1], label int64)`` for item ``i`` of a :class:`~datamodules.recordio.RecordIODataset`.
 
@@ -105,11 +113,7 @@ class RecordIOFaceDataModule(FaceDataModule):
     def num_identities(self) -> int:
         """Training identities: header record, else ``property`` file, else largest label + 1."""
         if self._num_identities is None:
-            records = self.records()
-            count = records.num_identities
-            if count is None:
-                labels = records.labels()
-                count = int(labels.max()) + 1 if len(labels) else 0
+            count = identity_count(self.records())
             if count < 2:
                 raise ValueError(f"{self.rec}: {count} identit{'y' if count == 1 else 'ies'}; face recognition needs "
                                  "at least 2")

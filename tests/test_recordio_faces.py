@@ -363,3 +363,34 @@ def test_iresnet_checkpoint_predicts_exports_and_projects(tmp_path: Path) -> Non
     report = export_tool.main(["--task", "lit_tasks.FaceRecognitionTask", "--ckpt", str(last), "--out",
                                str(tmp_path / "exported")])
     assert report["torchscript"]["max_abs_error"] <= 1e-4 and report["onnx"]["max_abs_error"] <= 1e-4
+
+
+# -- tools/make_tfrecords.py rec -------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
+@pytest.mark.parametrize("layout", ["train", "plain"])
+def test_rec_to_tfrecord_shards_give_the_same_samples_shuffled(tmp_path: Path, layout: str) -> None:
+    from test_tfrecord_detection import make_tfrecords
+
+    from datamodules.tfrecord import read_examples, read_label_map
+    from datamodules.tfrecord_faces import IDENTITY_FEATURES
+
+    out = tmp_path / "shards" / "ms1m"
+    paths = make_tfrecords("rec", "--rec", str(GOLDEN / f"{layout}.rec"), "--out", str(out), "--num-shards", "3",
+                           "--seed", "5")
+    assert len(paths) == 3
+    assert read_label_map(f"{out}.label_map.pbtxt") == (list(range(6)), [str(k) for k in range(6)])
+    order = [example["image/source_id"].decode() for path in paths
+             for example in read_examples(path, features=IDENTITY_FEATURES)]
+    keys = VALUES[layout]["image_keys"]
+    in_shard_order = [f"{layout}.rec:{keys[k]}" for k in np.random.default_rng(5).permutation(24)]
+    assert sorted(order) == sorted(in_shard_order)  # every image once
+    assert order[:8] == in_shard_order[0::3]  # the seeded order, dealt round-robin: shard 0 holds records 0, 3, 6, ...
+    assert order[:8] != sorted(order[:8], key=lambda s: int(s.split(":")[1]))  # not the pack's identity order
+    tfr = TFRecordIdentityDataModule(f"{out}-*.tfrecord", f"{out}.label_map.pbtxt", val_bins=[str(GOLDEN / "lfw.bin")],
+                                     augment=False, num_workers=0)
+    rec = RecordIOFaceDataModule(rec=str(GOLDEN / f"{layout}.rec"), val_bins=["lfw.bin"], augment=False, num_workers=0)
+    assert tfr.num_identities == rec.num_identities == 6
+    tfr.setup("fit")
+    rec.setup("fit")
+    keyed = lambda samples: sorted((int(label), image.numpy().tobytes()) for image, label in samples)  # noqa: E731
+    assert keyed(tfr.train_set) == keyed(rec.train_set)  # the same JPEG bytes, decoded by the same code
