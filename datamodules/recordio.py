@@ -315,8 +315,11 @@ class IndexedRecordIO:
         """The payload of the record on row ``row`` of the ``.idx`` (a view of a fresh buffer for one-chunk records)."""
         key, offset, end = int(self.keys[row]), int(self.offsets[row]), int(self._ends[row])
         fd = self._descriptor()
-        size = os.fstat(fd).st_size
-        buf = os.pread(fd, min(max(end - offset, CHUNK_HEADER.size), _FIRST_READ_CAP), offset)
+        wanted = min(max(end - offset, CHUNK_HEADER.size), _FIRST_READ_CAP)
+        buf = os.pread(fd, wanted, offset)
+        # One system call per record: the size found when the index was read holds unless a read comes up short
+        # (the file shrank since), and then the current size names the damage precisely.
+        size = self.size if len(buf) == wanted else os.fstat(fd).st_size
         parts: list[bytes | memoryview] = []
         pos, first = 0, True  # pos: position of the current chunk, relative to offset
         while True:
