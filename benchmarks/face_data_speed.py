@@ -1,4 +1,4 @@
-"""Face training data speed: RecordIO vs TFRecord shards vs an image folder (same JPEGs), and RecordIO raw reads vs MXNet.
+"""Face training data speed: RecordIO vs TFRecord vs an image folder (same JPEGs); RecordIO raw reads vs MXNet.
 
     python benchmarks/face_data_speed.py [--images 3000] [--repeats 3] [--workers 1 2] [--dir DIR]
         [--mxnet-python /tmp/mxenv/bin/python]
@@ -42,8 +42,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from datamodules.recordio import CHUNK_HEADER, IR_HEADER, LENGTH_MASK, IndexedRecordIO, IRHeader, pack_record  # noqa: E402
-from datamodules.recordio import write_recordio  # noqa: E402
+from datamodules.recordio import (  # noqa: E402
+    CHUNK_HEADER,
+    IR_HEADER,
+    LENGTH_MASK,
+    IndexedRecordIO,
+    IRHeader,
+    pack_record,
+    write_recordio,
+)
 
 PER_IDENTITY = 20
 BATCH = 128

@@ -221,7 +221,8 @@ class IdentityImages(Dataset):
 class PairImages(Dataset):
     """Verification pairs as dicts (``image_a``, ``image_b``, ``same``, ``index``, ``identity_a/b``)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path, bool]], transform: A.Compose, load: FaceLoader | None = None) -> None:
+    def __init__(self, pairs: list[tuple[Path, Path, bool]], transform: A.Compose,
+                 load: FaceLoader | None = None) -> None:
         self.pairs, self.transform, self.load = pairs, transform, load or FaceLoader()
 
     def __len__(self) -> int:
@@ -389,7 +390,9 @@ class FaceDataModule(BaseDataModule):
         transform = face_transform(self.image_size, train=False)
         names = self.verification_sets
         if split == "val":
-            return self.bin_set(names[0]) if names else PairImages(self.verification_pairs(), transform, self.image_loader)
+            if names:
+                return self.bin_set(names[0])
+            return PairImages(self.verification_pairs(), transform, self.image_loader)
         if names and split.startswith("val/") and split[4:] in names:
             path = self.bin_paths()[names.index(split[4:])]
             return VerificationBinDataset(path, ArrayTransform(transform))

@@ -434,8 +434,10 @@ class RecordIODataset:
     decoded by the DataModules' one decoder, :func:`datamodules.images.decode_image` (Pillow: libjpeg-turbo's
     accurate integer IDCT and "fancy" chroma upsampling, the mode OpenCV's ``imdecode`` uses inside
     ``mx.image.imdecode``), so the pixels equal MXNet's: every golden image hashes to the ``rgb_sha256`` of
-    ``values.json``. Greyscale and palette images become RGB (MXNet's default ``flag=1`` also gives 3 channels);
-    a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's. Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
+    ``values.json``. Greyscale and palette images become RGB (MXNet's default ``flag=1`` also gives 3
+    channels); a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's.
+
+    Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
     ``.idx`` order, exactly as insightface's ``MXFaceDataset``. Where the reference would fail (no record 0: MXNet
     raises ``KeyError``), every key is an image here.
 

@@ -120,7 +120,7 @@ class IdentityDecoder:
 
 
 class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
-    """Face recognition from identity shards (``data/faces-*.tfrecord``), verified on LFW-style / CSV pairs or ``.bin`` sets.
+    """Face recognition from identity shards (``data/faces-*.tfrecord``), verified on pairs files or ``.bin`` sets.
 
     Args:
         train_files: training shards, paths or glob patterns (plain, ``.gz`` or ``.zlib``).

@@ -124,7 +124,8 @@ class FaceRecognitionTask(BaseTask):
     ) -> None:
         if num_identities < 2:
             raise ValueError(f"num_identities={num_identities}: a softmax over identities needs at least 2")
-        if verification_sets is not None and (not verification_sets or len(set(verification_sets)) != len(verification_sets)):
+        if verification_sets is not None and (not verification_sets
+                                              or len(set(verification_sets)) != len(verification_sets)):
             raise ValueError(f"verification_sets={verification_sets!r}: give distinct names, one per dataloader")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
@@ -165,7 +166,8 @@ class FaceRecognitionTask(BaseTask):
         h = self.hparams
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
 
-    def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         """arcface_torch's ``PolynomialLRWarmup`` (REFERENCE §1.5): linear warm-up over ``warmup_steps``, then linear
         decay (power 1) to 0 at the last step, stepped every optimizer step."""
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps, power=1.0))
@@ -234,7 +236,8 @@ class FaceRecognitionTask(BaseTask):
         metrics[dataloader_idx].update(embeddings_a, embeddings_b, batch["same"], batch["index"])
         return {"embeddings_a": embeddings_a, "embeddings_b": embeddings_b}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int,
+                        dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self._verification_step(batch, self.val_verification, dataloader_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:

@@ -92,7 +92,8 @@ def test_lazy_sgd_equals_torch_sgd_when_every_row_is_sampled(nesterov: bool) -> 
         assert pfc.step(opt.param_groups[0])
         # Gradients of a 64-scaled softmax (O(1)), momentum sums up to ~10 of them: update <= lr x 10 = 1.
         torch.testing.assert_close(pfc.weight, full.weight.detach(), **update_tolerance(step + 1, 1.0))
-    torch.testing.assert_close(pfc.momentum_buffer, opt.state[full.weight]["momentum_buffer"], **update_tolerance(3, 10.0))
+    torch.testing.assert_close(pfc.momentum_buffer, opt.state[full.weight]["momentum_buffer"],
+                               **update_tolerance(3, 10.0))
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam])
@@ -212,7 +213,8 @@ def test_checkpoint_holds_full_matrix_and_state_and_restores_any_shard() -> None
     start, n = shard_range(11, 1, 3)
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
         assert torch.equal(getattr(shard, name), state[name][start : start + n]), name
-    shard.bind_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))  # another rule: Adam state dropped
+    # Another rule: the Adam state is dropped.
+    shard.bind_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
     assert set(shard.state_dict()) == {"weight"}
     wrong = PartialFC(12, 8, ArcFace())
     with pytest.raises(RuntimeError, match=r"weight: the checkpoint holds a \(11, 8\) centre matrix, expected the full \(12, 8\)"):

@@ -354,7 +354,8 @@ class PartialFC(nn.Module):
         steps_all = self._state("row_steps", (), torch.int64)
         steps = rows.put(steps_all, rows.take(steps_all).add_(1))
         exp_avg = rows.put(exp_avg_all, rows.take(exp_avg_all).lerp_(grad, 1.0 - beta1))
-        exp_avg_sq = rows.put(exp_avg_sq_all, rows.take(exp_avg_sq_all).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2))
+        exp_avg_sq = rows.put(exp_avg_sq_all,
+                              rows.take(exp_avg_sq_all).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2))
         # Bias corrections per row in float64, as torch computes them in Python floats per tensor.
         t = steps.double()[:, None]
         step_size = (lr / (1.0 - beta1**t)).float()

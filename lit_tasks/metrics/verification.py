@@ -209,7 +209,7 @@ class VerificationMetric(Metric):
             super()._sync_dist(dist_sync_fn, process_group)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.dist, list) and not self.dist:  # nothing seen anywhere: NaN results (verification_report warns about too few pairs)
+        if isinstance(self.dist, list) and not self.dist:  # nothing seen anywhere: NaN results (and a warning)
             return verification_report(np.zeros(0), np.zeros(0, dtype=bool), self.n_folds)
         dist = dim_zero_cat(self.dist).cpu().numpy()
         same = dim_zero_cat(self.same).cpu().numpy()
