@@ -284,6 +284,14 @@ class PartialFC(nn.Module):
             if name not in self.RULE_STATE[rule] and getattr(self, name, None) is not None:
                 delattr(self, name)  # e.g. SGD momentum of a checkpoint resumed with AdamW
         self.rule = rule
+        # The state exists from now on in every process (zeros, unless a checkpoint restored it), so all processes
+        # gather the same tensors when a checkpoint is saved, even if one of them skipped a step.
+        if rule == "adam":
+            self._state("exp_avg", (self.embedding_size,), torch.float32)
+            self._state("exp_avg_sq", (self.embedding_size,), torch.float32)
+            self._state("row_steps", (), torch.int64)
+        elif optimizer.param_groups[0].get("momentum", 0.0):
+            self._state("momentum_buffer", (self.embedding_size,), torch.float32)
 
     def _state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The state buffer ``name`` (all rows), created as zeros on first use."""
