@@ -396,3 +396,27 @@ def test_rec_to_tfrecord_shards_give_the_same_samples_shuffled(tmp_path: Path, l
     rec.setup("fit")
     keyed = lambda samples: sorted((int(label), image.numpy().tobytes()) for image, label in samples)  # noqa: E731
     assert keyed(tfr.train_set) == keyed(rec.train_set)  # the same JPEG bytes, decoded by the same code
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_and_validate_from_the_pack(tmp_path: Path) -> None:
+    """ddp_spawn (2 CPU processes, gloo) pickles the DataModule into each process, which opens its own descriptor:
+    a step of training with Partial FC and validation over both .bin sets give the single-process metrics."""
+    import lightning.pytorch as pl
+
+    from lit_tasks.face_recognition import FaceRecognitionTask
+
+    dm = golden_dm(val_bins=["lfw.bin", "lfw_py3.bin"], image_size=32, batch_size=4, augment=True)
+    torch.manual_seed(0)
+    task = FaceRecognitionTask(num_identities=dm.num_identities, backbone="test_resnet", image_size=32,
+                               embedding_size=16, scale=16.0, partial_fc=True, verification_sets=dm.verification_sets)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=2,
+                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(task, dm)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False).validate(task, dm)[0]
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path).validate(task, dm)[0]
+    for key in ("val/lfw/accuracy", "val/lfw_py3/tar_at_far_1e-2", "val/verification_accuracy"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-7), key
