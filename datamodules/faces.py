@@ -1,8 +1,10 @@
 """Face images on disk: one folder per identity for training, pairs for verification.
 
 Layout: ``root/<identity>/<image>`` with images of ``datamodules.images.IMAGE_EXTENSIONS`` (jpg, png,
-pgm, ...; greyscale and palette images become RGB, EXIF-rotated photos are read upright). Identities are the sorted folder names that hold at least one
-readable image; a folder without one is skipped with a warning naming it.
+pgm, ...; greyscale and palette images become RGB, EXIF-rotated photos are read upright). Identities are
+the sorted folder names that hold at least one readable image; a folder without one is skipped with a
+warning naming it. Raw photos are aligned on the fly from a landmarks CSV (``landmarks``: 5 points per
+image, insightface's ``norm_crop``).
 
 Verification pairs, from ``pairs`` (paths in it are relative to ``pairs_root``, default the pairs
 file's folder):
@@ -11,8 +13,9 @@ file's folder):
   ``name/name_000n1.*`` and ``name/name_000n2.*``) or ``name1 n1 name2 n2`` (different people);
 * a CSV of ``path_a,path_b,same`` rows (``same`` 1/0/true/false/yes/no; a header row is allowed).
 
-Without ``pairs``, a ``val_fraction`` of the identities is held out (never trained on) and
-``num_val_pairs`` balanced pairs are drawn from them. Batches are the ones the face task documents:
+Or insightface's ``.bin`` verification sets (``val_bins``, one validation dataloader each; the shared
+:class:`FaceDataModule` gives them to every face DataModule). Without either, a ``val_fraction`` of the
+identities is held out (never trained on) and ``num_val_pairs`` balanced pairs are drawn from them. Batches are the ones the face task documents:
 train ``(images (B,3,S,S) float [0,1], labels (B,) int64)``; validation / test dicts ``image_a``,
 ``image_b``, ``same``, ``index``, ``identity_a``, ``identity_b``; predict dicts ``image``, ``name``.
 """
