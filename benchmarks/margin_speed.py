@@ -76,9 +76,11 @@ def build(kind: str, classes: int, device: str, rank: int = 0, world: int = 1):
     if kind.startswith("pfc"):
         head = PartialFC(classes, DIM, ArcFace(64.0, 0.5), sample_rate=0.1, rank=rank, world_size=world).to(device)
 
+        sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}  # the full-softmax runs' SGD, applied lazily
+
         def step():
             head(emb, labels).backward()
-            head.step(0.1)
+            head.step(sgd)
             emb.grad = None
 
         return step

@@ -3,8 +3,9 @@
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
-``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data);
-``tfrecord`` (the TFRecord format itself, knowing no DataModule).
+``faces`` + ``tfrecord_faces`` + ``recordio_faces`` (with the formats ``recordio``, ``face_bin`` and
+``face_align``), ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data); ``tfrecord`` (the
+TFRecord format itself, knowing no DataModule).
 """
 
 import importlib
@@ -22,6 +23,7 @@ _EXPORTS = {
     "detection_sample": "detection",
     "IdentityFolderDataModule": "faces",
     "FolderSegmentationDataModule": "masks",
+    "RecordIOFaceDataModule": "recordio_faces",
     "SegmentationDataset": "masks",
     "VOCSegmentationDataModule": "masks",
     "segmentation_collate": "masks",

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from datamodules.recordio import decode_rgb
+from .images import decode_image
 
 
 class RefusedPickleError(pickle.UnpicklingError):
@@ -137,7 +137,7 @@ class VerificationBinDataset:
     """Map-style pairs of a ``.bin``: ``dataset[i] -> {"image_a", "image_b", "same", "index"}``.
 
     ``image_a`` / ``image_b`` are the decoded ``(H, W, 3)`` uint8 RGB images ``2 i`` and ``2 i + 1``
-    (:func:`~datamodules.recordio.decode_rgb`), each passed through ``transform`` if given; ``same`` a bool,
+    (:func:`~datamodules.images.decode_image`), each passed through ``transform`` if given; ``same`` a bool,
     ``index`` the pair number. The encoded images stay in memory (as insightface's ``load_bin`` does; LFW is
     ~60 MB); they are decoded per item, in the DataLoader workers. Unlike ``load_bin``, images are not resized:
     a transform does that if the file's images are not the network's size.
@@ -158,7 +158,7 @@ class VerificationBinDataset:
 
     def image(self, n: int) -> np.ndarray:
         """Decoded image ``n`` (of ``2 P``), before ``transform``."""
-        return decode_rgb(self.images[n], f"{self.path}: image {n}")
+        return decode_image(self.images[n], f"{self.path}: image {n}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

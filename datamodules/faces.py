@@ -1,8 +1,10 @@
 """Face images on disk: one folder per identity for training, pairs for verification.
 
 Layout: ``root/<identity>/<image>`` with images of ``datamodules.images.IMAGE_EXTENSIONS`` (jpg, png,
-pgm, ...; greyscale and palette images become RGB, EXIF-rotated photos are read upright). Identities are the sorted folder names that hold at least one
-readable image; a folder without one is skipped with a warning naming it.
+pgm, ...; greyscale and palette images become RGB, EXIF-rotated photos are read upright). Identities are
+the sorted folder names that hold at least one readable image; a folder without one is skipped with a
+warning naming it. Raw photos are aligned on the fly from a landmarks CSV (``landmarks``: 5 points per
+image, insightface's ``norm_crop``).
 
 Verification pairs, from ``pairs`` (paths in it are relative to ``pairs_root``, default the pairs
 file's folder):
@@ -11,8 +13,9 @@ file's folder):
   ``name/name_000n1.*`` and ``name/name_000n2.*``) or ``name1 n1 name2 n2`` (different people);
 * a CSV of ``path_a,path_b,same`` rows (``same`` 1/0/true/false/yes/no; a header row is allowed).
 
-Without ``pairs``, a ``val_fraction`` of the identities is held out (never trained on) and
-``num_val_pairs`` balanced pairs are drawn from them. Batches are the ones the face task documents:
+Or insightface's ``.bin`` verification sets (``val_bins``, one validation dataloader each; the shared
+:class:`FaceDataModule` gives them to every face DataModule). Without either, a ``val_fraction`` of the
+identities is held out (never trained on) and ``num_val_pairs`` balanced pairs are drawn from them. Batches are the ones the face task documents:
 train ``(images (B,3,S,S) float [0,1], labels (B,) int64)``; validation / test dicts ``image_a``,
 ``image_b``, ``same``, ``index``, ``identity_a``, ``identity_b``; predict dicts ``image``, ``name``.
 """
@@ -20,6 +23,7 @@ train ``(images (B,3,S,S) float [0,1], labels (B,) int64)``; validation / test d
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -27,9 +31,11 @@ from typing import Sequence
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .base import BaseDataModule
+from .face_align import arcface_template, norm_crop, read_landmarks_csv
+from .face_bin import VerificationBinDataset
 from .images import decode_image, image_header, is_image_file, list_images
 from .transforms import to_tensor
 
@@ -165,26 +171,62 @@ def identity_sample(image: np.ndarray, label: int, transform: A.Compose) -> tupl
     return transform(image=image)["image"], torch.tensor(label, dtype=torch.int64)
 
 
+class FaceLoader:
+    """``path -> (H, W, 3)`` uint8 RGB face: decoded, then aligned by its 5 landmarks if a landmarks table is given.
+
+    Alignment is insightface's ``norm_crop`` (:func:`datamodules.face_align.norm_crop`: least-squares similarity
+    onto arcface_torch's 5-point template, bilinear warp to the ``image_size`` square). A file the table does not
+    list is an error naming it and the table: a mix of aligned and unaligned faces would train silently wrong.
+
+    Args:
+        landmarks: ``{absolute image path: (5, 2) landmarks}`` (:func:`read_landmarks`), or None (decode only).
+        image_size: side of the aligned crop (a multiple of 112 or 128).
+        source: the landmarks file, for error messages.
+    """
+
+    def __init__(self, landmarks: dict[str, np.ndarray] | None = None, image_size: int = 112, source: str = "") -> None:
+        if landmarks is not None:
+            arcface_template(image_size)  # refuses a size without a template now, not at the first image
+        self.landmarks, self.image_size, self.source = landmarks, image_size, source
+
+    def __call__(self, path: Path) -> np.ndarray:
+        image = decode_image(path)
+        if self.landmarks is None:
+            return image
+        points = self.landmarks.get(os.path.abspath(path))
+        if points is None:
+            raise KeyError(f"{path}: no landmarks for this image in {self.source}; every image to align needs a row")
+        return norm_crop(image, points, self.image_size)
+
+
+def read_landmarks(path: str | os.PathLike, layout: str = "interleaved") -> dict[str, np.ndarray]:
+    """``{absolute image path: (5, 2) landmarks}`` of a CSV of ``path, 10 numbers`` rows (:func:`read_landmarks_csv`);
+    relative image paths are relative to the CSV's folder."""
+    folder = Path(path).parent
+    return {os.path.abspath(folder / image): points for image, points in read_landmarks_csv(path, layout).items()}
+
+
 class IdentityImages(Dataset):
     """``(image (3,S,S) float [0,1], label int64)`` for every file of every identity."""
 
-    def __init__(self, files: list[list[Path]], transform: A.Compose) -> None:
+    def __init__(self, files: list[list[Path]], transform: A.Compose, load: FaceLoader | None = None) -> None:
         self.items = [(p, label) for label, paths in enumerate(files) for p in paths]
-        self.transform = transform
+        self.transform, self.load = transform, load or FaceLoader()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.items[index]
-        return identity_sample(decode_image(path), label, self.transform)
+        return identity_sample(self.load(path), label, self.transform)
 
 
 class PairImages(Dataset):
     """Verification pairs as dicts (``image_a``, ``image_b``, ``same``, ``index``, ``identity_a/b``)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path, bool]], transform: A.Compose) -> None:
-        self.pairs, self.transform = pairs, transform
+    def __init__(self, pairs: list[tuple[Path, Path, bool]], transform: A.Compose,
+                 load: FaceLoader | None = None) -> None:
+        self.pairs, self.transform, self.load = pairs, transform, load or FaceLoader()
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -192,8 +234,8 @@ class PairImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         a, b, same = self.pairs[index]
         return {
-            "image_a": self.transform(image=decode_image(a))["image"],
-            "image_b": self.transform(image=decode_image(b))["image"],
+            "image_a": self.transform(image=self.load(a))["image"],
+            "image_b": self.transform(image=self.load(b))["image"],
             "same": torch.tensor(bool(same)),
             "index": torch.tensor(index, dtype=torch.int64),
             "identity_a": a.parent.name,
@@ -204,8 +246,9 @@ class PairImages(Dataset):
 class ImageFiles(Dataset):
     """Images of a list of files as ``{"image", "name"}`` (name = path relative to ``base``)."""
 
-    def __init__(self, paths: list[Path], transform: A.Compose, base: Path | None = None) -> None:
-        self.paths, self.transform, self.base = paths, transform, base
+    def __init__(self, paths: list[Path], transform: A.Compose, base: Path | None = None,
+                 load: FaceLoader | None = None) -> None:
+        self.paths, self.transform, self.base, self.load = paths, transform, base, load or FaceLoader()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -213,27 +256,174 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         name = str(path.relative_to(self.base)) if self.base is not None and path.is_relative_to(self.base) else str(path)
-        return {"image": self.transform(image=decode_image(path))["image"], "name": name}
+        return {"image": self.transform(image=self.load(path))["image"], "name": name}
+
+
+class ArrayTransform:
+    """An albumentations pipeline as a picklable ``array -> image tensor`` callable (for DataLoader workers)."""
+
+    def __init__(self, transform: A.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(image=image)["image"]
+
+
+class BinImages(Dataset):
+    """Every image of some ``.bin`` sets as ``{"image", "name"}`` for ``predict``; names ``<set>/<image number>``."""
+
+    def __init__(self, sets: list[VerificationBinDataset], transform: A.Compose) -> None:
+        self.sets, self.transform = sets, transform
+        self.items = [(k, n) for k, bin_set in enumerate(sets) for n in range(len(bin_set.images))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        k, n = self.items[index]
+        return {"image": self.transform(image=self.sets[k].image(n))["image"], "name": f"{self.sets[k].name}/{n:05d}"}
 
 
 class FaceDataModule(BaseDataModule):
-    """What the face DataModules share: identities, verification pairs for validation and test, images for predict.
+    """What the face DataModules share: verification sets for validation and test, images for predict.
 
-    A subclass names its training identities (``identities``) and builds the training set
-    (``train_dataset``); the pairs come from ``pairs`` (relative to ``pairs_root``, default the pairs
-    file's folder) unless the subclass lists them otherwise (``list_pairs``, ``pairs_base``). ``val`` and
-    ``test`` are the same ``PairImages``, and ``predict`` embeds every image under ``predict_root``
-    (recursively) or else the pairs' images, named relative to ``pairs_base()``.
+    A subclass gives the number of training identities (``num_identities``) and builds the training set
+    (``train_dataset``). Validation and test use the same verification sets, either
+
+    * insightface's ``.bin`` files (``val_bins``: LFW, CFP-FP, AgeDB-30, ...; one dataloader per file, named by
+      the file stem in ``verification_sets``, which the CLI links into the task); relative paths are relative to
+      ``bins_base()`` (the working directory here; the RecordIO DataModule uses the ``.rec``'s folder); images
+      whose size is not ``image_size`` are resized to it, as insightface's ``load_bin`` does; or
+    * one unnamed set of pairs of image files from ``pairs`` (relative to ``pairs_root``, default the pairs
+      file's folder) unless the subclass lists them otherwise (``list_pairs``, ``pairs_base``).
+
+    ``predict`` embeds every image under ``predict_root`` (recursively), else every image of the ``.bin`` sets
+    (named ``<set>/<number>``), else the pairs' images (named relative to ``pairs_base()``). ``image_loader``
+    (a :class:`FaceLoader`) reads the image files, so a subclass can align them.
     """
 
     predict_split = "predict"
 
-    def __init__(self, image_size: int, pairs: str | None, pairs_root: str | None, predict_root: str | None,
-                 batch_size: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, image_size: int, pairs: str | None, pairs_root: str | None, val_bins: list[str] | None,
+                 predict_root: str | None, batch_size: int, num_workers: int, pin_memory: bool) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        if pairs is not None and val_bins:
+            raise ValueError(f"give verification pairs ({pairs}) or .bin sets ({val_bins}), not both")
         self.image_size, self.predict_root = image_size, predict_root
         self.pairs, self.pairs_root = pairs, pairs_root
+        self.val_bins = list(val_bins) if val_bins else None
         self._pairs: list[tuple[Path, Path, bool]] | None = None
+        self._image_loader: FaceLoader | None = None
+
+    @property
+    def image_loader(self) -> FaceLoader:
+        """What reads the image files (built on first use by :meth:`make_image_loader`)."""
+        if self._image_loader is None:
+            self._image_loader = self.make_image_loader()
+        return self._image_loader
+
+    def make_image_loader(self) -> FaceLoader:
+        """Decode only; a subclass that aligns faces returns a :class:`FaceLoader` with landmarks."""
+        return FaceLoader()
+
+    @property
+    def num_identities(self) -> int:
+        """Number of training identities (the classifier size)."""
+        raise NotImplementedError
+
+    def train_dataset(self) -> Dataset:
+        """The training samples ``(image (3,S,S), label int64)``."""
+        raise NotImplementedError
+
+    # -- .bin verification sets ----------------------------------------------------------------------
+    def bins_base(self) -> Path:
+        """Folder relative ``val_bins`` paths are relative to."""
+        return Path.cwd()
+
+    def bin_paths(self) -> list[Path]:
+        """The ``val_bins`` files, resolved; a missing one is an error naming it."""
+        paths = []
+        for given in self.val_bins or []:
+            path = Path(given) if Path(given).is_absolute() else self.bins_base() / given
+            if not path.is_file():
+                raise FileNotFoundError(f"verification set {given!r}: {path} does not exist (relative paths are "
+                                        f"relative to {self.bins_base()})")
+            paths.append(path)
+        return paths
+
+    @property
+    def verification_sets(self) -> list[str] | None:
+        """Names of the validation / test sets in dataloader order (the ``.bin`` stems); None for one unnamed set."""
+        if not self.val_bins:
+            return None
+        names = [path.stem for path in self.bin_paths()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"val_bins {self.val_bins}: the set names (file stems) {repeated} repeat; metric keys "
+                             "such as val/<name>/accuracy need distinct names")
+        return names
+
+    def bin_set(self, name: str) -> Dataset:
+        """The pairs of the ``.bin`` set ``name`` as validation batches, loaded on first use."""
+        return self.dataset(f"val/{name}")
+
+    # -- image-file pairs ------------------------------------------------------------------------------
+    def list_pairs(self) -> list[tuple[Path, Path, bool]]:
+        """The verification pairs ``(path_a, path_b, same)`` of the pairs file (read once, by ``verification_pairs``)."""
+        if self.pairs is None:
+            raise ValueError(f"{type(self).__name__}: no verification data; give `pairs` (a pairs file) or `val_bins`")
+        return parse_pairs(self.pairs, self.pairs_root)
+
+    def pairs_base(self) -> Path:
+        """Folder the predicted pair images are named relative to."""
+        return Path(self.pairs_root or Path(self.pairs).parent)
+
+    def verification_pairs(self) -> list[tuple[Path, Path, bool]]:
+        """The pairs of the validation / test split, listed on first use."""
+        if self._pairs is None:
+            self._pairs = self.list_pairs()
+        return self._pairs
+
+    # -- datasets and loaders --------------------------------------------------------------------------
+    def build_dataset(self, split: str) -> Dataset:
+        if split == "train":
+            return self.train_dataset()
+        if split == "test":
+            return self.dataset("val")  # the same verification sets serve both
+        transform = face_transform(self.image_size, train=False)
+        names = self.verification_sets
+        if split == "val":
+            if names:
+                return self.bin_set(names[0])
+            return PairImages(self.verification_pairs(), transform, self.image_loader)
+        if names and split.startswith("val/") and split[4:] in names:
+            path = self.bin_paths()[names.index(split[4:])]
+            return VerificationBinDataset(path, ArrayTransform(transform))
+        if split != "predict":
+            raise ValueError(f"unknown split {split!r}: expected train, val, test, predict or val/<set>")
+        if self.predict_root is not None:
+            base = Path(self.predict_root)
+            paths = sorted(p for p in base.rglob("*") if is_image_file(p))
+        elif names:
+            return BinImages([self.bin_set(name) for name in names], transform)
+        else:
+            base = self.pairs_base()
+            paths = sorted({p for a, b, _ in self.verification_pairs() for p in (a, b)})
+        return ImageFiles(paths, transform, base, self.image_loader)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader of the pairs, or one per ``.bin`` set in ``verification_sets`` order."""
+        names = self.verification_sets
+        if not names:
+            return super().val_dataloader()
+        return [self.make_loader(self.bin_set(name), train=False, collate_fn=self.collate_fn) for name in names]
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.val_dataloader() if self.verification_sets else super().test_dataloader()
+
+
+class NamedIdentities:
+    """Identities with names known up front (folders, label maps): ``num_identities`` and ``class_names``."""
 
     def identities(self) -> list[str]:
         """Training identity names, index = label."""
@@ -249,55 +439,26 @@ class FaceDataModule(BaseDataModule):
         """Training identity names, index = label."""
         return list(self.identities())
 
-    def train_dataset(self) -> Dataset:
-        """The training samples ``(image (3,S,S), label int64)``."""
-        raise NotImplementedError
 
-    def list_pairs(self) -> list[tuple[Path, Path, bool]]:
-        """The verification pairs ``(path_a, path_b, same)`` of the pairs file (read once, by ``verification_pairs``)."""
-        return parse_pairs(self.pairs, self.pairs_root)
-
-    def pairs_base(self) -> Path:
-        """Folder the predicted pair images are named relative to."""
-        return Path(self.pairs_root or Path(self.pairs).parent)
-
-    def verification_pairs(self) -> list[tuple[Path, Path, bool]]:
-        """The pairs of the validation / test split, listed on first use."""
-        if self._pairs is None:
-            self._pairs = self.list_pairs()
-        return self._pairs
-
-    def build_dataset(self, split: str) -> Dataset:
-        if split == "train":
-            return self.train_dataset()
-        if split == "test":
-            return self.dataset("val")  # one set of verification pairs serves both
-        transform = face_transform(self.image_size, train=False)
-        if split == "val":
-            return PairImages(self.verification_pairs(), transform)
-        if split != "predict":
-            raise ValueError(f"unknown split {split!r}: expected train, val, test or predict")
-        if self.predict_root is not None:
-            base = Path(self.predict_root)
-            paths = sorted(p for p in base.rglob("*") if is_image_file(p))
-        else:
-            base = self.pairs_base()
-            paths = sorted({p for a, b, _ in self.verification_pairs() for p in (a, b)})
-        return ImageFiles(paths, transform, base)
-
-
-class IdentityFolderDataModule(FaceDataModule):
-    """Face recognition data from ``root/<identity>/*`` folders with LFW-style or CSV verification pairs.
+class IdentityFolderDataModule(NamedIdentities, FaceDataModule):
+    """Face recognition data from ``root/<identity>/*`` folders, verified on LFW-style / CSV pairs or ``.bin`` sets.
 
     Args:
         root: folder of identity folders (the training set).
-        pairs: LFW ``pairs.txt`` or ``path_a,path_b,same`` CSV for validation / test; None holds out
-            ``val_fraction`` of the identities instead.
+        pairs: LFW ``pairs.txt`` or ``path_a,path_b,same`` CSV for validation / test; None (and no
+            ``val_bins``) holds out ``val_fraction`` of the identities instead.
         pairs_root: folder the pair paths are relative to (default: the pairs file's folder).
-        val_fraction: share of identities held out when ``pairs`` is None.
+        val_bins: insightface ``.bin`` verification sets instead of pairs (relative to the working directory or
+            absolute), one validation dataloader each; no identity is held out then.
+        val_fraction: share of identities held out when neither ``pairs`` nor ``val_bins`` is given.
         num_val_pairs: pairs drawn from the held-out identities.
         predict_root: folder whose images (recursively) ``predict`` embeds; default the validation images.
-        image_size: side S the images are resized to.
+        landmarks: CSV of ``image path, 10 numbers`` (5 landmarks: eyes, nose tip, mouth corners, as a detector
+            gives them; paths relative to the CSV's folder or absolute): every image file read for training,
+            validation or predict is first aligned onto arcface_torch's template (insightface ``norm_crop``,
+            :mod:`datamodules.face_align`) at ``image_size``; an image without a row is an error.
+        landmarks_layout: ``"interleaved"`` (``x1, y1, ..., x5, y5``) or ``"planar"`` (``x1..x5, y1..y5``).
+        image_size: side S the images are resized (or aligned) to.
         seed: the identity hold-out and pair draw.
     """
 
@@ -306,18 +467,26 @@ class IdentityFolderDataModule(FaceDataModule):
         root: str,
         pairs: str | None = None,
         pairs_root: str | None = None,
+        val_bins: list[str] | None = None,
         val_fraction: float = 0.1,
         num_val_pairs: int = 1000,
         predict_root: str | None = None,
+        landmarks: str | None = None,
+        landmarks_layout: str = "interleaved",
         image_size: int = 112,
         seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, predict_root=predict_root,
-                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
+                         predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
+        self.save_hyperparameters()
         self.root, self.val_fraction, self.num_val_pairs, self.seed = root, val_fraction, num_val_pairs, seed
+        self.landmarks, self.landmarks_layout = landmarks, landmarks_layout
+        if landmarks is not None:
+            arcface_template(image_size)  # a size without an alignment template fails now, naming it
         self._scan: tuple[list[str], list[list[Path]], list[list[Path]]] | None = None
 
     def _split(self) -> tuple[list[str], list[list[Path]], list[list[Path]]]:
@@ -325,7 +494,7 @@ class IdentityFolderDataModule(FaceDataModule):
         if self._scan is None:
             names, files = scan_identity_folders(self.root)
             held_out: list[list[Path]] = []
-            if self.pairs is None:
+            if self.pairs is None and not self.val_bins:
                 order = np.random.default_rng(self.seed).permutation(len(names))
                 n_val = int(round(self.val_fraction * len(names)))
                 val_ids, train_ids = sorted(order[:n_val]), sorted(order[n_val:])
@@ -342,8 +511,13 @@ class IdentityFolderDataModule(FaceDataModule):
     def identities(self) -> list[str]:
         return self._split()[0]
 
+    def make_image_loader(self) -> FaceLoader:
+        if self.landmarks is None:
+            return FaceLoader()
+        return FaceLoader(read_landmarks(self.landmarks, self.landmarks_layout), self.image_size, self.landmarks)
+
     def train_dataset(self) -> IdentityImages:
-        return IdentityImages(self._split()[1], face_transform(self.image_size, train=True))
+        return IdentityImages(self._split()[1], face_transform(self.image_size, train=True), self.image_loader)
 
     def list_pairs(self) -> list[tuple[Path, Path, bool]]:
         if self.pairs is not None:

@@ -30,7 +30,6 @@ is not a record start, a payload shorter than its header. No loop reads without 
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from .images import decode_image
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -315,8 +315,11 @@ class IndexedRecordIO:
         """The payload of the record on row ``row`` of the ``.idx`` (a view of a fresh buffer for one-chunk records)."""
         key, offset, end = int(self.keys[row]), int(self.offsets[row]), int(self._ends[row])
         fd = self._descriptor()
-        size = os.fstat(fd).st_size
-        buf = os.pread(fd, min(max(end - offset, CHUNK_HEADER.size), _FIRST_READ_CAP), offset)
+        wanted = min(max(end - offset, CHUNK_HEADER.size), _FIRST_READ_CAP)
+        buf = os.pread(fd, wanted, offset)
+        # One system call per record: the size found when the index was read holds unless a read comes up short
+        # (the file shrank since), and then the current size names the damage precisely.
+        size = self.size if len(buf) == wanted else os.fstat(fd).st_size
         parts: list[bytes | memoryview] = []
         pos, first = 0, True  # pos: position of the current chunk, relative to offset
         while True:
@@ -397,28 +400,6 @@ class IndexedRecordIO:
         return f"{self.rec_path}: key {int(self.keys[row])} at byte offset {int(self.offsets[row])}"
 
 
-def decode_rgb(data: bytes | bytearray | memoryview, where: str = "image") -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB pixels of an encoded image (JPEG, PNG, ...), decoded by Pillow.
-
-    Pillow decodes JPEG with libjpeg(-turbo) in its default mode (accurate integer IDCT, "fancy" chroma
-    upsampling), the mode OpenCV's ``imdecode`` also uses, which is what ``mx.image.imdecode`` calls; so the
-    pixels equal MXNet's for the JPEGs these files hold (checked on the golden files: every image hashes to
-    the ``rgb_sha256`` in the golden ``values.json``, which ``mx.image.imdecode`` gives too). Greyscale and palette
-    images are converted to RGB (MXNet's default ``flag=1`` also gives 3 channels); for the rare CMYK JPEG,
-    Pillow's CMYK->RGB conversion may differ from OpenCV's. This is the one place a RecordIO or
-    ``.bin`` image is decoded, so a faster or shared decoder can be swapped in here.
-
-    Raises:
-        OSError: the bytes are not a decodable image (the message names ``where``).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # np.array copies into a writable array (np.asarray of a PIL image is read-only).
-            return np.array(image if image.mode == "RGB" else image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise OSError(f"{where}: cannot decode image ({len(data)} bytes): {err}") from err
-
-
 def class_of(label: float | np.ndarray, where: str = "record") -> int:
     """The integer class of an image record's label; an array label gives its first value (as ``MXFaceDataset``).
 
@@ -449,8 +430,14 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
 class RecordIODataset:
     """Map-style face-recognition dataset over an insightface RecordIO pair: ``dataset[i] -> (image, label)``.
 
-    ``image`` is ``(H, W, 3)`` uint8 RGB (:func:`decode_rgb`) passed through ``transform`` if given, ``label`` an
-    ``int``. Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
+    ``image`` is ``(H, W, 3)`` uint8 RGB passed through ``transform`` if given, ``label`` an ``int``. Images are
+    decoded by the DataModules' one decoder, :func:`datamodules.images.decode_image` (Pillow: libjpeg-turbo's
+    accurate integer IDCT and "fancy" chroma upsampling, the mode OpenCV's ``imdecode`` uses inside
+    ``mx.image.imdecode``), so the pixels equal MXNet's: every golden image hashes to the ``rgb_sha256`` of
+    ``values.json``. Greyscale and palette images become RGB (MXNet's default ``flag=1`` also gives 3
+    channels); a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's.
+
+    Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
     ``.idx`` order, exactly as insightface's ``MXFaceDataset``. Where the reference would fail (no record 0: MXNet
     raises ``KeyError``), every key is an image here.
 
@@ -518,7 +505,7 @@ class RecordIODataset:
     def __getitem__(self, i: int) -> tuple[Any, int]:
         header, data, where = self.read(i)
         label = class_of(header.label, where)
-        image = decode_rgb(data, where)
+        image = decode_image(data, where)
         return (self.transform(image) if self.transform is not None else image), label
 
     def label(self, i: int) -> int:

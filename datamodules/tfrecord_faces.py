@@ -4,10 +4,11 @@ Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds
 label-map id) and ``image/class/text`` (the identity's name). ``tools/make_tfrecords.py folder`` writes
 one record per image of ``ROOT/<identity>/<image>`` with ``folder_examples``, in a seeded random order
 (as TF and RecordIO converters do, so a shuffle buffer small against the dataset still mixes
-identities), and the label map ``OUT.label_map.pbtxt``. Sorted by id, the label map's ids become the
-contiguous labels ``0 .. N - 1`` and its names the ``class_names``, known without reading a record; for
-shards made by ``make_tfrecords.py folder`` that is the folder DataModule's mapping (both scan the
-identity folders with ``scan_identity_folders``).
+identities), and the label map ``OUT.label_map.pbtxt``; ``make_tfrecords.py rec`` does the same for an
+insightface RecordIO pack with ``recordio_examples`` (the JPEG bytes as stored, class ``k`` named ``"k"``).
+Sorted by id, the label map's ids become the contiguous labels ``0 .. N - 1`` and its names the
+``class_names``, known without reading a record; for shards made by ``make_tfrecords.py folder`` that is
+the folder DataModule's mapping (both scan the identity folders with ``scan_identity_folders``).
 
 Records are decoded by the folder DataModule's own code (``decode_image`` + ``identity_sample``), so an
 image gives the same tensor from a shard as from its file. Verification pairs for validation and test
@@ -23,7 +24,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from .faces import FaceDataModule, face_transform, identity_sample, scan_identity_folders
+from .faces import FaceDataModule, NamedIdentities, face_transform, identity_sample, scan_identity_folders
 from .tfrecord import (
     FixedLen,
     TFRecordDataset,
@@ -34,7 +35,8 @@ from .tfrecord import (
     read_label_map,
 )
 from .tfrecord.example_pb2 import Example
-from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
+from .recordio import RecordIODataset, class_of
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, encoded_image_features, image_features
 
 LABEL_KEY, TEXT_KEY = "image/class/label", "image/class/text"
 IDENTITY_FEATURES = normalize_spec({
@@ -72,6 +74,26 @@ def folder_examples(root: str, classes: Sequence[str], files: Sequence[Sequence[
         yield build_example({**features, LABEL_KEY: int64_feature(label), TEXT_KEY: bytes_feature(classes[label])})
 
 
+def recordio_examples(records: RecordIODataset, seed: int = 0) -> Iterator[Example]:
+    """One Example per image of an insightface RecordIO pack, in a random order drawn from ``seed``.
+
+    The JPEG bytes are stored as they are (never re-encoded); ``image/class/label`` is the record's class,
+    ``image/class/text`` its decimal name (``make_tfrecords.py rec`` names class ``k`` ``"k"`` in the label map),
+    ``image/filename`` / ``image/source_id`` ``<rec file>:<key>``. Shuffled for the reason
+    :func:`folder_examples` is: the packs are written identity after identity.
+
+    Raises:
+        RecordIOError / ValueError / OSError: a damaged record, label or image, naming the file, key and offset.
+    """
+    name = os.path.basename(records.records.rec_path)
+    for k in np.random.default_rng(seed).permutation(len(records)):
+        header, data, where = records.read(int(k))
+        label = class_of(header.label, where)
+        source = f"{name}:{int(records.image_keys[k])}"
+        features, _, _ = encoded_image_features(bytes(data), source, source, where)
+        yield build_example({**features, LABEL_KEY: int64_feature(label), TEXT_KEY: bytes_feature(str(label))})
+
+
 class IdentityDecoder:
     """Parsed example -> ``(image (3,S,S) float [0,1], label int64)`` as ``IdentityImages`` gives (picklable).
 
@@ -97,8 +119,8 @@ class IdentityDecoder:
         return identity_sample(decode_image_feature(example), label, self.transform)
 
 
-class TFRecordIdentityDataModule(FaceDataModule):
-    """Face recognition from identity shards (``data/faces-*.tfrecord``) with LFW-style or CSV verification pairs.
+class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
+    """Face recognition from identity shards (``data/faces-*.tfrecord``), verified on pairs files or ``.bin`` sets.
 
     Args:
         train_files: training shards, paths or glob patterns (plain, ``.gz`` or ``.zlib``).
@@ -106,6 +128,8 @@ class TFRecordIdentityDataModule(FaceDataModule):
             writes ``OUT.label_map.pbtxt``).
         pairs: LFW ``pairs.txt`` or ``path_a,path_b,same`` CSV for validation / test.
         pairs_root: folder the pair paths are relative to (default: the pairs file's folder).
+        val_bins: insightface ``.bin`` verification sets instead of ``pairs`` (relative to the working directory
+            or absolute), one validation dataloader each.
         predict_root: folder whose images (recursively) ``predict`` embeds; default the pairs' images.
         image_size: side S the images are resized to.
         augment: random horizontal flips when training (off: the evaluation transform).
@@ -120,8 +144,9 @@ class TFRecordIdentityDataModule(FaceDataModule):
         self,
         train_files: str | list[str],
         label_map: str,
-        pairs: str,
+        pairs: str | None = None,
         pairs_root: str | None = None,
+        val_bins: list[str] | None = None,
         predict_root: str | None = None,
         image_size: int = 112,
         augment: bool = True,
@@ -132,8 +157,9 @@ class TFRecordIdentityDataModule(FaceDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, predict_root=predict_root,
-                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
+                         predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
         self.save_hyperparameters()
         self.train_files, self.label_map = train_files, label_map
         self.augment, self.shuffle_buffer, self.seed, self.on_corrupt = augment, shuffle_buffer, seed, on_corrupt

@@ -39,8 +39,17 @@ def image_features(path: str, filename: str, source_id: str) -> tuple[dict[str, 
     Raises:
         OSError: naming ``path`` when it is not a readable image.
     """
-    encoded = read_bytes(path)
-    height, width, fmt = image_header(encoded, path)
+    return encoded_image_features(read_bytes(path), filename, source_id, path)
+
+
+def encoded_image_features(encoded: bytes, filename: str, source_id: str, name: str | None = None
+                           ) -> tuple[dict[str, Feature], int, int]:
+    """The ``image/*`` features of encoded image bytes (stored as they are) and the upright ``(height, width)``.
+
+    Raises:
+        OSError: naming ``name`` (default ``filename``) when the bytes are not a readable image.
+    """
+    height, width, fmt = image_header(encoded, name or filename)
     features = {
         "image/encoded": bytes_feature(encoded),
         "image/format": bytes_feature(fmt),

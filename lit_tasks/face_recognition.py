@@ -2,23 +2,32 @@
 
 Method (ArcFace, Deng et al. CVPR 2019; insightface arcface_torch, REFERENCE §1):
 
-1. A timm backbone and the BN-Dropout-FC-BN head map a ``(B, 3, 112, 112)`` face in [0, 1] (normalised
-   inside as ``(x - 0.5) / 0.5``) to a 512-d embedding.
+1. insightface's IResNet (or MobileFaceNet, or a timm backbone under the same BN-Dropout-FC-BN head)
+   maps a ``(B, 3, 112, 112)`` face in [0, 1] (normalised inside as ``(x - 0.5) / 0.5``) to a 512-d embedding.
 2. Training treats every identity as a class: cosines between the L2-normalised embedding and the
    ``num_identities`` L2-normalised class centres go through a margin head (ArcFace / CosFace /
    SphereFace / combined) and cross entropy, in fp32 whatever the precision.
 3. With ``partial_fc=True`` the centres are sharded across DDP processes and a ``sample_rate`` fraction
-   of them is used per step (:mod:`lit_tasks.losses.partial_fc`); they are then updated by lazy
-   row-sparse SGD inside the task (``lr``, ``momentum``, ``weight_decay``, following the LR schedule
-   of the optimizer), not by the optimizer, and are saved whole in checkpoints.
+   of them is used per step (:mod:`lit_tasks.losses.partial_fc`). They are not Parameters: after each
+   optimizer step, the sampled rows are updated lazily (row-sparse) by the optimizer's own rule with the
+   hyperparameters of its first parameter group as scheduled at that step (``torch.optim.SGD`` with
+   momentum / Nesterov / weight decay, as insightface; ``torch.optim.AdamW`` or ``Adam`` with their state
+   kept per row, as the ViT recipes need; other optimizers are refused). A step the AMP GradScaler skips
+   (inf / NaN gradients) never calls ``optimizer.step()``, so the centres skip it too. Centres and their
+   optimizer state are saved whole in checkpoints, so a resumed run continues exactly.
 4. Validation is verification on pairs of identities never seen in training: the flip-fused embedding
    ``normalize(f(x) + f(mirror x))``, the LFW 10-fold accuracy, TAR@FAR and ROC AUC
-   (:class:`lit_tasks.metrics.verification.VerificationMetric`).
+   (:class:`lit_tasks.metrics.verification.VerificationMetric`). Several named sets (insightface's
+   ``lfw``, ``cfp_fp``, ``agedb_30`` ``.bin`` files) are validated in one loop, one dataloader each, each
+   with its own 10-fold result (``val/lfw/accuracy``, ``val/lfw/tar_at_far_1e-3``, ...); their mean is
+   ``val/verification_accuracy``, the monitored metric (one unnamed set logs ``val/verification_accuracy``,
+   ``val/auc``, ``val/tar_at_far_*`` directly).
 
 Batches: training ``(images (B,3,S,S), labels (B,) int64 in [0, num_identities))``; validation / test a
 dict with ``image_a``, ``image_b`` ``(B,3,S,S)``, ``same`` ``(B,)`` bool and ``index`` ``(B,)`` int64 (the
-pair's position in the pairs list; fold membership depends on it); predict a dict with ``image`` and
-optionally ``name`` (list of str), or a plain tensor of images.
+pair's position in its set; fold membership depends on it), from dataloader ``k`` for the k-th of
+``verification_sets``; predict a dict with ``image`` and optionally ``name`` (list of str), or a plain tensor
+of images.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
-from lit_tasks.models.embedding import EmbeddingNetwork, NormalisedEmbedder
+from lit_tasks.models.embedding import NormalisedEmbedder, build_face_network
+from lit_tasks.schedules import warmup_poly
 
 
 class FaceRecognitionTask(BaseTask):
@@ -44,9 +54,14 @@ class FaceRecognitionTask(BaseTask):
 
     Args:
         num_identities: training identities (classes), linked from the DataModule.
-        backbone: timm model name (``features_only`` support); its last stage feeds the head.
+        backbone: ``iresnet18|34|50|100|200`` (insightface's IResNet, the network of the published
+            arcface_torch numbers), ``mbf`` / ``mbf_large`` (MobileFaceNet): names starting with ``iresnet`` or
+            ``mbf`` are built from insightface's definitions; every other name is a timm model
+            (``features_only``; its last stage feeds insightface's embedding head). One rule, no registry:
+            :func:`lit_tasks.models.embedding.build_face_network`.
         image_size: input side S (112 for aligned faces); the FC is sized for it.
-        output_stride: backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet.
+        output_stride: timm backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet (the
+            insightface networks have stride 16 by construction).
         embedding_size: D (512 in insightface).
         dropout: dropout before the embedding FC.
         margin: ``"arcface"``, ``"cosface"``, ``"sphereface"``, ``"combined"`` or ``"softmax"``.
@@ -55,23 +70,28 @@ class FaceRecognitionTask(BaseTask):
         margin_gradient: ``"classic"`` (exact derivative) or ``"straight_through"`` (insightface now).
         partial_fc: shard the centres across processes and sample them (Partial FC).
         sample_rate: fraction of centres per step with ``partial_fc`` (positives always kept).
-        lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4), and of
-            the lazy Partial FC centre update.
-        warmup_steps: linear warm-up of the default warm-up + cosine schedule.
+        lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4). With an
+            injected optimizer they are unused: its own settings apply, to the Partial FC centres too.
+        warmup_steps: linear warm-up of the default schedule (arcface_torch's: warm-up, then linear decay to 0).
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
 
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
         flip_test: fuse the embedding of the mirrored image at validation, test, predict and export time.
-        num_log_images: validation faces shown with their embeddings in TensorBoard's projector each epoch,
-            with the ROC curve (0 disables both).
+        num_log_images: validation faces shown with their embeddings in TensorBoard's projector each epoch
+            (from the first set), with the ROC curve of every set (0 disables both).
+        verification_sets: names of the validation / test sets, one per dataloader in this order (linked
+            from the DataModule by the CLI: the ``.bin`` stems); None for one unnamed set.
 
         optimizer, lr_scheduler, lr_scheduler_interval: injected callables (see ``BaseTask``).
     """
 
     monitor = "val/verification_accuracy"
     mode = "max"
-    eval_options = ("flip_test", "num_log_images")
+    eval_options = ("flip_test", "num_log_images", "verification_sets")
+    SET_KEYS = {"verification_accuracy": "accuracy", "verification_accuracy_std": "accuracy_std",
+                "threshold": "threshold", "auc": "auc", "tar_at_far_1e-4": "tar_at_far_1e-4",
+                "tar_at_far_1e-3": "tar_at_far_1e-3", "tar_at_far_1e-2": "tar_at_far_1e-2"}
 
     def __init__(
         self,
@@ -97,18 +117,22 @@ class FaceRecognitionTask(BaseTask):
         pretrained: bool = False,
         flip_test: bool = True,
         num_log_images: int = 300,
+        verification_sets: list[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
         if num_identities < 2:
             raise ValueError(f"num_identities={num_identities}: a softmax over identities needs at least 2")
+        if verification_sets is not None and (not verification_sets
+                                              or len(set(verification_sets)) != len(verification_sets)):
+            raise ValueError(f"verification_sets={verification_sets!r}: give distinct names, one per dataloader")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
-        self.model = EmbeddingNetwork(
+        self.model = build_face_network(
             h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
         )
 
@@ -116,9 +140,7 @@ class FaceRecognitionTask(BaseTask):
         h = self.hparams
         margin = build_margin(h.margin, h.scale, h.m1, h.m2, h.m3, h.margin_gradient)
         if h.partial_fc:
-            self.head: nn.Module = PartialFC(
-                h.num_identities, h.embedding_size, margin, h.sample_rate, h.momentum, h.weight_decay
-            )
+            self.head: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, self.head.ddp_ignored_buffers("head.")
@@ -127,8 +149,10 @@ class FaceRecognitionTask(BaseTask):
             self.head = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
 
     def configure_metrics(self) -> None:
-        self.val_verification = VerificationMetric()
-        self.test_verification = VerificationMetric()
+        # One metric per verification set (dataloader), in the order of ``verification_sets``.
+        count = len(self.verification_sets or [None])
+        self.val_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
+        self.test_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [EmbeddingProjector(max_images=self.num_log_images)] if self.num_log_images > 0 else []
@@ -141,6 +165,12 @@ class FaceRecognitionTask(BaseTask):
         """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5)."""
         h = self.hparams
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """arcface_torch's ``PolynomialLRWarmup`` (REFERENCE §1.5): linear warm-up over ``warmup_steps``, then linear
+        decay (power 1) to 0 at the last step, stepped every optimizer step."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps, power=1.0))
 
     # -- inference -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -180,30 +210,69 @@ class FaceRecognitionTask(BaseTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def configure_optimizers(self) -> Any:
+        config = super().configure_optimizers()
         if isinstance(self.head, PartialFC):
-            group = optimizer.param_groups[0]
-            lr = self.hparams.lr * group["lr"] / group.get("initial_lr", group["lr"])  # follow the schedule
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            self.head.step(lr, float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
+            optimizer = config["optimizer"]
+            self.head.bind_optimizer(optimizer)
+            # After optimizer.step() only: a step the AMP GradScaler skips (inf / NaN gradients) never calls it.
+            optimizer.register_step_post_hook(self._step_centres)
+        return config
 
-    def _verification_step(self, batch: dict[str, Any], metric: VerificationMetric) -> dict[str, torch.Tensor]:
+    def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.head.step(optimizer.param_groups[0], scale)
+
+    def _verification_step(self, batch: dict[str, Any], metrics: nn.ModuleList, dataloader_idx: int
+                           ) -> dict[str, torch.Tensor]:
+        if dataloader_idx >= len(metrics):
+            raise ValueError(f"verification dataloader {dataloader_idx} has no set: verification_sets="
+                             f"{self.verification_sets!r} names {len(metrics)}; give one name per dataloader "
+                             "(the CLI links the DataModule's verification_sets)")
         flip = self.embedder()
         embeddings_a, embeddings_b = flip(batch["image_a"]), flip(batch["image_b"])
-        metric.update(embeddings_a, embeddings_b, batch["same"], batch["index"])
+        metrics[dataloader_idx].update(embeddings_a, embeddings_b, batch["same"], batch["index"])
         return {"embeddings_a": embeddings_a, "embeddings_b": embeddings_b}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.val_verification)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int,
+                        dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._verification_step(batch, self.val_verification, dataloader_idx)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.test_verification)
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._verification_step(batch, self.test_verification, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch_metric(self.val_verification, "val")
+        self.log_verification(self.val_verification, "val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_epoch_metric(self.test_verification, "test")
+        self.log_verification(self.test_verification, "test")
+
+    def log_verification(self, metrics: nn.ModuleList, stage: str) -> None:
+        """Compute, log and keep each set's result; named sets under ``stage/<name>/`` and their mean accuracy.
+
+        ``epoch_results[stage]`` holds the first set's full result (ROC curve included) with the mean accuracy as
+        ``verification_accuracy`` and the set's name as ``set_name``; ``epoch_results[f"{stage}/{name}"]`` each
+        named set's. Every process computes every set (the metric's DDP sync is a collective).
+        """
+        if not self.verification_sets:
+            self.log_epoch_metric(metrics[0], stage)
+            self.epoch_results[stage]["set_name"] = None
+            return
+        accuracies = []
+        for name, metric in zip(self.verification_sets, metrics):
+            values = metric.compute()
+            metric.reset()
+            self.log_metrics({short: values[key] for key, short in self.SET_KEYS.items() if key in values},
+                             f"{stage}/{name}")
+            result = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in values.items()}
+            self.epoch_results[f"{stage}/{name}"] = {**result, "set_name": name}
+            accuracies.append(float(values["verification_accuracy"]))
+        mean = torch.tensor(sum(accuracies) / len(accuracies), dtype=torch.float64)
+        self.log_metrics({"verification_accuracy": mean}, stage)
+        first = self.epoch_results[f"{stage}/{self.verification_sets[0]}"]
+        self.epoch_results[stage] = {**first, "verification_accuracy": mean, "set_name": self.verification_sets[0]}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """``{"embeddings": (B, D) L2-normalised on CPU, "names": list[str] | None}``."""

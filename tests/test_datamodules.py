@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What lit_tasks.cli links from the DataModule into the task (LINKED_SIZES, and ignore_index): Lightning refuses
 # to start when a DataModule saved one of these under the same name with another value ("Error while merging
 # hparams").
-LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index")
+LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -79,6 +79,7 @@ def every_datamodule(class_file: str) -> dict[str, list[dict]]:
         "ShapesDetectionDataModule": [{}],
         "IdentityFolderDataModule": [dict(root="faces")],
         "TFRecordIdentityDataModule": [dict(train_files="t", label_map="map.pbtxt", pairs="pairs.txt")],
+        "RecordIOFaceDataModule": [dict(rec="train.rec", val_bins=["lfw.bin"])],
         "SyntheticFacesDataModule": [{}],
         "VOCSegmentationDataModule": [{}, dict(class_names_file=class_file), dict(num_classes=21)],
         "FolderSegmentationDataModule": [dict(class_names_file=class_file), dict(num_classes=3),

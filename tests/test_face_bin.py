@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from datamodules.face_bin import RefusedPickleError, SafeBinUnpickler, VerificationBinDataset, load_bin
-from datamodules.recordio import decode_rgb
+from datamodules.images import decode_image
 
 
 def golden_dir() -> Path | None:
@@ -100,7 +100,7 @@ def test_other_legitimate_encodings_load(tmp_path):
         images, issame = load_bin(dump(tmp_path / name, obj, protocol))
         assert images == encoded and issame.tolist() == flags, name
     ds = VerificationBinDataset(tmp_path / "numpy2.bin", transform=lambda im: im.mean())
-    assert ds[1]["image_a"] == pytest.approx(decode_rgb(encoded[2]).mean()) and ds[1]["same"] is False
+    assert ds[1]["image_a"] == pytest.approx(decode_image(encoded[2]).mean()) and ds[1]["same"] is False
 
 
 class _RunsAShellCommand:
@@ -157,5 +157,5 @@ def test_malformed_bins_are_named(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match=r"cut.bin: not a readable pickle"):
         load_bin(tmp_path / "cut.bin")
     ds = VerificationBinDataset(dump(tmp_path / "broken.bin", ([encoded[0], encoded[1][:40]], [False])))
-    with pytest.raises(OSError, match=r"broken.bin: image 1: cannot decode image"):
+    with pytest.raises(OSError, match=r"cannot read image .*broken.bin: image 1: "):
         ds[0]

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from PIL import Image
 
 from datamodules.synthetic.identities import SyntheticFacesDataModule
@@ -20,8 +21,10 @@ from lit_tasks.face_recognition import FaceRecognitionTask
 from lit_tasks.losses.partial_fc import PartialFC
 
 ROOT = Path(__file__).resolve().parents[1]
-# arcface_tfrecord.yaml needs shards: tests/test_tfrecord_faces.py runs it.
-FACE_CONFIGS = sorted(p for p in (ROOT / "configs" / "face").glob("*.yaml") if "tfrecord" not in p.name)
+# arcface_tfrecord.yaml needs shards: tests/test_tfrecord_faces.py runs it; arcface_ms1m.yaml needs a RecordIO pack:
+# tests/test_recordio_faces.py runs it on the golden insightface files.
+FACE_CONFIGS = sorted(p for p in (ROOT / "configs" / "face").glob("*.yaml") if p.name not in ("arcface_tfrecord.yaml",
+                                                                                              "arcface_ms1m.yaml"))
 SMALL_SYNTHETIC = ["--data.num_train_identities=6", "--data.samples_per_identity=2", "--data.num_val_identities=4",
                    "--data.val_samples_per_identity=2", "--data.num_val_pairs=20", "--data.batch_size=4",
                    "--data.num_workers=0"]
@@ -59,7 +62,7 @@ def write_face_folder(root: Path, identities: int = 3, per_identity: int = 2, si
 
 def test_every_face_config_is_covered() -> None:
     names = {p.name for p in (ROOT / "configs" / "face").glob("*.yaml")}
-    assert names == {"arcface_synthetic.yaml", "arcface_folder.yaml", "arcface_tfrecord.yaml"}
+    assert names == {"arcface_synthetic.yaml", "arcface_folder.yaml", "arcface_tfrecord.yaml", "arcface_ms1m.yaml"}
 
 
 @pytest.mark.parametrize("config", FACE_CONFIGS, ids=lambda p: p.name)
@@ -219,3 +222,197 @@ def test_ddp_two_processes_partial_fc_fit_and_checkpoint(tmp_path) -> None:
     ddp_metrics, single_metrics = ddp.validate(task, data)[0], single.validate(task, data)[0]
     for key in ("val/verification_accuracy", "val/auc", "val/tar_at_far_1e-2"):
         assert ddp_metrics[key] == pytest.approx(single_metrics[key], abs=1e-7), key
+
+
+# -- Partial FC centres and the injected optimizer (issue 16 item 12) ------------------------------------------
+def fixed_loader(num_identities: int = 6, batch_size: int = 8) -> torch.utils.data.DataLoader:
+    """Synthetic faces in a fixed order without random flips: two runs see exactly the same batches."""
+    from datamodules.synthetic.identities import SyntheticIdentities
+
+    dataset = SyntheticIdentities(num_identities, 4, image_size=32, hflip=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def adamw(params):
+    # eps well above float32 noise: a centre gradient within rounding of 0 (the two runs compute the softmax
+    # gradient in different orders) must not get a full-size Adam step in one run and not in the other.
+    return torch.optim.AdamW(params, lr=3e-3, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.05)
+
+
+def linear_decay(optimizer):
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.2, total_iters=3)
+
+
+def sgd_nesterov(params):
+    return torch.optim.SGD(params, lr=0.02, momentum=0.8, nesterov=True, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", [adamw, sgd_nesterov], ids=["adamw", "sgd_nesterov"])
+def test_partial_fc_centres_follow_the_injected_optimizer_and_schedule(optimizer) -> None:
+    """Every row sampled: the lazy centre update equals the injected optimizer on an ordinary centre Parameter.
+
+    The full-softmax task trains its centres as a Parameter of the injected optimizer (AdamW or Nesterov SGD, lr
+    decayed linearly per step); Partial FC must give the same centres (and so the same backbone) step by step.
+    Tolerance: 3 steps of float32 updates of O(1e-2) weights whose gradients agree to ~1e-6 relative.
+    """
+    kwargs = dict(optimizer=optimizer, lr_scheduler=linear_decay, lr_scheduler_interval="step", lr=0.5)
+    full = tiny_task(**kwargs)
+    pfc = tiny_task(partial_fc=True, sample_rate=1.0, **kwargs)
+    pfc.model.load_state_dict(full.model.state_dict())
+    with torch.no_grad():
+        pfc.head.weight.copy_(full.head.weight)
+    for task in (full, pfc):
+        quiet_trainer(max_steps=3, limit_val_batches=0).fit(task, train_dataloaders=fixed_loader())
+    assert not torch.equal(pfc.head.weight, full.head.weight.new_zeros(()))  # trained at all
+    torch.testing.assert_close(pfc.head.weight, full.head.weight.detach(), rtol=1e-4, atol=1e-6)
+    for (name, a), b in zip(pfc.model.state_dict().items(), full.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class NaNBackboneGradient(pl.Callback):
+    """Makes one backbone gradient NaN on the given steps, as an fp16 overflow would: the GradScaler skips them."""
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        self.steps, self.scales = steps, []
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps:
+            grad = next(p for p in pl_module.model.parameters() if p.grad is not None).grad
+            grad[(0,) * grad.ndim] = float("nan")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def fp16_with_scaler() -> MixedPrecision:
+    """float16 autocast with torch's GradScaler on the CPU (``precision="16-mixed"`` alone becomes bf16 there)."""
+    # A small initial scale: the default 2**16 overflows float16 gradients here, and the step is skipped anyway.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+
+
+def test_partial_fc_centres_skip_the_steps_the_grad_scaler_skips() -> None:
+    """16-mixed on CPU: a NaN backbone gradient makes torch's GradScaler skip optimizer.step and halve its scale;
+    the centres must not move on that step either (they did: the lazy update ran in on_before_optimizer_step)."""
+    task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6)
+    before_model = {k: v.clone() for k, v in task.model.state_dict().items()}
+    before = task.head.weight.clone()
+    nan = NaNBackboneGradient(steps=(0,))
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
+    trainer.fit(task, train_dataloaders=fixed_loader())
+    assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0] / 2  # the scaler saw the NaN and skipped
+    assert all(torch.equal(v, before_model[k]) for k, v in task.model.state_dict().items() if "num_batches" not in k
+               and "running" not in k)  # the optimizer step was skipped (BN statistics move in forward)
+    assert torch.equal(task.head.weight, before)
+    # A step the scaler takes still updates the centres.
+    nan.steps, nan.scales = (), []
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
+    trainer.fit(task, train_dataloaders=fixed_loader())
+    assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0]  # taken: no inf, the scale stays
+    assert not torch.equal(task.head.weight, before)
+
+
+class SeedEachStep(pl.Callback):
+    """Seeds torch before each step, so Partial FC's negative sampling does not depend on how the run got there
+    (Lightning restores no RNG state, and a resumed run draws loader seeds at other moments)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        torch.manual_seed(1000 + trainer.global_step)
+
+
+def test_partial_fc_resume_with_adamw_continues_exactly(tmp_path) -> None:
+    """Per-row AdamW state (moments, step counts) is in the checkpoint: 2 epochs == 1 epoch + save + resume 1."""
+    def decay(optimizer):
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=4)
+
+    def run(max_epochs: int, ckpt_path: str | None = None) -> tuple[FaceRecognitionTask, pl.Trainer]:
+        task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6, optimizer=adamw, lr_scheduler=decay,
+                         lr_scheduler_interval="step")
+        trainer = quiet_trainer(max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=0,
+                                callbacks=[SeedEachStep()])
+        trainer.fit(task, train_dataloaders=fixed_loader(), ckpt_path=ckpt_path)
+        return task, trainer
+
+    straight, _ = run(2)
+    first, trainer = run(1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    state = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert {"head.exp_avg", "head.exp_avg_sq", "head.row_steps"} <= set(state)
+    assert len(set(state["head.row_steps"].tolist())) > 1  # rows sampled a different number of times: per-row state
+    resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
+    for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
+        assert torch.equal(getattr(resumed.head, name), getattr(straight.head, name)), name
+
+
+# -- several verification sets in one validation loop ---------------------------------------------------------------
+def write_synthetic_bin(path: Path, num_pairs: int, first_identity: int, image_size: int = 32) -> Path:
+    """An insightface-style .bin (pickled (JPEG list, issame list)) of synthetic faces, same and different pairs."""
+    import io
+    import pickle
+
+    from datamodules.synthetic.identities import render_identity
+
+    def jpeg(identity: int, sample: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(render_identity(identity, sample, image_size=image_size)).save(out, format="JPEG", quality=95)
+        return out.getvalue()
+
+    images, issame = [], []
+    for k in range(num_pairs):
+        a = first_identity + k // 2
+        b = a if k % 3 else a + 50  # two same pairs, then a different one
+        images += [jpeg(a, 0), jpeg(b, 1)]
+        issame.append(a == b)
+    with open(path, "wb") as f:
+        pickle.dump((images, issame), f, protocol=2)
+    return path
+
+
+def two_set_data(tmp_path: Path, batch_size: int = 4):
+    from datamodules.faces import IdentityFolderDataModule
+
+    write_face_folder(tmp_path / "faces", size=32)
+    bins = [str(write_synthetic_bin(tmp_path / "setA.bin", 13, 1000)),
+            str(write_synthetic_bin(tmp_path / "setB.bin", 20, 2000))]
+    return IdentityFolderDataModule(str(tmp_path / "faces"), val_bins=bins, image_size=32, batch_size=batch_size,
+                                    num_workers=0)
+
+
+def test_several_sets_equal_each_set_alone(tmp_path) -> None:
+    """val/<set>/* of one validation loop over two .bin sets == the verification metric run on each set alone."""
+    from lit_tasks.metrics.verification import VerificationMetric
+
+    dm = two_set_data(tmp_path)
+    task = tiny_task(num_identities=dm.num_identities, verification_sets=dm.verification_sets)
+    assert dm.verification_sets == ["setA", "setB"]
+    logged = quiet_trainer().validate(task, dm)  # one result dict per dataloader, holding every logged value
+    results = logged[0]
+    accuracies = []
+    for name, loader in zip(dm.verification_sets, dm.val_dataloader()):
+        alone = VerificationMetric()
+        for batch in loader:
+            alone.update(task.embed(batch["image_a"]), task.embed(batch["image_b"]), batch["same"], batch["index"])
+        expected = alone.compute()
+        accuracies.append(float(expected["verification_accuracy"]))
+        assert results[f"val/{name}/accuracy"] == pytest.approx(float(expected["verification_accuracy"]), abs=1e-7)
+        for key in ("tar_at_far_1e-3", "auc", "threshold", "accuracy_std"):
+            source = "verification_accuracy_std" if key == "accuracy_std" else key
+            assert results[f"val/{name}/{key}"] == pytest.approx(float(expected[source]), abs=1e-6), (name, key)
+        assert torch.equal(task.epoch_results[f"val/{name}"]["fold_accuracy"], expected["fold_accuracy"])
+    assert results["val/verification_accuracy"] == pytest.approx(sum(accuracies) / 2, abs=1e-7)
+    assert not any("dataloader_idx" in key for key in results)  # epoch-end keys carry no loader suffix
+    assert task.epoch_results["val"]["set_name"] == "setA"  # the projector / ROC view: the first set
+    with pytest.raises(ValueError, match=r"verification dataloader 1 has no set: verification_sets=None names 1"):
+        quiet_trainer().validate(tiny_task(num_identities=3), dm)
+
+
+@pytest.mark.slow
+def test_several_sets_under_ddp_equal_one_process(tmp_path) -> None:
+    """2 processes (gloo, ddp_spawn), sets of 13 and 20 pairs and batches of 4: every per-set value as in 1 process."""
+    dm = two_set_data(tmp_path, batch_size=4)
+    task = tiny_task(num_identities=dm.num_identities, verification_sets=dm.verification_sets)
+    single = quiet_trainer(devices=1).validate(task, dm)[0]
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path).validate(task, dm)[0]
+    for key in ("val/setA/accuracy", "val/setB/accuracy", "val/setB/tar_at_far_1e-2", "val/setA/auc",
+                "val/verification_accuracy"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-7), key

@@ -15,10 +15,13 @@ from lit_tasks.losses.margin import ArcFace, CombinedMargin, MarginSoftmaxLoss
 from lit_tasks.losses.partial_fc import PartialFC, shard_range
 
 
-def make_pair(num_classes: int = 40, dim: int = 8, sample_rate: float = 1.0, momentum: float = 0.9):
+SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def make_pair(num_classes: int = 40, dim: int = 8, sample_rate: float = 1.0):
     torch.manual_seed(0)
     full = MarginSoftmaxLoss(num_classes, dim, ArcFace(64.0, 0.5))
-    pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), sample_rate, momentum, 5e-4, rank=0, world_size=1)
+    pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), sample_rate, rank=0, world_size=1)
     with torch.no_grad():
         pfc.weight.copy_(full.weight)
     return full, pfc
@@ -67,41 +70,106 @@ def test_only_positives_when_they_exceed_the_sample() -> None:
     assert pfc.last_index.tolist() == [1, 5, 9, 13, 17]
 
 
-def test_lazy_sgd_equals_torch_sgd_when_every_row_is_sampled() -> None:
-    """Same updates as torch's SGD on the full matrix, up to float32 rounding of the two gradient computations.
+def update_tolerance(steps: int, magnitude: float = 1.0) -> dict[str, float]:
+    """float32 tolerance for ``steps`` updates of size ``magnitude`` computed in another order: each update is a
+    handful of float32 operations (<= 0.5 ulp each), so a few ulp of the update per step, plus the relative ulp of
+    the value itself (rtol 1e-5, about 80 ulp)."""
+    ulp = torch.finfo(torch.float32).eps
+    return {"rtol": 1e-5, "atol": 8 * ulp * magnitude * steps}
 
-    The tolerance comes from the arithmetic, not from one machine (AVX2 and AVX-512 sum in different orders): a
-    centre's gradient sums B = 16 terms of at most s * |emb| (s = 64), so the two paths may differ by
-    ~B * eps32 * s * max|emb| per step; momentum 0.9 amplifies that at most 10x and lr 0.1 scales it.
-    """
-    torch.manual_seed(0)
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lazy_sgd_equals_torch_sgd_when_every_row_is_sampled(nesterov: bool) -> None:
     full, pfc = make_pair()
-    opt = torch.optim.SGD([full.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    eps = torch.finfo(torch.float32).eps
-    momentum_tol = 0.0
+    opt = torch.optim.SGD([full.weight], **SGD, nesterov=nesterov)
+    pfc.bind_optimizer(opt)
+    generator = torch.Generator().manual_seed(1)
     for step in range(3):
-        emb, labels = torch.randn(16, 8), torch.randint(0, 40, (16,))
-        opt.zero_grad()
-        full(emb, labels).backward()
-        opt.step()
+        emb, labels = torch.randn(16, 8, generator=generator), torch.randint(0, 40, (16,), generator=generator)
         pfc(emb, labels).backward()
-        assert pfc.step(lr=0.1)
-        momentum_tol = 0.9 * momentum_tol + 16 * eps * 64 * float(emb.abs().max())
-        atol = (step + 1) * 0.1 * 10 * 16 * eps * 64 * float(emb.abs().max())
-        torch.testing.assert_close(pfc.weight, full.weight.detach(), atol=atol, rtol=1e-5)
-    torch.testing.assert_close(pfc.momentum_buffer, opt.state[full.weight]["momentum_buffer"], atol=momentum_tol, rtol=1e-5)
+        full.weight.grad = pfc._pending[0][1].grad.clone()  # the same gradient: only the update rule is compared
+        opt.step()
+        assert pfc.step(opt.param_groups[0])
+        # Gradients of a 64-scaled softmax (O(1)), momentum sums up to ~10 of them: update <= lr x 10 = 1.
+        torch.testing.assert_close(pfc.weight, full.weight.detach(), **update_tolerance(step + 1, 1.0))
+    torch.testing.assert_close(pfc.momentum_buffer, opt.state[full.weight]["momentum_buffer"],
+                               **update_tolerance(3, 10.0))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam])
+def test_lazy_adam_equals_torch_adam_when_every_row_is_sampled(optimizer) -> None:
+    """Per-row state (moments and step counts) equals torch's on the full matrix when every row is sampled."""
+    full, pfc = make_pair()
+    opt = optimizer([full.weight], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    pfc.bind_optimizer(opt)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(4):
+        emb, labels = torch.randn(16, 8, generator=generator), torch.randint(0, 40, (16,), generator=generator)
+        pfc(emb, labels).backward()
+        full.weight.grad = pfc._pending[0][1].grad.clone()  # the same gradient: only the update rule is compared
+        opt.step()
+        assert pfc.step(opt.param_groups[0])
+        # Each Adam update is lr x O(1): the weights move by ~1e-2 per step.
+        torch.testing.assert_close(pfc.weight, full.weight.detach(), **update_tolerance(step + 1, 1e-2))
+    state = opt.state[full.weight]
+    assert pfc.row_steps.tolist() == [4] * 40 and float(state["step"]) == 4
+    torch.testing.assert_close(pfc.exp_avg, state["exp_avg"], **update_tolerance(4, 1.0))
+    torch.testing.assert_close(pfc.exp_avg_sq, state["exp_avg_sq"], **update_tolerance(4, 1.0))
+    assert not hasattr(pfc, "momentum_buffer") or pfc.momentum_buffer is None
+
+
+def test_lazy_adamw_keeps_state_per_sampled_row() -> None:
+    """Rows sampled at different steps: each row's update is a fresh AdamW's for its own gradient history."""
+    _, pfc = make_pair(num_classes=200, sample_rate=0.05)
+    group = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "decoupled_weight_decay": True}
+    pfc.bind_optimizer(torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **{k: v for k, v in group.items()
+                                                                                if k != "decoupled_weight_decay"}))
+    start = pfc.weight.clone()
+    history: dict[int, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(3)
+    for labels in ([3, 50], [50, 120], [3, 199]):
+        pfc(torch.randn(2, 8, generator=generator), torch.tensor(labels)).backward()
+        index, rows = pfc._pending[0]
+        for row, g in zip(index.tolist(), rows.grad):
+            history.setdefault(row, []).append(g.clone())
+        assert pfc.step(group)
+    # Reference: torch.optim.AdamW on each row alone, fed only the gradients of the steps it was sampled.
+    for row, grads in history.items():
+        w = start[row].clone().requires_grad_(True)
+        ref = torch.optim.AdamW([w], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        for g in grads:
+            w.grad = g
+            ref.step()
+        torch.testing.assert_close(pfc.weight[row], w.detach(), **update_tolerance(len(grads), 1e-2))
+        assert int(pfc.row_steps[row]) == len(grads)
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[list(history)] = False
+    assert torch.equal(pfc.weight[untouched], start[untouched]) and int(pfc.row_steps[untouched].sum()) == 0
+
+
+def test_unsupported_optimizers_and_options_are_refused() -> None:
+    _, pfc = make_pair()
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(TypeError, match="SGD, Adam or AdamW rules; RMSprop is not supported"):
+        pfc.bind_optimizer(torch.optim.RMSprop(p))
+    with pytest.raises(ValueError, match="does not support dampening=0.5"):
+        pfc.bind_optimizer(torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5))
+    with pytest.raises(ValueError, match="does not support amsgrad=True"):
+        pfc.bind_optimizer(torch.optim.AdamW(p, amsgrad=True))
 
 
 def test_lazy_sgd_touches_only_sampled_rows() -> None:
     _, pfc = make_pair(num_classes=200, sample_rate=0.1)
+    pfc.bind_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5, momentum=0.9))
     before_w = pfc.weight.clone()
-    pfc.momentum_buffer.normal_()
+    torch.manual_seed(4)
+    pfc.register_buffer("momentum_buffer", torch.randn(200, 8))
     before_m = pfc.momentum_buffer.clone()
     labels = torch.tensor([3, 50, 120])
     pfc(torch.randn(3, 8), labels).backward()
     index, rows = pfc._pending[0]
     grad = rows.grad.clone()
-    pfc.step(lr=0.5, grad_scale=4.0)  # an AMP loss scale of 4 is divided out
+    pfc.step({**SGD, "lr": 0.5}, grad_scale=4.0)  # an AMP loss scale of 4 is divided out
     untouched = torch.ones(200, dtype=torch.bool)
     untouched[index] = False
     assert torch.equal(pfc.weight[untouched], before_w[untouched])
@@ -112,36 +180,42 @@ def test_lazy_sgd_touches_only_sampled_rows() -> None:
 
 
 def test_accumulated_micro_batches_sum_their_gradients() -> None:
-    _, pfc = make_pair(num_classes=200, sample_rate=0.1, momentum=0.0)
-    _, single = make_pair(num_classes=200, sample_rate=1.0, momentum=0.0)
-    pfc.weight_decay = single.weight_decay = 0.0
+    _, pfc = make_pair(num_classes=200, sample_rate=0.1)
     before = pfc.weight.clone()
     grads = torch.zeros_like(before)
+    torch.manual_seed(5)
     for labels in (torch.tensor([3, 50]), torch.tensor([50, 199])):
         pfc(torch.randn(2, 8), labels).backward()
         index, rows = pfc._pending[-1]
         grads.index_add_(0, index, rows.grad)
-    assert pfc.step(lr=1.0)
+    assert pfc.step({"lr": 1.0})  # plain SGD: no momentum, no decay
     torch.testing.assert_close(pfc.weight, before - grads)
 
 
 def test_non_finite_gradient_skips_the_update() -> None:
     _, pfc = make_pair()
     before = pfc.weight.clone()
-    pfc(torch.randn(4, 8), torch.tensor([0, 1, 2, 3])).backward()
+    pfc(torch.randn(4, 8, generator=torch.Generator().manual_seed(6)), torch.tensor([0, 1, 2, 3])).backward()
     pfc._pending[0][1].grad[0, 0] = float("inf")
-    assert not pfc.step(lr=0.1)
+    assert not pfc.step(SGD)
     assert torch.equal(pfc.weight, before)
 
 
-def test_checkpoint_holds_full_matrix_and_restores_any_shard() -> None:
+def test_checkpoint_holds_full_matrix_and_state_and_restores_any_shard() -> None:
     _, pfc = make_pair(num_classes=11)
+    pfc.bind_optimizer(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
+    pfc(torch.randn(3, 8, generator=torch.Generator().manual_seed(7)), torch.tensor([1, 4, 9])).backward()
+    pfc.step({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "decoupled_weight_decay": True})
     state = pfc.state_dict()
-    assert state["weight"].shape == (11, 8) and state["momentum_buffer"].shape == (11, 8)
-    shard = PartialFC(11, 8, ArcFace(), rank=1, world_size=3)
+    assert state["weight"].shape == (11, 8) and state["exp_avg"].shape == (11, 8) and state["row_steps"].shape == (11,)
+    shard = PartialFC(11, 8, ArcFace(), rank=1, world_size=3)  # no state yet: the checkpoint's is created
     shard.load_state_dict(state)
     start, n = shard_range(11, 1, 3)
-    assert torch.equal(shard.weight, state["weight"][start : start + n])
+    for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
+        assert torch.equal(getattr(shard, name), state[name][start : start + n]), name
+    # Another rule: the Adam state is dropped.
+    shard.bind_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    assert set(shard.state_dict()) == {"weight"}
     wrong = PartialFC(12, 8, ArcFace())
     with pytest.raises(RuntimeError, match=r"weight: the checkpoint holds a \(11, 8\) centre matrix, expected the full \(12, 8\)"):
         wrong.load_state_dict(state)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.images import decode_image
 from datamodules.recordio import (
     MAGIC,
     MAGIC_BYTES,
@@ -27,7 +28,6 @@ from datamodules.recordio import (
     RecordIODataset,
     RecordIOError,
     class_of,
-    decode_rgb,
     frame_record,
     pack_record,
     read_index,
@@ -182,9 +182,11 @@ def test_decoder_matches_pillow_reference_on_golden_bytes():
     _, data = unpack_record(rec.read(3))
     import io
 
-    assert np.array_equal(decode_rgb(data), np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB")))
-    with pytest.raises(OSError, match="some record: cannot decode image"):
-        decode_rgb(bytes(data)[:200], "some record")
+    decoded = decode_image(data)
+    assert np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB")))
+    assert decoded.flags.writeable and decoded.flags.owndata  # in-place augmentations and torch.from_numpy need it
+    with pytest.raises(OSError, match="cannot read image some record: "):
+        decode_image(bytes(data)[:200], "some record")
 
 
 # ------------------------------------------------------------------------------------------------ corruptions
@@ -321,14 +323,14 @@ def test_bad_payloads_and_labels_are_named(tmp_path):
     ds = RecordIODataset(tmp_path / "b.rec")  # record 0 has flag 0: every key is an image
     assert ds.header0 is None and len(ds) == 7 and ds.num_identities is None
     assert ds[0][1] == 1 and ds[5][1] == 3
-    assert np.array_equal(ds[5][0], decode_rgb(good))
+    assert np.array_equal(ds[5][0], decode_image(good))
     with pytest.raises(RecordIOError, match=r"b.rec: key 1 at byte offset \d+: payload of 5 bytes is shorter than"):
         ds[1]
     with pytest.raises(RecordIOError, match=r"key 2 .* flag 5 announces 5 float32 labels"):
         ds[2]
     with pytest.raises(ValueError, match=r"key 3 .* label 2.5 is not a non-negative integer"):
         ds[3]
-    with pytest.raises(OSError, match=r"key 4 .* cannot decode image"):
+    with pytest.raises(OSError, match=r"cannot read image .*b.rec: key 4 at byte offset \d+: "):
         ds[4]
     with pytest.raises(ValueError, match=r"key 6 .* label -1.0"):
         ds[6]
@@ -350,7 +352,7 @@ def test_without_key_zero_every_key_is_an_image_in_index_order(tmp_path):
     write_recordio(tmp_path / "d.rec", [(k, pack_record(IRHeader(0, float(k), k, 0), jpeg(k))) for k in keys])
     ds = RecordIODataset(tmp_path / "d.rec")
     assert ds.image_keys.tolist() == keys and [ds[i][1] for i in range(3)] == keys
-    assert np.array_equal(ds[1][0], decode_rgb(jpeg(3)))
+    assert np.array_equal(ds[1][0], decode_image(jpeg(3)))
     assert 3 in ds.records and 4 not in ds.records
 
 

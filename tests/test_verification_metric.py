@@ -174,3 +174,40 @@ def test_few_pairs_warn_and_use_fewer_folds() -> None:
     with pytest.warns(UserWarning, match="only 6 verification pairs"):
         out = metric.compute()
     assert out["fold_accuracy"].shape == (6,)
+
+
+def _update_on_some_ranks(rank: int, world: int, out_dir: str) -> None:
+    """Rank 0 sees every pair of a 21-pair set, rank 1 none (an evaluation loader giving each pair to one process
+    can leave a process without any pair of a small set); both compute, as Lightning's epoch end does."""
+    import torch.distributed as dist
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(21, 8, generator=generator), torch.randn(21, 8, generator=generator)
+    same = torch.arange(21) % 2 == 0
+    metric = VerificationMetric()
+    if rank == 0:
+        metric.update(a[:15], b[:15], same[:15], torch.arange(15))
+        metric.update(a[15:], b[15:], same[15:], torch.arange(15, 21))
+    result = metric.compute()
+    empty = VerificationMetric()  # a set no process saw: NaN, without a hang or a dtype error
+    with pytest.warns(UserWarning):
+        nothing = empty.compute()
+    torch.save({"result": result, "nothing": nothing}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_a_process_without_pairs_still_syncs(tmp_path) -> None:
+    from ddp_helpers import run_processes
+
+    run_processes(_update_on_some_ranks, str(tmp_path))
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(21, 8, generator=generator), torch.randn(21, 8, generator=generator)
+    single = VerificationMetric()
+    single.update(a, b, torch.arange(21) % 2 == 0, torch.arange(21))
+    expected = single.compute()
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for key in ("verification_accuracy", "auc", "tar_at_far_1e-3", "fold_accuracy"):
+            assert torch.equal(out["result"][key], expected[key]), (rank, key)
+        assert torch.isnan(out["nothing"]["verification_accuracy"])

@@ -4,11 +4,13 @@
         --num-shards 16 [--compression gzip]
     python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8 [--seed 0]  # ROOT/<id>/<image>
     python tools/make_tfrecords.py masks --images DIR --masks DIR --out data/seg --num-shards 8
+    python tools/make_tfrecords.py rec --rec /data/ms1m/train.rec --out data/ms1m --num-shards 64 [--seed 0]
 
 Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``), records dealt round-robin over the shards
-(as the OD API's ``open_sharded_output_tfrecords``), and, for ``coco`` and ``folder``,
-``OUT.label_map.pbtxt`` naming the classes. ``folder`` writes the images in a random order drawn from
-``--seed``, so shards mix identities. The encoders live beside their DataModules
+(as the OD API's ``open_sharded_output_tfrecords``), and, for ``coco``, ``folder`` and ``rec``,
+``OUT.label_map.pbtxt`` naming the classes. ``folder`` and ``rec`` (an insightface RecordIO pack: the JPEGs
+as stored, classes named by their number) write the images in a random order drawn from ``--seed``, so
+shards mix identities. The encoders live beside their DataModules
 (``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``, ``datamodules.tfrecord_masks``).
 """
 
@@ -40,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     masks.add_argument("--images", required=True)
     masks.add_argument("--masks", required=True)
     masks.add_argument("--mask-suffix", default=".png", help="mask of image STEM.jpg is MASKS/STEM<suffix>")
-    for p in (coco, folder, masks):
+    rec = sub.add_parser("rec", help="insightface RecordIO pack (train.rec + train.idx) -> identity shards")
+    rec.add_argument("--rec", required=True, help="the .rec file")
+    rec.add_argument("--idx", default=None, help="its index (default: beside it with suffix .idx)")
+    rec.add_argument("--seed", type=int, default=0, help="seed of the record order (records are shuffled)")
+    for p in (coco, folder, masks, rec):
         p.add_argument("--out", required=True, help="output prefix, e.g. data/train")
         p.add_argument("--num-shards", type=int, default=1)
         p.add_argument("--compression", choices=["none", "gzip", "zlib"], default="none")
@@ -61,6 +67,15 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         classes, files = folder_classes(args.root)
         examples, total = folder_examples(args.root, classes, files, args.seed), sum(map(len, files))
         write_label_map(args.out + ".label_map.pbtxt", range(len(classes)), classes)
+    elif args.format == "rec":
+        from datamodules.recordio import RecordIODataset
+        from datamodules.recordio_faces import identity_count
+        from datamodules.tfrecord_faces import recordio_examples
+
+        records = RecordIODataset(args.rec, args.idx)
+        classes = identity_count(records)
+        examples, total = recordio_examples(records, args.seed), len(records)
+        write_label_map(args.out + ".label_map.pbtxt", range(classes), [str(k) for k in range(classes)])
     else:
         from datamodules.tfrecord_masks import mask_examples, mask_pairs
 

@@ -33,11 +33,13 @@ def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, title: str = "verification 
 class EmbeddingProjector(pl.Callback):
     """At each validation epoch on rank 0: projector view of validation embeddings and the ROC figure.
 
-    Collects the first ``max_images`` images of the validation pairs (``image_a`` of each pair) with
-    their flip-fused embeddings (the ``embeddings_a`` the task's ``validation_step`` returns) and the
-    ``identity_a`` names as metadata, then calls ``SummaryWriter.add_embedding`` with ``thumbnail``-px
-    thumbnails. The ROC curve comes from the task's ``epoch_results["val"]`` (pooled over all pairs and
-    processes). Skipped during the sanity check and without a TensorBoard logger.
+    Collects the first ``max_images`` images of the validation pairs of the first set (dataloader 0:
+    ``image_a`` of each pair) with their flip-fused embeddings (the ``embeddings_a`` the task's
+    ``validation_step`` returns) and the ``identity_a`` names as metadata (the pair index where a set has no
+    names, e.g. a ``.bin``), then calls ``SummaryWriter.add_embedding`` with ``thumbnail``-px thumbnails. The
+    ROC curves come from the task's ``epoch_results`` (pooled over all pairs and processes): ``val/roc`` for
+    one unnamed set, ``val/<set>/roc`` for each named set. Skipped during the sanity check and without a
+    TensorBoard logger.
     """
 
     def __init__(self, max_images: int = 300, thumbnail: int = 32, every_n_epochs: int = 1) -> None:
@@ -59,7 +61,8 @@ class EmbeddingProjector(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         room = self.max_images - len(self.names)
-        if room <= 0 or not self._active(trainer) or not isinstance(outputs, dict) or "embeddings_a" not in outputs:
+        if (room <= 0 or dataloader_idx != 0 or not self._active(trainer) or not isinstance(outputs, dict)
+                or "embeddings_a" not in outputs):
             return
         images = batch["image_a"][:room].detach().float().cpu()
         self.embeddings.append(outputs["embeddings_a"][:room].detach().float().cpu())
@@ -75,10 +78,14 @@ class EmbeddingProjector(pl.Callback):
             writer.add_embedding(torch.cat(self.embeddings), metadata=self.names,
                                  label_img=torch.cat(self.thumbnails).clamp(0, 1), global_step=step,
                                  tag="val_embeddings")
-        result = getattr(pl_module, "epoch_results", {}).get("val", {})
-        if "roc_fpr" in result:
-            fig = roc_figure(result["roc_fpr"], result["roc_tpr"], f"ROC, AUC {float(result['auc']):.4f}")
-            writer.add_figure("val/roc", fig, global_step=step, close=True)
+        results = getattr(pl_module, "epoch_results", {})
+        names = getattr(pl_module, "verification_sets", None) or [None]
+        for name in names:
+            result = results.get("val" if name is None else f"val/{name}", {})
+            if "roc_fpr" in result:
+                title = f"{name + ' ' if name else ''}ROC, AUC {float(result['auc']):.4f}"
+                fig = roc_figure(result["roc_fpr"], result["roc_tpr"], title)
+                writer.add_figure("val/roc" if name is None else f"val/{name}/roc", fig, global_step=step, close=True)
         self._reset()
 
 

@@ -12,23 +12,34 @@ After An et al., "Partial FC: Training 10 Million Identities on a Single Machine
 4. Cosines against the sampled rows go through the margin head; the softmax normaliser is all-reduced
    (max, then sum of exponentials), so with ``sample_rate=1`` the loss is exactly the full softmax.
 
-Optimizer state: the centres are buffers, not Parameters, and are updated by :meth:`PartialFC.step`
-with *lazy* (row-sparse) SGD: the sampled rows are copied out (``weight[index]``) as a leaf tensor, its
-gradient ``(n_sampled, D)`` is the only centre gradient that exists, and weight decay, the momentum
-buffer and the update touch exactly those rows. The momentum buffer is indexed by the same global row
-ids as the weight, so a row's momentum follows it however the sampled subset changes, and a row that is
-not sampled is left alone (no decay, no momentum drift; the behaviour of sparse-embedding optimizers).
-Per step the optimizer touches ``n_sampled * D`` numbers instead of ``C * D``; the stored state is
-the shard plus one momentum row per shard row (``momentum=0`` drops it).
+Optimisation: the centres are buffers, not Parameters, updated *lazily* (row-sparse) by :meth:`PartialFC.step`:
+the sampled rows are copied out (``weight[index]``) as a leaf tensor, its gradient ``(n_sampled, D)`` is the
+only centre gradient that exists, and weight decay, the optimizer state and the update touch exactly those rows;
+a row that is not sampled is left alone (no decay, no momentum drift: the behaviour of sparse-embedding
+optimizers). Per step the update touches ``n_sampled * D`` numbers instead of ``C * D``. The rule and its
+hyperparameters are the task's optimizer's (:meth:`PartialFC.bind_optimizer`, then :meth:`PartialFC.step` with
+one of its parameter groups, so the centres follow its learning-rate schedule):
 
-Checkpoints: ``state_dict()`` gathers the full ``(C, D)`` weight and momentum from all ranks (a
-collective: call it on every rank, as Lightning does), and loading takes the rows of this rank's shard
-from it, so a checkpoint restores under any world size; a wrong ``(C, D)`` is a clear error.
+* ``torch.optim.SGD``: momentum, Nesterov and (coupled) weight decay, as insightface trains its centres; state
+  ``momentum_buffer`` ``(C, D)`` (none without momentum). With every row sampled it equals ``torch.optim.SGD``.
+* ``torch.optim.AdamW`` / ``torch.optim.Adam`` (the ViT recipes): decoupled (AdamW) or coupled (Adam) weight
+  decay; state ``exp_avg``, ``exp_avg_sq`` ``(C, D)`` and ``row_steps`` ``(C,)``: each row counts its own updates
+  for the bias correction, so a row sampled for the first time at step 1000 is corrected as a fresh one. With
+  every row sampled it equals ``torch.optim.AdamW`` / ``Adam`` on the full matrix.
+* anything else, and ``dampening``, ``maximize``, ``amsgrad``, is refused by :meth:`PartialFC.bind_optimizer`.
+
+The state is indexed by the same global row ids as the weight, so a row's state follows it however the sampled
+subset changes.
+
+Checkpoints: ``state_dict()`` gathers the full ``(C, D)`` weight and every state tensor from all ranks (a
+collective: call it on every rank, as Lightning does), and loading takes the rows of this rank's shard from
+it, so a checkpoint restores under any world size and a resumed run continues exactly; a wrong ``C`` or ``D`` is
+a clear error.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -125,12 +136,13 @@ class PartialFC(nn.Module):
         embedding_size: D.
         margin: the margin head applied to the sampled cosines.
         sample_rate: fraction of each shard's centres used per step, in (0, 1]; positives always kept.
-        momentum: SGD momentum of the lazy centre update (0 keeps no state).
-        weight_decay: L2 decay applied to the sampled rows at each step.
         rank, world_size: the sharding; default the current process group (1 shard without one).
+
+    The update rule and its hyperparameters come from the optimizer (:meth:`bind_optimizer`, :meth:`step`).
     """
 
-    SHARDED = ("weight", "momentum_buffer")
+    RULE_STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "row_steps")}
+    STATE_NAMES = tuple(name for names in RULE_STATE.values() for name in names)
 
     def __init__(
         self,
@@ -138,8 +150,6 @@ class PartialFC(nn.Module):
         embedding_size: int,
         margin: CombinedMargin,
         sample_rate: float = 1.0,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -148,14 +158,18 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.sample_rate = margin, float(sample_rate)
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
         self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
         self.register_buffer("weight", torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        self.register_buffer("momentum_buffer", torch.zeros(self.num_local, embedding_size) if momentum else None)
+        self.rule = "sgd"
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self.last_index: torch.Tensor | None = None  # sampled rows of the last forward (local ids)
+
+    @property
+    def sharded(self) -> list[str]:
+        """Names of the per-row tensors (weight and optimizer state) this module holds now."""
+        return [name for name in ("weight", *self.STATE_NAMES) if getattr(self, name, None) is not None]
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}) "
@@ -171,38 +185,43 @@ class PartialFC(nn.Module):
         if self.world_size != 1:
             raise RuntimeError(f"PartialFC is already sharded for world size {self.world_size}; cannot reshard")
         start, num_local = shard_range(self.num_classes, rank, world_size)
-        for name in self.SHARDED:
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[start : start + num_local].clone())
+        for name in self.sharded:
+            setattr(self, name, getattr(self, name)[start : start + num_local].clone())
         self.rank, self.world_size, self.class_start, self.num_local = rank, world_size, start, num_local
         self._pending.clear()
 
     def ddp_ignored_buffers(self, prefix: str) -> list[str]:
-        """Fully qualified names DDP must neither broadcast nor check (they differ per rank)."""
-        return [prefix + name for name in self.SHARDED if getattr(self, name) is not None]
+        """Fully qualified names DDP must neither broadcast nor check (they differ per rank), including state
+        buffers created later (by the first :meth:`step` or a checkpoint)."""
+        return [prefix + name for name in ("weight", *self.STATE_NAMES)]
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.world_size > 1:
-            for name in self.SHARDED:
-                if getattr(self, name) is not None:
-                    destination[prefix + name] = _gather_varsize(getattr(self, name).detach())[0]
+            for name in self.sharded:
+                destination[prefix + name] = _gather_varsize(getattr(self, name).detach())[0]
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        expected = (self.num_classes, self.embedding_size)
-        for name in self.SHARDED:
+        for name in ("weight", *self.STATE_NAMES):
             key = prefix + name
-            if key in state_dict and getattr(self, name) is not None:
-                full = state_dict[key]
-                if tuple(full.shape) != expected:
-                    error_msgs.append(
-                        f"{key}: the checkpoint holds a {tuple(full.shape)} centre matrix, expected the full "
-                        f"{expected} (num_identities x embedding_size); was it trained on other data?"
-                    )
-                    state_dict[key] = getattr(self, name)
-                else:
-                    state_dict[key] = full[self.class_start : self.class_start + self.num_local]
+            if key not in state_dict:
+                continue
+            full = state_dict[key]
+            expected = (self.num_classes, self.embedding_size) if name != "row_steps" else (self.num_classes,)
+            if tuple(full.shape) != expected:
+                error_msgs.append(
+                    f"{key}: the checkpoint holds a {tuple(full.shape)} centre matrix, expected the full "
+                    f"{expected} (num_identities x embedding_size); was it trained on other data?"
+                )
+                state_dict[key] = getattr(self, name, None)
+                if state_dict[key] is None:
+                    del state_dict[key]
+                continue
+            if getattr(self, name, None) is None:  # optimizer state of the run that saved it: resume exactly
+                self.register_buffer(name, torch.empty((self.num_local, *full.shape[1:]), dtype=full.dtype,
+                                                       device=self.weight.device))
+            state_dict[key] = full[self.class_start : self.class_start + self.num_local]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -241,11 +260,54 @@ class PartialFC(nn.Module):
             return DistributedCrossEntropy.apply(logits, targets)
 
     # -- optimisation --------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, lr: float, grad_scale: float = 1.0) -> bool:
-        """Lazy SGD on the rows sampled since the last step; False (nothing changed) if no finite gradient.
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update the centres with ``optimizer``'s rule (module docstring); drop state of another rule.
 
-        ``grad_scale`` is the AMP loss scale to divide out (1 without a GradScaler).
+        Raises:
+            TypeError: an optimizer other than SGD, Adam or AdamW.
+            ValueError: an option the lazy update does not reproduce (SGD ``dampening``, ``maximize``,
+                ``amsgrad``), naming it.
+        """
+        if isinstance(optimizer, torch.optim.SGD):
+            rule, unsupported = "sgd", {"dampening": 0, "maximize": False}
+        elif isinstance(optimizer, torch.optim.Adam):  # AdamW is an Adam with decoupled weight decay
+            rule, unsupported = "adam", {"amsgrad": False, "maximize": False}
+        else:
+            raise TypeError(f"Partial FC updates its centres with SGD, Adam or AdamW rules; {type(optimizer).__name__} "
+                            "is not supported (use partial_fc=False to train the centres with any optimizer)")
+        for group in optimizer.param_groups:
+            for option, plain in unsupported.items():
+                if group.get(option, plain) != plain:
+                    raise ValueError(f"Partial FC's lazy {type(optimizer).__name__} update does not support "
+                                     f"{option}={group[option]!r}")
+        for name in self.STATE_NAMES:
+            if name not in self.RULE_STATE[rule] and getattr(self, name, None) is not None:
+                delattr(self, name)  # e.g. SGD momentum of a checkpoint resumed with AdamW
+        self.rule = rule
+        # The state exists from now on in every process (zeros, unless a checkpoint restored it), so all processes
+        # gather the same tensors when a checkpoint is saved, even if one of them skipped a step.
+        if rule == "adam":
+            self._state("exp_avg", (self.embedding_size,), torch.float32)
+            self._state("exp_avg_sq", (self.embedding_size,), torch.float32)
+            self._state("row_steps", (), torch.int64)
+        elif optimizer.param_groups[0].get("momentum", 0.0):
+            self._state("momentum_buffer", (self.embedding_size,), torch.float32)
+
+    def _state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The state buffer ``name`` (all rows), created as zeros on first use."""
+        if getattr(self, name, None) is None:
+            self.register_buffer(name, torch.zeros((self.num_local, *shape), dtype=dtype, device=self.weight.device))
+        return getattr(self, name)
+
+    @torch.no_grad()
+    def step(self, group: Mapping[str, Any], grad_scale: float = 1.0) -> bool:
+        """Lazy update of the rows sampled since the last step; False (nothing changed) if no finite gradient.
+
+        Args:
+            group: hyperparameters as an optimizer parameter group holds them (``lr`` as now scheduled;
+                SGD: ``momentum``, ``nesterov``, ``weight_decay``; Adam(W): ``betas``, ``eps``,
+                ``weight_decay``, ``decoupled_weight_decay``), for the rule chosen by :meth:`bind_optimizer`.
+            grad_scale: the AMP loss scale to divide out (1 without a GradScaler).
         """
         pending = [(index, rows.grad) for index, rows in self._pending if rows.grad is not None]
         self._pending.clear()
@@ -263,17 +325,65 @@ class PartialFC(nn.Module):
         grad = grad / grad_scale
         if not torch.isfinite(grad).all():
             return False
-        rows = self.weight if index is None else self.weight[index]
-        if self.weight_decay:
-            grad = grad + self.weight_decay * rows
-        if self.momentum_buffer is not None:
-            buf = self.momentum_buffer if index is None else self.momentum_buffer[index]
-            buf = buf.mul_(self.momentum).add_(grad)
-            if index is not None:
-                self.momentum_buffer.index_copy_(0, index, buf)
-            grad = buf
-        if index is None:
-            self.weight.sub_(lr * grad)
+        rows = _Rows(index)
+        lr, weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+        if self.rule == "sgd":
+            self._sgd_rows(rows, grad, lr, weight_decay, group)
         else:
-            self.weight.index_copy_(0, index, rows.sub_(lr * grad))
+            self._adam_rows(rows, grad, lr, weight_decay, group)
         return True
+
+    def _sgd_rows(self, rows: _Rows, grad: torch.Tensor, lr: float, weight_decay: float,
+                  group: Mapping[str, Any]) -> None:
+        """``torch.optim.SGD`` on the rows (zero-initialised momentum == torch's ``buf = grad`` without dampening)."""
+        momentum = float(group.get("momentum", 0.0))
+        weight = rows.take(self.weight)
+        if weight_decay:
+            grad = grad.add(weight, alpha=weight_decay)
+        if momentum:
+            buffer = self._state("momentum_buffer", (self.embedding_size,), torch.float32)
+            buf = rows.put(buffer, rows.take(buffer).mul_(momentum).add_(grad))
+            grad = grad.add(buf, alpha=momentum) if group.get("nesterov", False) else buf
+        rows.put(self.weight, weight.add_(grad, alpha=-lr))
+
+    def _adam_rows(self, rows: _Rows, grad: torch.Tensor, lr: float, weight_decay: float,
+                   group: Mapping[str, Any]) -> None:
+        """``torch.optim.Adam`` / ``AdamW`` on the rows, each with its own step count for the bias correction."""
+        beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+        eps = float(group.get("eps", 1e-8))
+        weight = rows.take(self.weight)
+        if weight_decay:
+            if group.get("decoupled_weight_decay", False):
+                weight.mul_(1.0 - lr * weight_decay)
+            else:
+                grad = grad.add(weight, alpha=weight_decay)
+        exp_avg_all = self._state("exp_avg", (self.embedding_size,), torch.float32)
+        exp_avg_sq_all = self._state("exp_avg_sq", (self.embedding_size,), torch.float32)
+        steps_all = self._state("row_steps", (), torch.int64)
+        steps = rows.put(steps_all, rows.take(steps_all).add_(1))
+        exp_avg = rows.put(exp_avg_all, rows.take(exp_avg_all).lerp_(grad, 1.0 - beta1))
+        exp_avg_sq = rows.put(exp_avg_sq_all,
+                              rows.take(exp_avg_sq_all).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2))
+        # Bias corrections per row in float64, as torch computes them in Python floats per tensor.
+        t = steps.double()[:, None]
+        step_size = (lr / (1.0 - beta1**t)).float()
+        correction2_sqrt = torch.sqrt(1.0 - beta2**t).float()
+        denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
+        rows.put(self.weight, weight.sub_(step_size * exp_avg / denom))
+
+
+class _Rows:
+    """The rows one step updates: all of them (``index`` None: tensors are updated in place) or ``index``."""
+
+    def __init__(self, index: torch.Tensor | None) -> None:
+        self.index = index
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``tensor``: the tensor itself for all rows, else a copy to update and :meth:`put` back."""
+        return tensor if self.index is None else tensor[self.index]
+
+    def put(self, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write updated ``rows`` into ``tensor`` (nothing to do for all rows: they were updated in place)."""
+        if self.index is not None:
+            tensor.index_copy_(0, self.index, rows)
+        return rows

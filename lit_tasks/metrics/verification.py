@@ -15,6 +15,7 @@ padding DistributedSampler) dropped, so the result equals the single-process one
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,7 +194,23 @@ class VerificationMetric(Metric):
         self.same.append(same.detach().bool())
         self.index.append(index.detach().long())
 
+    STATE_DTYPES = {"dist": torch.float64, "same": torch.bool, "index": torch.int64}
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        """As torchmetrics, but a process that saw no pair of this set (evaluation loaders give each pair to one
+        process only, so a small set may leave one without any) joins the gather with empty states of the right
+        dtype; torchmetrics would send float32 placeholders that do not match the other processes' bool / int64."""
+        for name, dtype in self.STATE_DTYPES.items():
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                getattr(self, name).append(torch.empty(0, dtype=dtype, device=self.device))
+        if dist_sync_fn is None:
+            super()._sync_dist(process_group=process_group)
+        else:
+            super()._sync_dist(dist_sync_fn, process_group)
+
     def compute(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.dist, list) and not self.dist:  # nothing seen anywhere: NaN results (and a warning)
+            return verification_report(np.zeros(0), np.zeros(0, dtype=bool), self.n_folds)
         dist = dim_zero_cat(self.dist).cpu().numpy()
         same = dim_zero_cat(self.same).cpu().numpy()
         index = dim_zero_cat(self.index).cpu().numpy()

@@ -1,7 +1,9 @@
-"""Face embedding network: timm backbone + insightface's BN-Dropout-FC-BN embedding head.
+"""Face embedding networks: insightface's IResNet / MobileFaceNet, or a timm backbone + their embedding head.
 
 Images enter as ``(B, 3, S, S)`` floats in [0, 1] and are normalised inside, ``(x - 0.5) / 0.5`` as
-insightface does, so a trained (or exported) network takes plain [0, 1] images.
+insightface does, so a trained (or exported) network takes plain [0, 1] images. :func:`build_face_network`
+picks the network from its name by one rule (see there); every network owns its memory format
+(``channels_last``), so the task treats them alike.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_tasks.models.backbone import build_backbone
+from lit_tasks.models.iresnet import build_iresnet
+from lit_tasks.models.mobilefacenet import build_mobilefacenet
+
+# Names built from insightface's definitions here; every other backbone name is a timm model.
+IRESNET_PREFIX, MOBILEFACENET_PREFIXES = "iresnet", ("mbf", "mobilefacenet")
 
 
 class EmbeddingHead(nn.Module):
@@ -87,6 +94,46 @@ class EmbeddingNetwork(nn.Module):
         return self.head(self.backbone(x)[-1])
 
 
+def build_face_network(
+    backbone: str = "resnet18",
+    image_size: int = 112,
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    output_stride: int = 16,
+    channels_last: bool = True,
+    pretrained: bool = False,
+) -> nn.Module:
+    """``(B, 3, S, S)`` images in [0, 1] -> raw ``(B, D)`` embeddings, chosen by one rule on the name.
+
+    * ``iresnet18|34|50|100|200`` (names starting with ``iresnet``): insightface arcface_torch's IResNet
+      (:mod:`lit_tasks.models.iresnet`: full-resolution stem, BN-PReLU blocks, BN-Dropout-FC-BN embedding);
+    * ``mbf``, ``mbf_large`` (names starting with ``mbf`` or ``mobilefacenet``): arcface_torch's MobileFaceNet
+      (:mod:`lit_tasks.models.mobilefacenet`, GDC embedding; it has no dropout);
+    * any other name: a timm backbone (``features_only``, last stage) under :class:`EmbeddingHead`
+      (:class:`EmbeddingNetwork`).
+
+    Both insightface networks reduce 112 px to the 7x7 map by stride 16 and have no downloadable weights here
+    (load an arcface_torch state dict with ``load_state_dict``: the module names are theirs).
+
+    Raises:
+        ValueError: ``pretrained``, an ``output_stride`` other than 16, or ``dropout`` for MobileFaceNet, with an
+            insightface network; an unknown insightface name (the message lists the known ones).
+    """
+    if backbone.startswith((IRESNET_PREFIX, *MOBILEFACENET_PREFIXES)):
+        if pretrained:
+            raise ValueError(f"backbone={backbone!r}: no pretrained weights are downloaded for insightface's networks; "
+                             "load arcface_torch weights with model.load_state_dict instead")
+        if output_stride != 16:
+            raise ValueError(f"backbone={backbone!r} has a fixed stride of 16 (7x7 at 112 px); output_stride="
+                             f"{output_stride} cannot apply")
+        if backbone.startswith(IRESNET_PREFIX):
+            return build_iresnet(backbone, embedding_size, dropout, image_size, channels_last=channels_last)
+        if dropout:
+            raise ValueError(f"backbone={backbone!r}: MobileFaceNet has no dropout (got dropout={dropout})")
+        return build_mobilefacenet(backbone, embedding_size, image_size, channels_last=channels_last)
+    return EmbeddingNetwork(backbone, image_size, embedding_size, dropout, output_stride, channels_last, pretrained)
+
+
 class NormalisedEmbedder(nn.Module):
     """Images -> L2-normalised embeddings, optionally fused with the embedding of the mirrored image.
 
@@ -94,7 +141,7 @@ class NormalisedEmbedder(nn.Module):
     This is the module :mod:`tools.export` writes to TorchScript / ONNX.
     """
 
-    def __init__(self, network: EmbeddingNetwork, flip: bool = True) -> None:
+    def __init__(self, network: nn.Module, flip: bool = True) -> None:
         super().__init__()
         self.network, self.flip = network, flip
 
