@@ -248,13 +248,12 @@ class PoseTask(BaseTask):
         scores = keypoint_scores(sigma)
         in_image = affine_points(keypoints, batch["matrix_inv"])
         metrics = self.metrics[stage]
-        gt_box = ~batch["from_detector"]
-        if gt_box.any():
-            truth = batch["keypoints_image"][gt_box]
-            visible = truth[..., 2] > 0
-            for name in ("pck", "auc"):
-                metrics[name].update(in_image[gt_box], truth, visible, batch["box"][gt_box])
-            metrics["epe"].update(in_image[gt_box], truth, visible)
+        gt_box = ~batch["from_detector"]  # PCK and EPE need the person's ground truth: GT-box crops only
+        truth = batch["keypoints_image"][gt_box]
+        visible = truth[..., 2] > 0
+        for name in ("pck", "auc"):
+            metrics[name].update(in_image[gt_box], truth, visible, batch["box"][gt_box])
+        metrics["epe"].update(in_image[gt_box], truth, visible)
         metrics["ap"].update(self._instances(batch, in_image, scores), batch["gt"])
         return {"keypoints": keypoints, "scores": scores, "sigma": sigma}
 
