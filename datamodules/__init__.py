@@ -3,7 +3,8 @@
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
-``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data);
+``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``coco_keypoints`` (top-down pose);
+``synthetic`` (generated data);
 ``tfrecord`` (the TFRecord format itself, knowing no DataModule).
 """
 

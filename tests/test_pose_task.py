@@ -207,6 +207,14 @@ def test_validation_ap_equals_pycocotools_on_the_predicted_json(figures_root, tm
         assert metrics[key] == pytest.approx(stats[index], abs=1e-4), key
 
 
+def test_test_prints_the_pycocotools_keypoint_summary(figures_root, tmp_path, capsys):
+    dm = figures_dm(figures_root)
+    (metrics,) = trainer(tmp_path).test(oracle_task(dm), dm, verbose=False)
+    out = capsys.readouterr().out
+    assert out.count("maxDets= 20") == 10 and "area=medium" in out and "PCK@0.05" in out
+    assert f"{metrics['test/map']:.3f}" in out.split("\n")[1]
+
+
 def test_detector_boxes_are_deduplicated_by_oks_nms(figures_root, tmp_path):
     """Every GT person detected twice with the same box: OKS NMS (0.9) removes the copies, so the AP equals that of
     the single detections; without NMS the copies are false positives ranked between the other people."""
