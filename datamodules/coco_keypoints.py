@@ -118,12 +118,14 @@ def keypoint_category(categories: list, where: str, category_id: int | None = No
     if chosen is None:
         if len(with_keypoints) != 1:
             raise ValueError(f"COCO {where}: {len(with_keypoints)} categories have a 'keypoints' list "
-                             f"({[c['id'] for c in with_keypoints]}); name the keypoint category with --data.category_id")
+                             f"({[c['id'] for c in with_keypoints]}); name the keypoint category with "
+                             "--data.category_id")
         chosen = with_keypoints[0]
     cid = chosen["id"]
     names = chosen.get("keypoints")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names):
-        raise ValueError(f"COCO category {cid} in {where}: 'keypoints' must be a non-empty list of names, got {names!r:.200}")
+        raise ValueError(f"COCO category {cid} in {where}: 'keypoints' must be a non-empty list of names, "
+                         f"got {names!r:.200}")
     skeleton = chosen.get("skeleton")
     if skeleton is not None:
         k = len(names) if names else None
@@ -175,7 +177,8 @@ class COCOKeypointSource:
             raise ValueError(f"COCO category {self.category.id} in {name} has no 'keypoints' names: give them with "
                              "--data.keypoint_names")
         if num_keypoints is not None and k != num_keypoints:
-            raise ValueError(f"COCO category {self.category.id} in {name} has {k} keypoints, the config {num_keypoints}")
+            raise ValueError(f"COCO category {self.category.id} in {name} has {k} keypoints, the config "
+                             f"{num_keypoints}")
         self.num_keypoints = k
 
         self.image_ids: list[int] = []
@@ -461,7 +464,8 @@ class COCOKeypointDataModule(BaseDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         given = input_size
         input_size = list(DEFAULT_INPUT_SIZE if input_size is None else input_size)  # saved as linked: a list
-        if len(input_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size):
+        if len(input_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                           for v in input_size):
             raise ValueError(f"input_size must be [height, width] in pixels, got {given!r}")
         # What the CLI links into the task is resolved from the json later; saving the raw None here would
         # clash with the linked value in the logger's merged hyperparameters.

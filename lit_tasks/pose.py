@@ -213,7 +213,7 @@ class PoseTask(BaseTask):
         return crop_to_image(keypoints, boxes_xywh, self.input_size, padding)
 
     def export_module(self) -> nn.Module:
-        """For ``tools/export.py``: crops in [0, 1] -> ``(B, K, 3)`` crop-pixel x, y and score (flip per ``flip_test``)."""
+        """For ``tools/export.py``: crops in [0, 1] -> ``(B, K, 3)`` crop-pixel x, y, score (flip per ``flip_test``)."""
         return self.predictor().eval()
 
     def export_example(self, batch_size: int = 1) -> tuple[Tensor]:
@@ -307,7 +307,8 @@ class PoseTask(BaseTask):
         """Adam, lr 1e-3, no weight decay: the official RLE recipe and mmpose's (REFERENCE.md §8.4)."""
         return torch.optim.Adam(params, lr=self.hparams.lr)
 
-    def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         """Step decay: x ``lr_gamma`` at each of ``lr_milestones`` epochs (170, 200), after the optional warm-up.
 
         Stepped per optimizer step, so the milestones are converted with the fit's steps per epoch.

@@ -49,7 +49,8 @@ class FiguresKeypointDataModule(COCOKeypointDataModule):
         pin_memory: bool = False,
     ) -> None:
         if num_train < 1 or num_val < 1:
-            raise ValueError(f"FiguresKeypointDataModule: num_train and num_val must be >= 1, got {num_train}, {num_val}")
+            raise ValueError(f"FiguresKeypointDataModule: num_train and num_val must be >= 1, got {num_train}, "
+                             f"{num_val}")
         if seed < 0:
             raise ValueError(f"FiguresKeypointDataModule: seed must be >= 0, got {seed}")
         input_size = list(input_size or [128, 96])  # saved as what the CLI links into the task: a list
