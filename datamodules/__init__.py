@@ -3,7 +3,7 @@
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
-``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``coco_keypoints`` (top-down pose);
+``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``topdown`` + ``coco_keypoints`` (pose);
 ``synthetic`` (generated data);
 ``tfrecord`` (the TFRecord format itself, knowing no DataModule).
 """
@@ -20,9 +20,9 @@ _EXPORTS = {
     "COCODetectionSource": "coco",
     "COCOKeypointDataModule": "coco_keypoints",
     "COCOKeypointSource": "coco_keypoints",
-    "TopDownDataset": "coco_keypoints",
-    "topdown_collate": "coco_keypoints",
-    "topdown_sample": "coco_keypoints",
+    "TopDownDataset": "topdown",
+    "topdown_collate": "topdown",
+    "topdown_sample": "topdown",
     "DetectionDataset": "detection",
     "detection_collate": "detection",
     "detection_sample": "detection",
