@@ -4,8 +4,8 @@ Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
 ``faces`` + ``tfrecord_faces`` + ``recordio_faces`` (with the formats ``recordio``, ``face_bin`` and
-``face_align``), ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data); ``tfrecord`` (the
-TFRecord format itself, knowing no DataModule).
+``face_align``), ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``topdown`` + ``coco_keypoints`` (pose);
+``synthetic`` (generated data); ``tfrecord`` (the TFRecord format itself, knowing no DataModule).
 """
 
 import importlib
@@ -18,6 +18,11 @@ _EXPORTS = {
     "pad_images": "base",
     "COCODetectionDataModule": "coco",
     "COCODetectionSource": "coco",
+    "COCOKeypointDataModule": "coco_keypoints",
+    "COCOKeypointSource": "coco_keypoints",
+    "TopDownDataset": "topdown",
+    "topdown_collate": "topdown",
+    "topdown_sample": "topdown",
     "DetectionDataset": "detection",
     "detection_collate": "detection",
     "detection_sample": "detection",
@@ -27,6 +32,7 @@ _EXPORTS = {
     "SegmentationDataset": "masks",
     "VOCSegmentationDataModule": "masks",
     "segmentation_collate": "masks",
+    "FiguresKeypointDataModule": "synthetic",
     "ShapesDetectionDataModule": "synthetic",
     "ShapesSegmentationDataModule": "synthetic",
     "SyntheticFacesDataModule": "synthetic",

@@ -198,6 +198,13 @@ def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return outer[:, :2] @ inner + np.concatenate([np.zeros((2, 2)), outer[:, 2:]], axis=1)
 
 
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    """The inverse ``(2, 3)`` map of an invertible ``(2, 3)`` affine matrix (float64): crop -> image for a crop's
+    matrix, whatever it holds (flip, rotation, scale)."""
+    full = np.concatenate([np.asarray(matrix, dtype=np.float64), [[0.0, 0.0, 1.0]]], axis=0)
+    return np.linalg.inv(full)[:2]
+
+
 def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Apply a ``(2, 3)`` affine matrix to ``(..., 2)`` points (float64 result)."""
     pts = np.asarray(points, dtype=np.float64)

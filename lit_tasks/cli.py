@@ -4,7 +4,8 @@ A config names the task and the DataModule by class path (``model.class_path: li
 ``data.class_path: datamodules.COCODetectionDataModule``); ``lit-tasks fit --config X.yaml --help`` lists
 every option of the classes it names, ``--model.help CLASS`` those of any class. Sizes the data
 determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``, the face
-``verification_sets`` names) are
+``verification_sets`` names; for pose also ``keypoint_names``, ``flip_index``, ``skeleton``, ``oks_sigmas``,
+``input_size``) are
 linked from the DataModule into the task at instantiation; a different value given for the task (on the
 command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
@@ -28,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
-LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets")
+LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
+                "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size")
 
 
 class FitConfigCallback(SaveConfigCallback):

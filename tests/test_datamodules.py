@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # What lit_tasks.cli links from the DataModule into the task (LINKED_SIZES, and ignore_index): Lightning refuses
 # to start when a DataModule saved one of these under the same name with another value ("Error while merging
 # hparams").
-LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets")
+LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
+          "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -87,6 +88,8 @@ def every_datamodule(class_file: str) -> dict[str, list[dict]]:
         "TFRecordMaskDataModule": [dict(train_files="t", val_files="v", class_names_file=class_file),
                                    dict(train_files="t", val_files="v", num_classes=4, ignore_index=100)],
         "ShapesSegmentationDataModule": [{}, dict(ignore_index=7)],
+        "COCOKeypointDataModule": [dict(root="coco"), dict(root="coco", input_size=[64, 48])],
+        "FiguresKeypointDataModule": [{}],
     }
 
 
@@ -102,4 +105,6 @@ def test_saved_hyperparameters_equal_what_the_cli_links_into_the_task(class_file
                 assert type(dm.hparams[key]) is type(linked) and dm.hparams[key] == linked, (name, kwargs, key)
                 assert dm.hparams_initial[key] == linked, (name, kwargs, key)  # what Lightning compares
                 checked += 1
-    assert checked == 18  # num_classes and ignore_index of each mask DataModule variant, the shapes' ignore_index
+    # num_classes and ignore_index of each mask DataModule variant, the shapes' ignore_index, the keypoint
+    # DataModules' input_size
+    assert checked == 21

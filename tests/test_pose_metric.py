@@ -245,6 +245,42 @@ def test_keypoint_ap_equals_pycocotools(tmp_path: Path, backend: str, seed: int,
     np.testing.assert_allclose([got[key].item() for key in KEYPOINT_AP_KEYS], want[:10], atol=1e-6, rtol=0)
 
 
+def test_keypoint_ap_oks_nms_equals_pycocotools_on_the_suppressed_results(tmp_path: Path) -> None:
+    """Predictions sent with NMS areas (detector boxes) are OKS-NMSed per image at compute: the stats equal
+    pycocotools on the results that mmpose's oks_nms keeps; rows without an area are never suppressed."""
+    from lit_tasks.ops.oks import oks_nms
+
+    gt, results = _random_coco(3, 17)
+    rng = np.random.default_rng(4)
+    dups = []
+    for r in results:  # a near-copy of every prediction, as a second detector box on the same person
+        kp = np.asarray(r["keypoints"]).reshape(17, 3)
+        kp[:, :2] += rng.normal(0, 0.5, (17, 2))
+        dups.append({**r, "score": r["score"] * 0.9, "keypoints": kp.reshape(-1).tolist()})
+    allres = results + dups
+    areas = rng.uniform(2000, 9000, len(allres))
+    kept = []
+    for img in {r["image_id"] for r in allres}:
+        idx = [i for i, r in enumerate(allres) if r["image_id"] == img]
+        keep = oks_nms(torch.tensor([allres[i]["keypoints"] for i in idx]).reshape(-1, 17, 3),
+                       torch.tensor([allres[i]["score"] for i in idx]), torch.tensor(areas[idx]), 0.9)
+        kept += [allres[idx[j]] for j in keep.tolist()]
+    assert len(results) <= len(kept) < len(allres)
+    want = _pycocotools_stats(tmp_path, gt, kept, COCO_KEYPOINT_SIGMAS)
+    metric = KeypointAP(backend="pycocotools", oks_nms_threshold=0.9)
+    _feed(metric, gt, [], 17)
+    metric.update(preds={"keypoints": torch.tensor([r["keypoints"] for r in allres]).reshape(-1, 17, 3),
+                         "scores": torch.tensor([r["score"] for r in allres]),
+                         "image_id": torch.tensor([r["image_id"] for r in allres]),
+                         "nms_areas": torch.from_numpy(areas)})
+    got = metric.compute()
+    np.testing.assert_allclose([got[key].item() for key in KEYPOINT_AP_KEYS], want[:10], atol=1e-6, rtol=0)
+    plain = KeypointAP(backend="pycocotools", oks_nms_threshold=0.9)  # no areas: nothing is suppressed
+    _feed(plain, gt, allres, 17)
+    np.testing.assert_allclose([plain.compute()[key].item() for key in KEYPOINT_AP_KEYS],
+                               _pycocotools_stats(tmp_path, gt, allres, COCO_KEYPOINT_SIGMAS)[:10], atol=1e-6, rtol=0)
+
+
 def test_keypoint_ap_empty_predictions_and_table(tmp_path: Path) -> None:
     gt, _ = _random_coco(2, 17)
     metric = KeypointAP(backend="pycocotools")

@@ -32,7 +32,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ..ops.oks import COCO_KEYPOINT_SIGMAS
+from ..ops.oks import COCO_KEYPOINT_SIGMAS, oks_nms_per_image
 from .coco import format_coco_table
 
 # pycocotools COCOeval._summarizeKps, in order (maxDets = 20 for keypoints, no "small" area range).
@@ -191,10 +191,17 @@ class KeypointAP(Metric):
     annotations): rows are de-duplicated by annotation ``id``. The evaluated images are all image ids seen
     in either ground truth or predictions, so an image whose people got no prediction counts as missed.
 
+    With ``oks_nms_threshold``, predictions sent with ``nms_areas > 0`` (poses predicted from detector boxes,
+    several of which may cover one person) go through OKS NMS per image at :meth:`compute`, after the DDP
+    gather, so crops of one image split across processes or batches are compared with each other
+    (:func:`~lit_tasks.ops.oks.oks_nms_per_image`, the official ``oks_pose_nms``); the others are kept as sent.
+
     Args:
         sigmas: per-keypoint OKS sigmas (K of them); COCO's 17 by default.
         category_id: category written to the in-memory ground truth / results (single-category evaluation).
         backend: ``"faster_coco_eval"`` (same algorithm, C++, faster) or ``"pycocotools"``.
+        oks_nms_threshold: OKS above which a lower-scored pose of the same image is dropped (0.9 in the
+            references); None disables NMS.
 
     ``compute()`` returns a dict with :data:`KEYPOINT_AP_KEYS` (``map``, ``map_50``, ``map_75``,
     ``map_medium``, ``map_large``, ``mar``, ``mar_50``, ``mar_75``, ``mar_medium``, ``mar_large``) as float64
@@ -206,7 +213,7 @@ class KeypointAP(Metric):
     is_differentiable = False
 
     def __init__(self, sigmas: Sequence[float] = COCO_KEYPOINT_SIGMAS, category_id: int = 1,
-                 backend: str = "faster_coco_eval", **kwargs: Any) -> None:
+                 backend: str = "faster_coco_eval", oks_nms_threshold: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if backend not in ("faster_coco_eval", "pycocotools"):
             raise ValueError(f"KeypointAP: backend must be 'faster_coco_eval' or 'pycocotools', got {backend!r}")
@@ -214,6 +221,7 @@ class KeypointAP(Metric):
         self.num_keypoints = len(self.sigmas)
         self.category_id = int(category_id)
         self.backend = backend
+        self.oks_nms_threshold = oks_nms_threshold
         # Flat 1-D float64 rows (ids up to 2^53 are exact); 1-D so that torchmetrics' empty-rank placeholder
         # (a 1-D tensor of the metric dtype) gathers with them under DDP.
         self.add_state("gt_rows", default=[], dist_reduce_fx="cat")
@@ -226,14 +234,15 @@ class KeypointAP(Metric):
 
     @property
     def _dt_width(self) -> int:
-        return 2 + 3 * self.num_keypoints  # image_id, score, keypoints (x, y, keypoint score)
+        return 3 + 3 * self.num_keypoints  # image_id, score, NMS area, keypoints (x, y, keypoint score)
 
     def update(self, preds: dict[str, Tensor] | None = None, targets: dict[str, Tensor] | None = None) -> None:
         """Add predictions and / or ground-truth annotations (either may be None).
 
         Args:
             preds: ``keypoints`` ``(P, K, 2|3)`` image pixels (third column, if any, = keypoint score, kept in
-                the results but unused by OKS), ``scores`` ``(P,)`` instance scores, ``image_id`` ``(P,)``.
+                the results but unused by OKS), ``scores`` ``(P,)`` instance scores, ``image_id`` ``(P,)``,
+                optional ``nms_areas`` ``(P,)``: areas for OKS NMS, 0 for a pose that takes no part in it.
             targets: ``keypoints`` ``(M, K, 3)`` = x, y, COCO visibility (0 unlabelled, 1, 2 labelled),
                 ``boxes`` ``(M, 4)`` xyxy image pixels, ``area`` ``(M,)`` (the json's, e.g. segment area),
                 ``image_id`` ``(M,)``, ``id`` ``(M,)`` unique annotation ids, optional ``iscrowd`` ``(M,)``.
@@ -246,8 +255,11 @@ class KeypointAP(Metric):
                 raise ValueError(f"KeypointAP: preds['keypoints'] must be (P, {k}, 2|3), got {tuple(kpts.shape)}")
             if kpts.shape[2] == 2:
                 kpts = torch.cat([kpts, kpts.new_ones(p, k, 1)], dim=2)
+            areas = preds.get("nms_areas")
+            areas = kpts.new_zeros(p) if areas is None else areas
             rows = torch.cat([preds["image_id"].reshape(p, 1).to(torch.float64),
                               preds["scores"].reshape(p, 1).to(torch.float64),
+                              areas.reshape(p, 1).to(device=kpts.device, dtype=torch.float64),
                               kpts.reshape(p, 3 * k).to(torch.float64)], dim=1)
             self.dt_rows.append(rows.reshape(-1).to(self.device))
         if targets is not None:
@@ -275,6 +287,8 @@ class KeypointAP(Metric):
         dt = self._rows(self.dt_rows, self._dt_width)
         _, first = np.unique(gt[:, 1], return_index=True)  # de-duplicate by annotation id, keep the first
         gt = gt[np.sort(first)]
+        if self.oks_nms_threshold is not None and len(dt):
+            dt = dt[self._nms_keep(dt)]
         image_ids = sorted({int(i) for i in gt[:, 0]} | {int(i) for i in dt[:, 0]})
         annotations = []
         for row in gt:
@@ -293,8 +307,19 @@ class KeypointAP(Metric):
             "annotations": annotations,
         }
         results = [{"image_id": int(row[0]), "category_id": self.category_id, "score": float(row[1]),
-                    "keypoints": [float(v) for v in row[2:]]} for row in dt]
+                    "keypoints": [float(v) for v in row[3:]]} for row in dt]
         return dataset, results
+
+    def _nms_keep(self, dt: np.ndarray) -> np.ndarray:
+        """Mask of the result rows kept: OKS NMS per image among rows with an NMS area, the others all kept."""
+        keep = np.ones(len(dt), dtype=bool)
+        subject = dt[:, 2] > 0
+        if subject.any():
+            rows = torch.from_numpy(dt[subject])
+            kept = oks_nms_per_image(rows[:, 0], rows[:, 3:].reshape(len(rows), self.num_keypoints, 3), rows[:, 1],
+                                     rows[:, 2], self.oks_nms_threshold, self.sigmas)
+            keep[np.flatnonzero(subject)] = kept.numpy()
+        return keep
 
     def compute(self) -> dict[str, Tensor]:
         dataset, results = self.coco_dicts()

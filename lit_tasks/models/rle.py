@@ -134,3 +134,42 @@ def flip_back_normalized(coords: Tensor, flip_index: list[int] | Tensor, width: 
     out = coords[:, flip_index].clone()
     out[..., 0] = -out[..., 0] - 1.0 / width
     return out
+
+
+class KeypointPredictor(nn.Module):
+    """The inference graph of a top-down regressor: crops -> ``(B, K, 3)`` = crop-pixel ``x, y`` and score.
+
+    With ``flip_index`` it runs the flip test (the official ``flip_test``; mmpose ``test_cfg.flip_test``): the
+    network also sees the mirrored crop; its coordinates, mapped back by :func:`flip_back_normalized`, and its
+    sigmas, reordered by ``flip_index``, are averaged with the plain pass's before decoding -- the official
+    code averages ``pred_jts`` and ``maxvals`` the same way. No flow: inference is the same graph whatever
+    loss trained the network. One tensor out, so ``tools/export.py`` exports it as it is.
+
+    Args:
+        model: an :class:`RLERegressor` (or any module returning ``{"coords", "sigma"}`` of shape ``(B, K, 2)``).
+        flip_index: keypoint permutation under a mirror; None disables the flip test.
+    """
+
+    def __init__(self, model: nn.Module, flip_index: list[int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.flip_index = None if flip_index is None else [int(i) for i in flip_index]
+
+    def normalized(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(coords, sigma)``, both ``(B, K, 2)``: normalised coordinates and scales, flip-averaged if enabled."""
+        out = self.model(images)
+        if self.flip_index is None:
+            return out["coords"], out["sigma"]
+        return merge_flipped(out, self.model(images.flip(-1)), self.flip_index, images.shape[-1])
+
+    def forward(self, images: Tensor) -> Tensor:
+        coords, sigma = self.normalized(images)
+        return torch.cat([normalized_to_pixels(coords, images.shape[-2:]), keypoint_scores(sigma)[..., None]], dim=-1)
+
+
+def merge_flipped(out: dict[str, Tensor], out_flipped: dict[str, Tensor], flip_index: list[int],
+                  width: int) -> tuple[Tensor, Tensor]:
+    """Average a plain pass and a pass on the mirrored crop: ``(coords, sigma)`` ``(B, K, 2)`` (flip test)."""
+    coords = (out["coords"] + flip_back_normalized(out_flipped["coords"], flip_index, width)) / 2
+    sigma = (out["sigma"] + out_flipped["sigma"][:, flip_index]) / 2
+    return coords, sigma

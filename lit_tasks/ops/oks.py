@@ -88,3 +88,27 @@ def oks_nms(keypoints: Tensor, scores: Tensor, areas: Tensor, threshold: float =
         keep.append(i)
         suppressed |= oks_cpu[i] > threshold
     return torch.tensor(keep, dtype=torch.int64, device=keypoints.device)
+
+
+def oks_nms_per_image(image_ids: Tensor, keypoints: Tensor, scores: Tensor, areas: Tensor, threshold: float = 0.9,
+                      sigmas: Sequence[float] | Tensor | None = None) -> Tensor:
+    """:func:`oks_nms` within each image of a flat list of poses: ``(N,)`` bool mask of the poses kept.
+
+    What the official RLE ``oks_pose_nms`` and mmpose's ``CocoMetric`` do to the poses predicted from detector
+    boxes before COCO evaluation (threshold 0.9; areas = the crop regions' areas).
+
+    Args:
+        image_ids: ``(N,)`` image of each pose.
+        keypoints: ``(N, K, 2|3)`` image pixels.
+        scores, areas: ``(N,)`` instance scores and areas.
+        threshold, sigmas: see :func:`oks_nms`.
+    """
+    n = keypoints.shape[0]
+    if image_ids.shape != (n,):
+        raise ValueError(f"oks_nms_per_image: {n} poses but image_ids of shape {tuple(image_ids.shape)}")
+    keep = torch.zeros(n, dtype=torch.bool, device=keypoints.device)
+    for image_id in torch.unique(image_ids).tolist():
+        index = torch.nonzero(image_ids == image_id).flatten()
+        kept = oks_nms(keypoints[index], scores[index], areas[index], threshold, sigmas)
+        keep[index[kept]] = True
+    return keep

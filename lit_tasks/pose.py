@@ -1,0 +1,330 @@
+"""Top-down human pose regression with Residual Log-likelihood Estimation (RLE; Li et al., ICCV 2021).
+
+Method (REFERENCE.md §8):
+
+1. A person crop ``(B, 3, H, W)`` in [0, 1] goes through a timm backbone, global average pooling and two
+   linear heads (:class:`~lit_tasks.models.rle.RLERegressor`, the official ``RegressFlow``): per keypoint a
+   location ``mu_hat`` normalised to the crop (``x / W - 0.5``, ``y / H - 0.5``) and a scale ``sigma_hat`` in
+   (0, 1) (sigmoid).
+2. Training maximises the likelihood of the ground truth under ``1 / sigma * G_phi(mu_bar) * Q(mu_bar)``, ``mu_bar
+   = (mu_hat - mu_gt) / sigma_hat``, with a RealNVP flow ``G_phi`` learned jointly (:class:`~lit_tasks.losses.rle.
+   RLELoss`, paper eq. 9-11); ``loss="l1"`` is the plain-regression baseline of the paper's Table 1 on the same
+   network. Only labelled keypoints (v > 0) count. The loss is a negative log-*density* and goes below zero
+   as the model gets confident: that is expected (jeffffffli/res-loglikelihood-regression#5), not a bug.
+3. Inference is the network alone -- the flow exists only in the loss -- with the flip test: the mirrored
+   crop's prediction, swapped left/right, is averaged with the plain one. Keypoint score = ``mean(1 - sigma)``.
+4. Evaluation (validation and test): predictions go back to original-image pixels through the crop's
+   inverse affine map; OKS AP / AR by pycocotools' keypoint ``COCOeval`` (faster-coco-eval backend) with the
+   dataset's sigmas on the whole ground truth, after OKS NMS for poses from detector boxes; PCK@0.05 with
+   box normalisation (``max(w, h)`` of the ground-truth box), its AUC over thresholds 0..0.95 and EPE, as
+   mmpose computes them, on crops cut from ground-truth boxes. PCK and AUC are the same in crop and image
+   pixels (the crop is a similarity of the image: distances and the box scale together), EPE is in image
+   pixels as mmpose's ``EPE`` metric (and therefore weighted towards large people).
+
+Instance score (COCO results and AP ranking): ``box_score + mean_k(score_k) + max_k(score_k)``, the official RLE
+``validate`` and mmpose's ``score_mode="bbox_rle"`` (``box_score`` = detector score, 1 for ground-truth boxes;
+the official GT-box validation leaves it out, a constant that does not change the ranking). mmpose's default
+``bbox_keypoint`` mode (box score x mean of the scores above 0.2) is *not* what RLE's configs use.
+
+Batches: see :mod:`datamodules.coco_keypoints` (``image``, ``keypoints`` crop pixels, ``keypoints_image``,
+``matrix_inv``, ``box``, ``box_score``, ``image_id``, ``id``, ``category_id``, ``area``, ``crop_area``,
+``from_detector``, ``gt``); training reads ``image`` and ``keypoints`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lit_tasks.base import BaseTask
+from lit_tasks.callbacks.pose_images import PoseImageLogger
+from lit_tasks.losses.rle import Q_DISTRIBUTIONS, CoordinateL1Loss, RLELoss
+from lit_tasks.metrics.pose import EPE, PCK, PCKAUC, KeypointAP, format_keypoint_table
+from lit_tasks.models.rle import (
+    KeypointPredictor,
+    RLERegressor,
+    keypoint_scores,
+    merge_flipped,
+    normalized_to_pixels,
+    pixels_to_normalized,
+)
+from lit_tasks.ops.keypoints import COCO_FLIP_INDEX, affine_points, crop_to_image
+from lit_tasks.ops.oks import COCO_KEYPOINT_SIGMAS
+from lit_tasks.schedules import warmup_multistep
+
+LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_medium", "map_large", "mar")
+
+
+class PoseTask(BaseTask):
+    """Top-down keypoint regression (RLE or plain L1), evaluated with OKS AP and PCK.
+
+    Args:
+        num_keypoints: K; linked from the DataModule.
+        model: ``"rle"`` (the regression network of the paper; the loss picks RLE or its baseline).
+        backbone: timm model name (``resnet50`` in the paper); its last stage is pooled.
+        pretrained: timm ImageNet weights (downloads; False keeps everything offline).
+        frozen_stages, frozen_bn: as :func:`~lit_tasks.models.backbone.build_backbone`.
+        loss: ``"rle"`` (residual log-likelihood with the flow) or ``"l1"`` (direct regression baseline).
+        q_distribution: the RLE residual term: ``"official"`` (default), mmpose's ``"laplace"`` or ``"gaussian"``.
+        flow_xavier_gain: ``None`` = the official flow initialisation (PyTorch default), ``0.01`` = mmpose's.
+        input_size: ``[H, W]`` of the crops (``[256, 192]``); linked from the DataModule.
+        keypoint_names, skeleton: linked from the DataModule (pictures, logs).
+        flip_index: keypoint permutation under a mirror, for the flip test; linked from the DataModule
+            (None: COCO's when K = 17).
+        oks_sigmas: per-keypoint OKS sigmas; linked from the DataModule (None: COCO's 17).
+        channels_last: channels-last backbone (faster convolutions on CPU and tensor cores).
+        lr: Adam learning rate of the default optimizer (1e-3, official and mmpose).
+        lr_milestones: epochs at which the default schedule multiplies the LR by ``lr_gamma`` (170 and 200 in
+            both references, of 270 / 210 epochs).
+        lr_gamma: the decay factor (0.1).
+        warmup_steps: linear warm-up of the default schedule (0 official; mmpose 500).
+
+        Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
+        flip_test: average with the prediction on the mirrored crop (validation, test, predict, forward, export).
+        oks_nms_threshold: OKS NMS among poses from detector boxes of one image (0.9, as the references).
+        pck_threshold: PCK threshold as a fraction of ``max(box w, box h)`` (0.05).
+        num_log_images: validation crops drawn with skeletons to TensorBoard each epoch (0 disables).
+
+        optimizer, lr_scheduler, lr_scheduler_interval: injected callables (see ``BaseTask``).
+    """
+
+    monitor = "val/map"
+    mode = "max"
+    eval_options = ("flip_test", "oks_nms_threshold", "pck_threshold", "num_log_images")
+    export_output_name = "keypoints"
+
+    def __init__(
+        self,
+        num_keypoints: int = 17,
+        model: Literal["rle"] = "rle",
+        backbone: str = "resnet50",
+        pretrained: bool = False,
+        frozen_stages: int = -1,
+        frozen_bn: bool = False,
+        loss: Literal["rle", "l1"] = "rle",
+        q_distribution: Literal["official", "laplace", "gaussian"] = "official",
+        flow_xavier_gain: float | None = None,
+        input_size: list[int] | None = None,
+        keypoint_names: list[str] | None = None,
+        skeleton: list[list[int]] | None = None,
+        flip_index: list[int] | None = None,
+        oks_sigmas: list[float] | None = None,
+        channels_last: bool = True,
+        lr: float = 1e-3,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        warmup_steps: int = 0,
+        flip_test: bool = True,
+        oks_nms_threshold: float = 0.9,
+        pck_threshold: float = 0.05,
+        num_log_images: int = 4,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] | None = None,
+    ) -> None:
+        k = num_keypoints
+        if model != "rle":
+            raise ValueError(f"PoseTask: unknown model {model!r}; choose 'rle'")
+        if loss not in ("rle", "l1"):
+            raise ValueError(f"PoseTask: loss must be 'rle' or 'l1', got {loss!r}")
+        if q_distribution not in Q_DISTRIBUTIONS:
+            raise ValueError(f"PoseTask: q_distribution must be one of {Q_DISTRIBUTIONS}, got {q_distribution!r}")
+        if input_size is not None and (len(input_size) != 2 or min(input_size) < 1):
+            raise ValueError(f"PoseTask: input_size must be [height, width], got {input_size}")
+        for name, value in (("keypoint_names", keypoint_names), ("flip_index", flip_index), ("oks_sigmas", oks_sigmas)):
+            if value is not None and len(value) != k:
+                raise ValueError(f"PoseTask: {name} has {len(value)} entries for num_keypoints={k}")
+        if flip_index is not None and sorted(flip_index) != list(range(k)):
+            raise ValueError(f"PoseTask: flip_index {flip_index} is not a permutation of 0..{k - 1}")
+        if flip_index is None and k != 17:
+            raise ValueError(f"PoseTask: flip_index is needed for {k} keypoints (COCO's is used only for 17); it is "
+                             "linked from the DataModule, from the left_/right_ keypoint names")
+        if oks_sigmas is None and k != 17:
+            raise ValueError(f"PoseTask: oks_sigmas are needed for {k} keypoints (COCO's are used only for 17); "
+                             "give them with --data.oks_sigmas")
+        super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
+
+    # -- parts -----------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> list[int]:
+        """``[H, W]`` of the crops."""
+        return list(self.hparams.input_size or (256, 192))
+
+    @property
+    def keypoint_flip_index(self) -> list[int]:
+        """The mirror permutation (the linked one, else COCO's)."""
+        return list(self.hparams.flip_index or COCO_FLIP_INDEX)
+
+    @property
+    def sigmas(self) -> list[float]:
+        """OKS sigmas (the linked ones, else COCO's)."""
+        return [float(s) for s in (self.hparams.oks_sigmas or COCO_KEYPOINT_SIGMAS)]
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = RLERegressor(hp.backbone, hp.num_keypoints, hp.pretrained, hp.frozen_stages, hp.frozen_bn)
+        if hp.channels_last:
+            self.model.backbone.to(memory_format=torch.channels_last)
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        # The flow is a submodule of the task, so BaseTask.param_groups hands its parameters to the optimizer.
+        self.criterion = (RLELoss(hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain) if hp.loss == "rle"
+                          else CoordinateL1Loss())
+
+    def configure_metrics(self) -> None:
+        k = self.hparams.num_keypoints
+        self.metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({
+                "pck": PCK(k, self.pck_threshold),
+                "auc": PCKAUC(k),
+                "epe": EPE(),
+                "ap": KeypointAP(self.sigmas, oks_nms_threshold=self.oks_nms_threshold),
+            }) for stage in ("val", "test")
+        })
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [PoseImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
+
+    # -- inference ---------------------------------------------------------------------------------
+    def predictor(self, flip: bool | None = None) -> KeypointPredictor:
+        """The inference graph (crops -> ``(B, K, 3)`` crop-pixel x, y, score), flip-tested per ``flip_test``."""
+        flip = self.flip_test if flip is None else flip
+        return KeypointPredictor(self.model, self.keypoint_flip_index if flip else None)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(keypoints (B, K, 2) in crop pixels, scores (B, K))`` for crops ``(B, 3, H, W)`` in [0, 1].
+
+        Map the keypoints to the original image with :meth:`crop_to_image` (or the crop's inverse matrix).
+        """
+        out = self.predictor()(images)
+        return out[..., :2], out[..., 2]
+
+    def crop_to_image(self, keypoints: Tensor, boxes_xywh: Tensor, padding: float = 1.25) -> Tensor:
+        """Crop-pixel keypoints ``(B, K, 2|3)`` -> image pixels, for crops cut from ``boxes_xywh`` ``(B, 4)`` with the
+        standard rule (box widened to the input aspect ratio, times ``padding``; :func:`~lit_tasks.ops.keypoints.
+        crop_to_image`)."""
+        return crop_to_image(keypoints, boxes_xywh, self.input_size, padding)
+
+    def export_module(self) -> nn.Module:
+        """For ``tools/export.py``: crops in [0, 1] -> ``(B, K, 3)`` crop-pixel x, y, score (flip per ``flip_test``)."""
+        return self.predictor().eval()
+
+    def export_example(self, batch_size: int = 1) -> tuple[Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform crops in [0, 1]."""
+        generator = torch.Generator().manual_seed(batch_size)
+        return (torch.rand(batch_size, 3, *self.input_size, generator=generator),)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def compute_loss(self, out: dict[str, Tensor], keypoints: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """The loss of ``out`` (``coords``, ``sigma``) for ``(B, K, 3)`` crop-pixel ground truth (v > 0 counts)."""
+        target = pixels_to_normalized(keypoints[..., :2].float(), image_size)
+        return self.criterion(out["coords"], out["sigma"], target, keypoints[..., 2] > 0)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        loss = self.compute_loss(self.model(images), batch["keypoints"], images.shape[-2:])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite pose loss {float(loss)} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
+        images = batch["image"]
+        h, w = images.shape[-2:]
+        out = self.model(images)
+        loss = self.compute_loss(out, batch["keypoints"], (h, w))
+        self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        coords, sigma = out["coords"], out["sigma"]
+        if self.flip_test:
+            coords, sigma = merge_flipped(out, self.model(images.flip(-1)), self.keypoint_flip_index, w)
+        keypoints = normalized_to_pixels(coords, (h, w))
+        scores = keypoint_scores(sigma)
+        in_image = affine_points(keypoints, batch["matrix_inv"])
+        metrics = self.metrics[stage]
+        gt_box = ~batch["from_detector"]  # PCK and EPE need the person's ground truth: GT-box crops only
+        truth = batch["keypoints_image"][gt_box]
+        visible = truth[..., 2] > 0
+        for name in ("pck", "auc"):
+            metrics[name].update(in_image[gt_box], truth, visible, batch["box"][gt_box])
+        metrics["epe"].update(in_image[gt_box], truth, visible)
+        metrics["ap"].update(self._instances(batch, in_image, scores), batch["gt"])
+        return {"keypoints": keypoints, "scores": scores, "sigma": sigma}
+
+    @staticmethod
+    def _instances(batch: dict[str, Any], in_image: Tensor, scores: Tensor) -> dict[str, Tensor]:
+        """COCO result rows: keypoints with scores, ``box_score + mean + max`` (``bbox_rle``), NMS areas."""
+        score = batch["box_score"].to(scores.dtype) + scores.mean(dim=1) + scores.max(dim=1).values
+        areas = torch.where(batch["from_detector"], batch["crop_area"], torch.zeros_like(batch["crop_area"]))
+        return {"keypoints": torch.cat([in_image, scores[..., None]], dim=-1), "scores": score,
+                "image_id": batch["image_id"], "nms_areas": areas}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """COCO keypoint results of a batch, on the CPU: ``keypoints`` ``(B, K, 3)`` image pixels + score,
+        ``scores``, ``image_id``, ``category_id``, ``nms_areas`` (> 0 for poses from detector boxes) ``(B,)``."""
+        images = batch["image"]
+        out = self.predictor()(images)
+        rows = self._instances(batch, affine_points(out[..., :2], batch["matrix_inv"]), out[..., 2])
+        rows["category_id"] = batch["category_id"]
+        return {k: v.detach().cpu() for k, v in rows.items()}
+
+    # -- epoch ends ---------------------------------------------------------------------------------
+    def _log_stage(self, stage: str) -> dict[str, Tensor]:
+        """Compute (a collective under DDP), reset and log PCK, AUC, EPE and the OKS AP keys of ``stage``."""
+        metrics = self.metrics[stage]
+        values = {"PCK": metrics["pck"].compute(), "AUC": metrics["auc"].compute(), "EPE": metrics["epe"].compute()}
+        values.update(metrics["ap"].compute())
+        for metric in metrics.values():
+            metric.reset()
+        self.log_metrics({k: v for k, v in values.items() if k in ("PCK", "AUC", "EPE", *LOGGED_AP_KEYS)}, stage)
+        self.epoch_results[stage] = {k: v.detach().cpu() for k, v in values.items()}
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_stage("test")
+        if self.trainer.is_global_zero:
+            print(format_keypoint_table(values))
+            print(f"PCK@{self.pck_threshold:g} {float(values['PCK']):.4f}   AUC {float(values['AUC']):.4f}   "
+                  f"EPE {float(values['EPE']):.2f} px (ground-truth boxes only)")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """Adam, lr 1e-3, no weight decay: the official RLE recipe and mmpose's (REFERENCE.md §8.4)."""
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """Step decay: x ``lr_gamma`` at each of ``lr_milestones`` epochs (170, 200), after the optional warm-up.
+
+        Stepped per optimizer step, so the milestones are converted with the fit's steps per epoch.
+        """
+        milestones = self.hparams.lr_milestones if self.hparams.lr_milestones is not None else [170, 200]
+        per_epoch = self.steps_per_epoch(total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_multistep(
+            self.warmup_steps(), [m * per_epoch for m in milestones], self.hparams.lr_gamma))
+
+    def steps_per_epoch(self, total_steps: int) -> int:
+        """Optimizer steps per training epoch of the attached Trainer (``total_steps`` outside a fit)."""
+        trainer = self._trainer
+        if trainer is None:
+            return total_steps
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches <= 0:
+            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+            return max(1, total_steps // epochs)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
