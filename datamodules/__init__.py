@@ -3,7 +3,7 @@
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
-``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``; ``synthetic`` (generated data);
+``faces`` + ``tfrecord_faces``, ``masks`` + ``tfrecord_masks``, ``features`` + ``tfrecord_features``; ``synthetic`` (generated data);
 ``tfrecord`` (the TFRecord format itself, knowing no DataModule).
 """
 
@@ -21,6 +21,10 @@ _EXPORTS = {
     "detection_collate": "detection",
     "detection_sample": "detection",
     "IdentityFolderDataModule": "faces",
+    "LSTRFeatureDataModule": "features",
+    "OadTRFeatureDataModule": "features",
+    "SyntheticStreamsDataModule": "synthetic",
+    "TFRecordFeatureDataModule": "tfrecord_features",
     "FolderSegmentationDataModule": "masks",
     "SegmentationDataset": "masks",
     "VOCSegmentationDataModule": "masks",

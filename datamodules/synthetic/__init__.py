@@ -4,3 +4,4 @@ from .shapes import KEYPOINT_FLIP_PAIRS, KEYPOINT_NAMES, SHAPE_CLASSES, render_s
 from .shapes_detection import ShapesDetectionDataModule, ShapesSource
 from .identities import SyntheticFacesDataModule, identity_params, make_pairs, render_identity
 from .shapes_segmentation import ShapesSegmentationDataModule
+from .streams import SyntheticStreamsDataModule, make_feature_streams
