@@ -26,7 +26,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
-LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index")
+LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index",
+                # online action detection: the feature width, the special classes and the windows the data cuts
+                "feature_dim", "background_index", "ambiguous_index", "window", "num_future")
 
 
 class FitConfigCallback(SaveConfigCallback):

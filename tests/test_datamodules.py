@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # What lit_tasks.cli links from the DataModule into the task (LINKED_SIZES, and ignore_index): Lightning refuses
 # to start when a DataModule saved one of these under the same name with another value ("Error while merging
 # hparams").
-LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index")
+LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "feature_dim",
+          "background_index", "ambiguous_index", "window", "num_future")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -86,6 +87,10 @@ def every_datamodule(class_file: str) -> dict[str, list[dict]]:
         "TFRecordMaskDataModule": [dict(train_files="t", val_files="v", class_names_file=class_file),
                                    dict(train_files="t", val_files="v", num_classes=4, ignore_index=100)],
         "ShapesSegmentationDataModule": [{}, dict(ignore_index=7)],
+        "LSTRFeatureDataModule": [dict(root="thumos")],
+        "OadTRFeatureDataModule": [dict(root="thumos")],
+        "SyntheticStreamsDataModule": [{}],
+        "TFRecordFeatureDataModule": [dict(train_files="t", test_files="s")],
     }
 
 

@@ -62,6 +62,27 @@ def class_probabilities(logits: Tensor, ambiguous_index: int | None = None) -> T
     return logits.softmax(-1)
 
 
+class WindowProbabilities(nn.Module):
+    """Export wrapper: window features ``(B, T, D_in)`` -> probabilities ``(B, 1 + Q, C)`` in one tensor.
+
+    Row 0 is the current frame, rows ``1 .. Q`` the anticipated frames; softmax over the non-ambiguous
+    classes as :func:`class_probabilities` (a masked fill, so ONNX and TorchScript need no index writes).
+    """
+
+    def __init__(self, model: OadTR, ambiguous_index: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        mask = torch.zeros(model.num_classes, dtype=torch.bool)
+        if ambiguous_index is not None:
+            mask[ambiguous_index] = True
+        self.register_buffer("ambiguous", mask, persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        out = self.model(features)
+        logits = torch.cat([out.current[:, None], out.anticipation], dim=1).float()
+        return logits.masked_fill(self.ambiguous, float("-inf")).softmax(-1)
+
+
 def _heads(x: Tensor, heads: int) -> Tensor:
     """``(B, L, E)`` -> ``(B, heads, L, E / heads)``."""
     b, n, e = x.shape
