@@ -221,6 +221,13 @@ def test_predict_writes_one_npy_per_video_and_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         run_cli(args)
     assert (out / f"{sessions[0].name}.npy").stat().st_mtime_ns == before
+    # Frames without a full window are not predicted under frames=full_window: NaN rows, the others unchanged.
+    partial = tmp_path / "partial"
+    run_cli([*args[:-2], f"--trainer.callbacks.output_dir={partial}", "--data.init_args.frames=full_window"])
+    for s in sessions:
+        probs, full = np.load(partial / f"{s.name}.npy"), np.load(out / f"{s.name}.npy")
+        assert probs.shape == full.shape and np.isnan(probs[:7]).all()
+        np.testing.assert_allclose(probs[7:], full[7:], rtol=0, atol=1e-6)
 
 
 def test_prediction_writer_marks_frames_without_a_window_as_nan(tmp_path):
@@ -269,7 +276,7 @@ def test_export_windowed_model_to_torchscript_and_onnx(tmp_path):
     with torch.no_grad():
         current, anticipation = task.probabilities(task(x))
     expected = torch.cat([current[:, None], anticipation], 1).numpy()
-    scripted = torch.jit.load(report["torchscript"]["path"])(x).numpy()
+    scripted = torch.jit.load(report["torchscript"]["path"])(x).detach().numpy()
     onnx_out = export_tool.run_exported("onnx", report["onnx"]["path"], (x,))
     np.testing.assert_allclose(scripted, expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(onnx_out, expected, rtol=0, atol=1e-4)
@@ -278,6 +285,15 @@ def test_export_windowed_model_to_torchscript_and_onnx(tmp_path):
 
     names = [i.name for i in ort.InferenceSession(report["onnx"]["path"]).get_inputs()]
     assert names == ["features"]
+    # The command line: a trained checkpoint, loaded by class path.
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(tiny_task(num_log_streams=0), tiny_data())
+    trainer.save_checkpoint(tmp_path / "tiny.ckpt")
+    cli_report = export_tool.main(["--task", "lit_tasks.ActionDetectionTask", "--ckpt", str(tmp_path / "tiny.ckpt"),
+                                   "--out", str(tmp_path / "cli")])
+    assert all(r["max_abs_error"] <= 1e-4 for r in cli_report.values())
 
 
 def test_bad_arguments_fail_clearly():
