@@ -34,6 +34,7 @@ import math
 from typing import Any, Iterable, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -145,6 +146,10 @@ class ActionDetectionTask(BaseTask):
         h = self.hparams
         self.val_metric = FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
         self.test_metric = FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
+        # Test only: the mAP of each anticipation step j (frame t + 1 + j from the window ending at t), as the
+        # released log reports for the decoder.
+        self.test_anticipation = nn.ModuleList(FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
+                                               for _ in range(h.num_future))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [ActionTimelineLogger(num_streams=self.num_log_streams)] if self.num_log_streams > 0 else []
@@ -205,6 +210,10 @@ class ActionDetectionTask(BaseTask):
         current, anticipation = self.probabilities(out)
         # (session, frame) keys: a padding DistributedSampler repeats windows, the metric counts each frame once.
         metric.update(current, batch["target"], batch["session"], batch["frame"])
+        if stage == "test":
+            for j, step_metric in enumerate(self.test_anticipation):
+                step_metric.update(anticipation[:, j], batch["future_target"][:, j], batch["session"],
+                                   batch["frame"] + 1 + j)
         if stage == "val":  # in eval mode the criterion makes no collective call
             n = batch["features"].shape[0]
             self.log("val/loss", self.losses(out, batch)["loss"], batch_size=n, sync_dist=True)
@@ -238,9 +247,17 @@ class ActionDetectionTask(BaseTask):
         names = self.class_names()
         self.log_metrics({f"AP/{names[c]}": result["AP"][c] for c in range(len(names))
                           if c not in skip and not torch.isnan(result["AP"][c])}, "test")
+        steps = []
+        for step_metric in self.test_anticipation:
+            steps.append(float(step_metric.compute()["mAP"]))
+            step_metric.reset()
+        anticipation = float(np.nanmean(steps)) if steps and not np.isnan(steps).all() else float("nan")
+        self.log_metrics({"anticipation_mAP": torch.tensor(anticipation)}, "test")
         rule = getattr(self.trainer.datamodule, "frame_rule", None) if self._trainer else None
         title = f"Per-frame AP / calibrated AP (%) over {rule('test')}" if callable(rule) else None
-        rank_zero_info(format_ap_table(names, result, skip, title))
+        table = format_ap_table(names, result, skip, title)
+        per_step = " ".join(f"{100 * v:.2f}" for v in steps)
+        rank_zero_info(f"{table}\nanticipation mAP per step t+1..t+{len(steps)}: {per_step} (mean {100 * anticipation:.2f})")
 
     # -- optimisation ---------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

@@ -306,3 +306,27 @@ def test_bad_arguments_fail_clearly():
     task = tiny_task()
     with pytest.raises(ValueError, match=r"expected features \(B, 8, 16\)"):
         task(torch.randn(2, 8, 15))
+
+
+def test_test_metrics_and_anticipation_map_equal_a_direct_evaluation():
+    dm = tiny_data()
+    task = tiny_task(dm).eval()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(task, dm)
+    batch = all_windows(dm.dataset("test"))
+    with torch.no_grad():
+        current, anticipation = task.probabilities(task(batch["features"]))
+    expected = {}
+    for name, probs, targets in [("test/mAP", current, batch["target"])] + [
+            (f"step{j}", anticipation[:, j], batch["future_target"][:, j]) for j in range(4)]:
+        metric = FrameLevelMAP(6, 0, 5)
+        metric.update(probs, targets)
+        expected[name] = float(metric.compute()["mAP"])
+    assert metrics["test/mAP"] == pytest.approx(expected["test/mAP"], abs=1e-6)
+    steps = [expected[f"step{j}"] for j in range(4)]
+    assert metrics["test/anticipation_mAP"] == pytest.approx(float(np.mean(steps)), abs=1e-6)
+    assert len(set(steps)) == 4  # four different numbers: each step is scored against its own frames
+
+
+def all_windows(ds) -> dict[str, torch.Tensor]:
+    return torch.utils.data.default_collate([ds[i] for i in range(len(ds))])

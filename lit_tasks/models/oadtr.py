@@ -174,8 +174,7 @@ class DecoderAttention(nn.Module):
         dropped weights, so training with attention dropout computes the unfolded function too. Equal to
         :meth:`forward` up to float rounding.
         """
-        b, n, e = query.shape
-        h = self.heads
+        e, h = self.q.in_features, self.heads  # Python ints, also when traced for export
         d = e // h
         q = _heads(self.q(query), h)  # (B, h, L, d)
         qk = torch.einsum("bhld,hde->bhle", q, self.k.weight.view(h, d, e).to(q.dtype))
@@ -283,7 +282,7 @@ class OadTR(nn.Module):
         memory = self.encoder_norm(x)
 
         q = self.queries.expand(b, -1, -1)
-        fold = self.fold_cross_attention and self.decoder[0].cross_attn.folds(q.shape[1], memory.shape[1])
+        fold = self.fold_cross_attention and self.decoder[0].cross_attn.folds(self.num_queries, self.window + 1)
         memory_ones = F.pad(memory, (0, 1), value=1.0) if fold else None
         for i, layer in enumerate(self.decoder):
             cached = first_self.expand(b, -1, -1) if (i == 0 and first_self is not None) else None
