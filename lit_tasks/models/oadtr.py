@@ -19,7 +19,9 @@ the decoder positional embedding the released code builds but never uses (8 x 10
 ``torch.nn.functional.scaled_dot_product_attention``. Where we differ: the decoder FFN's 1x1 ``Conv1d``
 layers are ``Linear`` layers (the same map); everything else, dropout included, is as released, e.g. the
 encoder's attention output passes two dropouts (the attention projection's, rate ``attn_dropout``, then the
-residual branch's, rate ``dropout``).
+residual branch's, rate ``dropout``). The decoder's cross-attention is computed with its key / value
+projections folded into the 8 queries (:meth:`DecoderAttention.forward_folded`): the same function and
+parameters in a cheaper order, since 8 queries attend to 65 encoder outputs.
 
 :class:`StreamingOadTR` runs the same model frame by frame (online detection; the released code only
 evaluates offline windows).
@@ -311,7 +313,7 @@ class StreamingOadTR:
     Keeps the last T projected frames in a rolling window, so each step projects only the new frame; the
     first decoder layer's query self-attention, which depends on no input, is computed once. The encoder
     and the rest of the decoder run again every step: absolute positional embeddings change every token's
-    input when the window slides.
+    input when the window slides (``benchmarks/action_speed.py`` measures where the time goes).
 
     Before T frames have arrived the window is padded at the start, with the same rule as the offline
     windows of ``datamodules.features.FeatureWindowDataset`` (``pad``):
