@@ -330,3 +330,34 @@ def test_test_metrics_and_anticipation_map_equal_a_direct_evaluation():
 
 def all_windows(ds) -> dict[str, torch.Tensor]:
     return torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+
+
+def test_timeline_figure_draws_truth_colours_and_probabilities():
+    from lit_tasks.callbacks.action_timelines import class_colours, timeline_figure
+
+    labels = np.array([0, 1, 1, 2, 2, 3, 0])
+    probs = np.eye(4)[[0, 1, 2, 2, 2, 0, 0]] * 0.9 + 0.025
+    stream = {"name": "video_a", "frame": np.arange(7), "labels": labels, "probs": probs}
+    figure = timeline_figure([stream, {**stream, "name": "video_b"}], ["bg", "run", "jump", "amb"], 0, 3)
+    strip, lines = figure.axes[0], figure.axes[1]
+    assert len(figure.axes) == 4 and "video_a" in strip.get_title("left") and "video_b" in figure.axes[2].get_title("left")
+    colours = class_colours(4, 0, 3)
+    np.testing.assert_allclose(strip.images[0].get_array()[0], colours[labels])  # one coloured cell per frame
+    drawn = {line.get_label(): line.get_ydata() for line in lines.get_lines()}
+    assert set(drawn) == {"run", "jump"}  # action classes only: no background or ambiguous curve
+    np.testing.assert_allclose(drawn["jump"], probs[:, 2])
+    assert tuple(colours[0]) == (1, 1, 1, 1) and len({tuple(c) for c in colours}) == 4
+
+
+def test_fit_logs_the_timeline_figure_to_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(tiny_task(num_log_streams=2), tiny_data())
+    events = EventAccumulator(str(next(Path(logger.log_dir).glob("events*"))), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["val/streams (truth | probabilities)"]

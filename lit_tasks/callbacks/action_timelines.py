@@ -53,7 +53,7 @@ def timeline_figure(streams: list[dict[str, np.ndarray]], class_names: list[str]
     c = len(class_names)
     colours = class_colours(c, background_index, ambiguous_index)
     actions = [k for k in range(c) if k not in (background_index, ambiguous_index)]
-    fig, axes = plt.subplots(2 * len(streams), 1, figsize=(10, 2.6 * len(streams)), squeeze=False,
+    fig, axes = plt.subplots(2 * len(streams), 1, figsize=(11, 2.6 * len(streams)), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 4] * len(streams)})
     for i, s in enumerate(streams):
         strip, lines = axes[2 * i, 0], axes[2 * i + 1, 0]
@@ -75,7 +75,7 @@ def timeline_figure(streams: list[dict[str, np.ndarray]], class_names: list[str]
         lines.set_xlim(extent[0], extent[1])
         lines.set_ylabel("p")
         if lines.get_legend_handles_labels()[0]:
-            lines.legend(fontsize=7, ncol=4, loc="upper right")
+            lines.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
     return fig
