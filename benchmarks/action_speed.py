@@ -14,7 +14,10 @@ layers, 8 queries, 22 classes; 74.7 M parameters), one video stream, eval mode, 
 2. Where a streaming step's time goes: the same step cut into parts (new-frame projection, each encoder
    layer's attention and MLP, the decoder's self-attention, cross-attention and FFN, heads + softmax), each
    timed alone; the parts' sum is checked against the real step's output.
-3. Training windows per second (forward + backward + Adam step, batch ``--batch``), folded and unfolded.
+3. Validation windows per second (eval, batch ``4 x --batch``) and 4. training windows per second (forward +
+   backward + Adam step, batch ``--batch``), folded and unfolded.
+   Besides: ``--streams`` videos stepped at once (``step`` takes ``(B, D)``): one read of the 300 MB of
+   weights serves every stream, which is what a B = 1 step spends much of its time on.
 
 Why the streaming step cannot skip the encoder: OadTR adds learned ABSOLUTE positional embeddings to the 64
 tokens, so when the window slides every token's input changes and the 3 encoder layers (the largest part)
@@ -56,27 +59,31 @@ def paper_model(fold: bool, seed: int = 0) -> OadTR:
     return model.eval()
 
 
-def interleaved(cases: dict[str, Callable[[int], object]], frames: int, rounds: int) -> dict[str, float]:
-    """Median seconds per frame of each case; ``case(t)`` processes frame t. Cases alternate every round."""
-    times: dict[str, list[float]] = defaultdict(list)
+def interleaved(cases: dict[str, Callable[[int], object]], frames: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per frame of each case; ``case(t)`` processes frame t. Cases alternate
+    every round. CPU time (all threads of this process) is what a busy machine disturbs least."""
+    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in range(rounds):
         for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
             for t in range(frames):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 cases[name](t)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu))
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
 
 
-def latency(frames: int, rounds: int) -> dict[str, float]:
+def latency(frames: int, rounds: int, streams: int) -> dict[str, tuple[float, float]]:
     folded, plain = paper_model(True), paper_model(False)
     plain.load_state_dict(folded.state_dict())
     stream = torch.randn(frames + 64, PAPER["in_dim"], generator=torch.Generator().manual_seed(1))
     windows = stream.unfold(0, 64, 1).transpose(1, 2)  # (frames + 1, 64, D): window ending at frame 63 + i
-    detectors = {"streaming": StreamingOadTR(folded), "streaming, unfolded": StreamingOadTR(plain)}
-    for d in detectors.values():  # fill the window, so every timed step slides it (no start padding)
-        for f in stream[:64]:
-            d.step(f)
+    many = torch.randn(frames + 64, streams, PAPER["in_dim"], generator=torch.Generator().manual_seed(2))
+    detectors = {"streaming": StreamingOadTR(folded), "streaming, unfolded": StreamingOadTR(plain),
+                 "batched": StreamingOadTR(folded)}
+    for t in range(64):  # fill the windows, so every timed step slides them (no start padding)
+        detectors["streaming"].step(stream[t])
+        detectors["streaming, unfolded"].step(stream[t])
+        detectors["batched"].step(many[t])
 
     def window(model: OadTR) -> Callable[[int], object]:
         def run(t: int) -> object:
@@ -89,6 +96,7 @@ def latency(frames: int, rounds: int) -> dict[str, float]:
         "window": window(folded),
         "window, unfolded": window(plain),
         "streaming, unfolded": lambda t: detectors["streaming, unfolded"].step(stream[64 + t]),
+        f"streaming, {streams} streams per step": lambda t: detectors["batched"].step(many[64 + t]),
     }
     # Each round feeds the detectors the next frames of the stream; check once that they agree with the window.
     check = StreamingOadTR(folded)
@@ -139,6 +147,21 @@ def profile_step(detector: StreamingOadTR, feature: torch.Tensor, repeats: int) 
     return {name: statistics.median(ts) * (len(ts) // repeats) for name, ts in parts.items()}
 
 
+def evaluation(batch: int, rounds: int) -> dict[str, float]:
+    """Validation windows / s (eval, no grad), folded and unfolded cross-attention, interleaved."""
+    models = {"folded": paper_model(True), "unfolded": paper_model(False)}
+    x = torch.randn(batch, 64, PAPER["in_dim"], generator=torch.Generator().manual_seed(4))
+
+    def run(model: OadTR) -> Callable[[int], object]:
+        def go(_: int) -> object:
+            with torch.no_grad():
+                return model(x)
+        return go
+
+    times = interleaved({k: run(m) for k, m in models.items()}, 1, rounds)
+    return {k: batch / wall for k, (wall, _) in times.items()}
+
+
 def training(batch: int, steps: int) -> dict[str, float]:
     out = {}
     for fold in (True, False):
@@ -165,7 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=40, help="frames timed per case and round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32, help="training batch (the paper's is 128)")
+    parser.add_argument("--batch", type=int, default=32, help="training batch (the paper's is 128); evaluation: 4x")
+    parser.add_argument("--streams", type=int, default=8, help="streams stepped at once in the batched case")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
@@ -173,14 +197,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}, load average {load:.2f} at start")
 
-    lat = latency(args.frames, args.rounds)
-    print("\n1. Per-frame latency, paper-size OadTR, one stream (median ms / frame)")
-    for name, s in lat.items():
-        print(f"  {name:<22} {1e3 * s:8.2f} ms   real-time factor at {FEATURE_RATE:g} frames/s: "
-              f"{1 / (FEATURE_RATE * s):6.1f}")
-    print(f"  window / streaming: {lat['window'] / lat['streaming']:.2f}x   "
-          f"window, unfolded / streaming: {lat['window, unfolded'] / lat['streaming']:.2f}x   "
-          f"streaming, unfolded / streaming: {lat['streaming, unfolded'] / lat['streaming']:.2f}x")
+    lat = latency(args.frames, args.rounds, args.streams)
+    print("\n1. Per-frame latency, paper-size OadTR, one stream (median per frame: wall ms, process CPU ms)")
+    for name, (wall, cpu) in lat.items():
+        print(f"  {name:<28} {1e3 * wall:8.2f} ms  CPU {1e3 * cpu:8.2f} ms   real-time factor at {FEATURE_RATE:g} "
+              f"frames/s: {1 / (FEATURE_RATE * wall):6.1f}")
+    for ref in ("window", "window, unfolded", "streaming, unfolded"):
+        print(f"  {ref} / streaming: wall {lat[ref][0] / lat['streaming'][0]:.2f}x, "
+              f"CPU {lat[ref][1] / lat['streaming'][1]:.2f}x")
+    batched = lat[f"streaming, {args.streams} streams per step"]
+    print(f"  {args.streams} streams per step: {1e3 * batched[0] / args.streams:.2f} ms wall per stream and frame, "
+          f"{lat['streaming'][0] * args.streams / batched[0]:.2f}x the frames per second of one stream per step")
 
     for fold in (True, False):
         model = paper_model(fold)
@@ -196,8 +223,13 @@ def main() -> None:
             print(f"  {name:<75} {1e3 * s:7.2f} ms  {100 * s / total:5.1f} %")
 
     if not args.skip_train:
+        rates = evaluation(4 * args.batch, args.rounds)
+        print(f"\n3. Validation windows / s (batch {4 * args.batch}, eval, no grad)")
+        for name, r in rates.items():
+            print(f"  {name:<10} {r:8.1f}")
+        print(f"  folded / unfolded: {rates['folded'] / rates['unfolded']:.2f}x")
         rates = training(args.batch, args.train_steps)
-        print(f"\n3. Training windows / s (batch {args.batch}, forward + backward + Adam)")
+        print(f"\n4. Training windows / s (batch {args.batch}, forward + backward + Adam)")
         for name, r in rates.items():
             print(f"  {name:<10} {r:8.1f}")
         print(f"  folded / unfolded: {rates['folded'] / rates['unfolded']:.2f}x")
