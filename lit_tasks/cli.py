@@ -3,8 +3,9 @@
 A config names the task and the DataModule by class path (``model.class_path: lit_tasks.DetectionTask``,
 ``data.class_path: datamodules.COCODetectionDataModule``); ``lit-tasks fit --config X.yaml --help`` lists
 every option of the classes it names, ``--model.help CLASS`` those of any class. Sizes the data
-determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``) are
-linked from the DataModule into the task at instantiation; a different value given for the task (on the
+determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``; for
+online action detection also ``feature_dim``, ``background_index``, ``ambiguous_index`` and the window sizes
+``window`` / ``num_future`` the DataModule cuts) are linked from the DataModule into the task at instantiation; a different value given for the task (on the
 command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
 """
