@@ -10,7 +10,9 @@ from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 # Splits each Trainer stage reads; predict runs on the validation split.
@@ -84,17 +86,41 @@ class BaseDataModule(pl.LightningDataModule):
         batch_size: int | None = None,
         drop_last: bool | None = None,
     ) -> DataLoader:
-        """A DataLoader with the module's settings; shuffles and drops the last batch only when training."""
+        """A DataLoader with the module's settings; shuffles and drops the last batch only when training.
+
+        Evaluation under DDP reads each sample exactly once (:func:`evaluation_sampler`): Lightning's default
+        ``DistributedSampler`` repeats samples to even out the processes, and metrics would count them twice.
+        """
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        sampler = None if train or iterable else evaluation_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
-            shuffle=train and not isinstance(dataset, torch.utils.data.IterableDataset),
+            shuffle=train and not iterable,
+            sampler=sampler,
             drop_last=train if drop_last is None else drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
         )
+
+
+def evaluation_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """Under DDP, a sampler giving each process every ``world``-th sample, none twice; None in one process.
+
+    Processes then run different numbers of evaluation batches (by at most one), which is safe because
+    evaluation steps make no collective call (losses reduce their normalisers only in training; metrics sync
+    at ``compute``). Every process needs at least one sample: DDP broadcasts buffers on a process's first
+    forward after training, and Lightning's epoch-end logging syncs every logged key.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    world = dist.get_world_size()
+    if len(dataset) < world:
+        raise ValueError(f"an evaluation set of {len(dataset)} samples cannot be split over {world} processes "
+                         "(each needs at least one): evaluate with fewer devices")
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=dist.get_rank(), shuffle=False)
 
 
 def pad_images(images: Sequence[torch.Tensor], size_divisor: int = 32) -> torch.Tensor:

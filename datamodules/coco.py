@@ -111,7 +111,7 @@ class COCODetectionSource:
             self.sizes.append((int(h), int(w)) if h is not None and w is not None else None)
 
         # Annotations, grouped per image.
-        per_image: list[list[tuple[list[float], int, int]]] = [[] for _ in self.image_ids]
+        per_image: list[list[tuple[list[float], int, int, float]]] = [[] for _ in self.image_ids]
         for pos, ann in enumerate(annotations):
             where = f"{_record_name('annotation', ann, pos)} in {name}"
             _require(ann, ("image_id", "category_id", "bbox"), where)
@@ -135,19 +135,24 @@ class COCODetectionSource:
             crowd = ann.get("iscrowd", 0)
             if crowd not in (0, 1):
                 raise ValueError(f"COCO {where}: iscrowd must be 0 or 1, got {crowd!r}")
+            area = ann.get("area", 0.0)
+            if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+                raise ValueError(f"COCO {where}: area must be a non-negative number, got {area!r}")
             if bbox[2] == 0 or bbox[3] == 0:
                 continue  # degenerate boxes are common in exports and mark nothing to detect
             x, y, w, h = (float(v) for v in bbox)
-            record = ([x, y, x + w, y + h], label_of[ann["category_id"]], int(crowd))
+            record = ([x, y, x + w, y + h], label_of[ann["category_id"]], int(crowd), float(area))
             per_image[index_of[ann["image_id"]]].append(record)
 
         self.boxes: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.iscrowd: list[np.ndarray] = []
+        self.areas: list[np.ndarray] = []  # the annotations' own areas (0: none given), for COCO's area ranges
         for anns in per_image:
             self.boxes.append(np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4))
             self.labels.append(np.array([a[1] for a in anns], dtype=np.int64))
             self.iscrowd.append(np.array([a[2] for a in anns], dtype=np.int64))
+            self.areas.append(np.array([a[3] for a in anns], dtype=np.float32))
 
     @property
     def num_classes(self) -> int:
@@ -179,7 +184,8 @@ class COCODetectionSource:
         except OSError as e:
             raise OSError(f"COCO image {iid} in {self.annotation_file}: {e}") from e
         self.check_size(index, image.shape[:2])
-        return image, self.boxes[index].copy(), self.labels[index].copy(), self.iscrowd[index].copy(), iid
+        return (image, self.boxes[index].copy(), self.labels[index].copy(), self.iscrowd[index].copy(), iid,
+                self.areas[index].copy())
 
 
 class COCODetectionDataModule(DetectionDataModule):

@@ -19,14 +19,16 @@ from torch.utils.data import Dataset
 from .base import BaseDataModule, pad_images
 from .transforms import detection_train_transforms, detection_val_transforms
 
-DetectionRecord = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+DetectionRecord = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, "np.ndarray | None"]
 
 
 class DetectionSource(Protocol):
     """Random access to detection records.
 
     ``load(i)`` returns ``(image (H,W,3) uint8 RGB, boxes (N,4) float xyxy pixels, labels (N,) int64,
-    iscrowd (N,) int64, image_id int)``.
+    iscrowd (N,) int64, image_id int, area (N,) float or None)``; ``area`` is the annotation's own area in
+    original pixels (COCO's segmentation area), 0 (or None for all) where the dataset gives none: the box
+    area is used then.
     """
 
     def __len__(self) -> int: ...
@@ -40,27 +42,40 @@ def detection_sample(
     labels: np.ndarray,
     iscrowd: np.ndarray,
     image_id: int,
+    area: np.ndarray | None,
     transform: Callable[..., dict[str, Any]] | None,
     where: str = "detection record",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """``(image, target)`` of one record after ``transform``.
 
-    ``image`` is float32 ``(3, H, W)`` in [0, 1]. ``target`` holds ``boxes`` (N, 4) float32 xyxy pixels
-    of the transformed image, ``labels`` (N,) int64, ``iscrowd`` (N,) int64, ``image_id`` int64 scalar,
-    ``size`` int64 ``[h, w]`` of the transformed image and ``orig_size`` int64 ``[h, w]`` of the
-    source image. The transform must take ``image``, ``bboxes``, ``labels`` and ``iscrowd`` and
-    return a float tensor image (see ``datamodules.transforms``); ``None`` only converts to a tensor.
-    ``where`` names the record in errors.
+    ``image`` is float32 ``(3, H, W)`` in [0, 1]. ``target`` holds the training targets: ``boxes`` (N, 4)
+    float32 xyxy pixels of the transformed image, ``labels`` (N,) int64, ``iscrowd`` (N,) int64 (boxes the
+    transform cut to nothing are gone); ``image_id`` int64 scalar, ``size`` int64 ``[h, w]`` of the
+    transformed image and ``orig_size`` int64 ``[h, w]`` of the source image; and ``original``, the
+    dataset's own annotations for evaluation, untouched by the transform: ``boxes`` (M, 4) xyxy in
+    original pixels, ``labels``, ``iscrowd`` and ``area`` (M,) float32 (the annotation's area, COCO's
+    segmentation area, which pycocotools' small/medium/large ranges use; the box area where none is given).
+    The transform must take ``image``, ``bboxes``, ``labels`` and ``iscrowd`` and return a float tensor
+    image (see ``datamodules.transforms``); ``None`` only converts to a tensor. ``where`` names the record
+    in errors.
     """
     orig_h, orig_w = int(image.shape[0]), int(image.shape[1])
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     iscrowd = np.asarray(iscrowd, dtype=np.int64).reshape(-1)
-    if not len(boxes) == len(labels) == len(iscrowd):
+    area = np.zeros(len(boxes), np.float32) if area is None else np.asarray(area, dtype=np.float32).reshape(-1)
+    if not len(boxes) == len(labels) == len(iscrowd) == len(area):
         raise ValueError(
-            f"{where} (image_id {image_id}): {len(boxes)} boxes, {len(labels)} labels and {len(iscrowd)} iscrowd "
-            "flags; they must have one entry per object"
+            f"{where} (image_id {image_id}): {len(boxes)} boxes, {len(labels)} labels, {len(iscrowd)} iscrowd "
+            f"flags and {len(area)} areas; they must have one entry per object"
         )
+    box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    original = {
+        "boxes": torch.from_numpy(boxes.copy()),
+        "labels": torch.from_numpy(labels.copy()),
+        "iscrowd": torch.from_numpy(iscrowd.copy()),
+        "area": torch.from_numpy(np.where(area > 0, area, box_area).astype(np.float32)),
+    }
     if transform is not None:
         out = transform(image=image, bboxes=boxes, labels=labels, iscrowd=iscrowd)
         image_t = out["image"]
@@ -82,6 +97,7 @@ def detection_sample(
         "image_id": torch.tensor(int(image_id), dtype=torch.int64),
         "size": torch.tensor([image_t.shape[-2], image_t.shape[-1]], dtype=torch.int64),
         "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
+        "original": original,
     }
     return image_t.float(), target
 

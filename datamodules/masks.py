@@ -79,6 +79,19 @@ def check_mask_orientation(mask: Image.Image, path: str | Path | BinaryIO) -> No
         )
 
 
+def check_ignore_index(ignore_index: int, num_classes: int | None = None) -> None:
+    """``ignore_index`` must be a non-negative id outside ``[0, num_classes)``.
+
+    Negative values are refused rather than supported: mask files (PNG, TFRecord planes) store unsigned class
+    ids, so no mask can hold one, and the masks travel through OpenCV as uint8/uint16 (-1 would become 255).
+    """
+    if ignore_index < 0:
+        raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
+                         "can hold a negative value; use an id >= num_classes, e.g. 255")
+    if num_classes is not None and ignore_index < num_classes:
+        raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
+
+
 def check_mask(
     mask: np.ndarray, num_classes: int, ignore_index: int, reduce_zero_label: bool, path: str | Path
 ) -> np.ndarray:
@@ -331,8 +344,7 @@ class MaskDataModule(BaseDataModule):
         if names and len(names) != num_classes:
             source = class_names_file or "the default class names"
             raise ValueError(f"{type(self).__name__}: num_classes={num_classes} but {source} lists {len(names)} names")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
+        check_ignore_index(ignore_index, num_classes)
         self.num_classes = num_classes
         self.class_names = names or [str(i) for i in range(num_classes)]
         self.ignore_index = ignore_index

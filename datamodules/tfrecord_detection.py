@@ -3,7 +3,8 @@
 Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds
 ``image/object/bbox/xmin|ymin|xmax|ymax`` normalised to [0, 1] by the (upright) image size,
 ``image/object/class/label`` (label-map ids, e.g. COCO category ids, as the OD API does),
-``image/object/class/text`` and ``image/object/is_crowd``. ``tools/make_tfrecords.py coco`` writes them
+``image/object/class/text``, ``image/object/is_crowd`` and ``image/object/area`` (the annotation's area in
+original pixels, which COCO evaluation's area ranges use; optional). ``tools/make_tfrecords.py coco`` writes them
 with ``coco_examples`` and the label map (``label_map.pbtxt``) beside the shards; sorted by id, the label
 map gives the contiguous labels ``0 .. num_classes - 1``, the same mapping as the COCO DataModule.
 
@@ -34,15 +35,17 @@ from .tfrecord import (
     read_label_map,
 )
 from .tfrecord.example_pb2 import Example
-from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, uneven_for
 
 BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
 LABEL_KEY, TEXT_KEY, CROWD_KEY = "image/object/class/label", "image/object/class/text", "image/object/is_crowd"
+AREA_KEY = "image/object/area"  # the annotation's area in original pixels (TF OD API key; COCO's segmentation area)
 DETECTION_FEATURES = normalize_spec({
     **IMAGE_FEATURES,
     **{key: VarLen("float") for key in BOX_KEYS},
     LABEL_KEY: VarLen("int64"),
     CROWD_KEY: VarLen("int64"),
+    AREA_KEY: VarLen("float"),
 })
 
 
@@ -67,6 +70,7 @@ def coco_examples(source: COCODetectionSource) -> Iterator[Example]:
             LABEL_KEY: int64_feature(ids[labels]),
             TEXT_KEY: bytes_feature([names[k] for k in labels]),
             CROWD_KEY: int64_feature(source.iscrowd[i]),
+            AREA_KEY: float_feature(source.areas[i]),
         })
 
 
@@ -85,22 +89,23 @@ class DetectionDecoder:
         self.transform = transform
 
     def record(self, example: dict[str, Any]) -> DetectionRecord:
-        """``(image (H,W,3) uint8, boxes (N,4) xyxy pixels, labels (N,), iscrowd (N,), image_id)``."""
+        """``(image (H,W,3) uint8, boxes (N,4) xyxy pixels, labels (N,), iscrowd (N,), image_id, area (N,) | None)``."""
         image = decode_image_feature(example)
         h, w = image.shape[:2]
         columns = [example[k] for k in BOX_KEYS]
         ids = example[LABEL_KEY]
-        crowd = example[CROWD_KEY]
-        if len({len(c) for c in columns} | {len(ids)}) != 1 or len(crowd) not in (0, len(ids)):
+        crowd, area = example[CROWD_KEY], example[AREA_KEY]
+        if len({len(c) for c in columns} | {len(ids)}) != 1 or len(crowd) not in (0, len(ids)) or \
+                len(area) not in (0, len(ids)):
             raise ValueError(f"object lists differ in length: {[len(c) for c in columns]} box values, "
-                             f"{len(ids)} labels, {len(crowd)} is_crowd flags")
+                             f"{len(ids)} labels, {len(crowd)} is_crowd flags, {len(area)} areas")
         unknown = sorted(set(ids.tolist()) - set(self.label_of))
         if unknown:
             raise ValueError(f"class ids {unknown} are not in the label map (ids {self.category_ids})")
         boxes = np.stack(columns, axis=1).astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
         labels = np.array([self.label_of[i] for i in ids.tolist()], dtype=np.int64)
         iscrowd = crowd.astype(np.int64) if len(crowd) else np.zeros(len(ids), np.int64)
-        return image, boxes, labels, iscrowd, image_id_of(example["image/source_id"])
+        return image, boxes, labels, iscrowd, image_id_of(example["image/source_id"]), area if len(area) else None
 
     def __call__(self, example: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         return detection_sample(*self.record(example), self.transform)
@@ -156,6 +161,6 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         return TFRecordDataset(
             self.files[split], features=DETECTION_FEATURES,
             decode=DetectionDecoder(self.category_ids, self.transform(split)), shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
             on_corrupt=self.on_corrupt,
         )

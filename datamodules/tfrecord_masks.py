@@ -38,7 +38,7 @@ from .masks import (
 )
 from .tfrecord import FixedLen, TFRecordDataset, build_example, bytes_feature, normalize_spec
 from .tfrecord.example_pb2 import Example
-from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes
+from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes, uneven_for
 
 MASK_KEY, MASK_FORMAT_KEY = "image/segmentation/class/encoded", "image/segmentation/class/format"
 LOSSY_FORMATS = frozenset({"jpeg", "jpg"})  # class ids do not survive lossy compression
@@ -187,6 +187,6 @@ class TFRecordMaskDataModule(MaskDataModule):
         return TFRecordDataset(
             self.files["val" if split == "predict" else split],
             features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder, shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
             on_corrupt=self.on_corrupt,
         )

@@ -65,6 +65,12 @@ class BaseTask(LightningModule):
         # Walks up the __init__ frames, so the subclass's own arguments are collected too.
         frame = inspect.currentframe().f_back
         self.save_hyperparameters(ignore=[*NOT_SAVED, *self.eval_options], frame=frame)
+        # Under LightningCLI the saved values are its config, which can hold a linked value the class does not take
+        # (a DataModule's class_names for a task without that argument): such a key would make the checkpoint
+        # unloadable (`--ckpt_path`, load_from_checkpoint), so only the class's own arguments are kept.
+        accepted = set(inspect.signature(type(self).__init__).parameters) | {"_class_path", "_instantiator"}
+        for name in [k for k in self.hparams if k not in accepted]:
+            self.hparams.pop(name)
         arguments: dict[str, Any] = {}
         for found in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
             arguments.update(found)

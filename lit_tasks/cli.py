@@ -12,6 +12,7 @@ best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monito
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -77,6 +78,8 @@ class TasksCLI(LightningCLI):
         typed = command_line_model_options(getattr(self, "_argv", []))
         kept = {name: init_args[name] for name in typed if init_args is not None and name in init_args}
         super()._parse_ckpt_path()
+        if subcommand:
+            drop_unknown_checkpoint_arguments(self.config[subcommand])
         if not kept:
             return
         init_args = self.config[subcommand]["model.init_args"]
@@ -112,6 +115,27 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
+
+
+def drop_unknown_checkpoint_arguments(config: Any) -> None:
+    """Drop the checkpoint's hyperparameters the model class does not take (with a warning naming them).
+
+    Checkpoints written before tasks kept only their own arguments could hold a DataModule value the CLI linked
+    (e.g. an identity DataModule's ``class_names`` in a face checkpoint); LightningCLI passes such keys on as
+    ``dict_kwargs`` and the task's ``__init__`` refuses them.
+    """
+    model = config.get("model")
+    extra = model.get("dict_kwargs") if model is not None and hasattr(model, "get") else None
+    class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+    if not extra or not class_path:
+        return
+    module, _, name = class_path.rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    unknown = [k for k in extra if k not in parameters]
+    for key in unknown:
+        extra.pop(key)
+    if unknown:
+        rank_zero_warn(f"ignoring {unknown} from the checkpoint's hyperparameters: {class_path} takes no such argument")
 
 
 def check_linked_values(given: dict[str, Any], model: pl.LightningModule, datamodule: Any) -> None:

@@ -23,7 +23,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_coco_table
+from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
 from lit_tasks.models.fcos import build_fcos
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
@@ -142,8 +142,8 @@ class DetectionTask(BaseTask):
             self.model.backbone.to(memory_format=torch.channels_last)
 
     def configure_metrics(self) -> None:
-        self.val_map = coco_map_metric()
-        self.test_map = coco_map_metric()
+        self.val_map = coco_map_metric(class_metrics=True)
+        self.test_map = coco_map_metric(class_metrics=True)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [DetectionImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
@@ -190,34 +190,36 @@ class DetectionTask(BaseTask):
         return losses["loss"]
 
     def _eval_step(self, batch: tuple[torch.Tensor, list[dict]], metric: MeanAveragePrecision, stage: str) -> list[dict]:
+        """Loss on the training targets; mAP of the detections, mapped to original pixels, against the dataset's
+        own annotations (``target["original"]``: boxes before any resize or clipping, with their ``area``), so a
+        small object a downscale erased still counts as a miss; without them, the targets mapped back."""
         images, targets = batch
         sizes = sizes_of(targets)
         outputs = self.model(images, sizes)
         self.log(f"{stage}/loss", self.losses(outputs, targets)["loss"], batch_size=len(targets), sync_dist=True)
         preds = self.postprocess(outputs, sizes)
-        preds_orig, targets_orig = [], []
-        for p, t in zip(preds, targets):
-            preds_orig.append({**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])})
-            gt = {"boxes": rescale_boxes(t["boxes"].float(), t["size"], t["orig_size"]), "labels": t["labels"]}
-            if "iscrowd" in t:
-                gt["iscrowd"] = t["iscrowd"]
-            targets_orig.append(gt)
-        metric.update(preds_orig, targets_orig)
+        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])} for p, t in zip(preds, targets)]
+        metric.update(preds_orig, [evaluation_target(t) for t in targets])
         return preds
-
     def validation_step(self, batch: Any, batch_idx: int) -> list[dict]:
         return self._eval_step(batch, self.val_map, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> list[dict]:
         return self._eval_step(batch, self.test_map, "test")
 
+    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> dict[str, torch.Tensor]:
+        values = self.log_epoch_metric(metric, stage, LOGGED_MAP_KEYS)
+        self.log_metrics(per_class_ap(values, self.hparams.class_names), stage)
+        return values
+
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch_metric(self.val_map, "val", LOGGED_MAP_KEYS)
+        self._log_map(self.val_map, "val")
 
     def on_test_epoch_end(self) -> None:
-        values = self.log_epoch_metric(self.test_map, "test", LOGGED_MAP_KEYS)
+        values = self._log_map(self.test_map, "test")
         if self.trainer.is_global_zero:
             print(format_coco_table(values))
+            print(format_class_ap_table(values, self.hparams.class_names))
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
         """Detections in original-image pixels, with each target's ``image_id`` when the batch has one."""
@@ -228,6 +230,17 @@ class DetectionTask(BaseTask):
             {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
             for p, t in zip(preds, targets)
         ]
+
+
+def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ground truth COCO evaluation scores against: ``target["original"]`` when the DataModule gives it (the
+    dataset's annotations in original pixels, with their areas), else the training target mapped back."""
+    if "original" in target:
+        return target["original"]
+    gt = {"boxes": rescale_boxes(target["boxes"].float(), target["size"], target["orig_size"]), "labels": target["labels"]}
+    if "iscrowd" in target:
+        gt["iscrowd"] = target["iscrowd"]
+    return gt
 
 
 def sizes_of(targets: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:

@@ -6,13 +6,14 @@ of an auxiliary FCN head on stage 3 (PSPNet §3.3, as mmsegmentation's recipes d
 dataset-wide confusion matrix (PA, MPA, mIoU, FWIoU; REFERENCE.md §7.1).
 
 Batches are dicts: ``image`` float ``(B, 3, H, W)`` in [0, 1], ``mask`` int64 ``(B, H, W)`` with
-``ignore_index`` for unlabelled pixels; for prediction also ``size`` ``(B, 2)`` (the image before batch
-padding), ``orig_size`` ``(B, 2)`` (the file) and ``path``.
+``ignore_index`` for unlabelled pixels, ``size`` ``(B, 2)`` (each image before batch padding); for prediction
+also ``orig_size`` ``(B, 2)`` (the file) and ``path``. Validation, test and prediction run every image at its
+own size (images of one size together), so an image's prediction never depends on its batch-mates.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -26,7 +27,7 @@ from lit_tasks.callbacks.segmentation_images import SegmentationImageLogger
 from lit_tasks.losses.cross_entropy import masked_cross_entropy
 from lit_tasks.metrics.segmentation import SegmentationMetrics, format_class_table
 from lit_tasks.models.segmenter import Segmenter, SegmenterName
-from lit_tasks.ops.images import sliding_windows
+from lit_tasks.ops.images import group_by_size, sliding_windows
 from lit_tasks.schedules import warmup_poly
 
 
@@ -48,7 +49,8 @@ class SemanticSegmentationTask(BaseTask):
         dropout: dropout before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss on stage 3 (0 builds no auxiliary head).
         class_weights: optional per-class cross-entropy weights (length ``num_classes``).
-        ignore_index: mask label that is neither trained on nor scored; linked from the DataModule.
+        ignore_index: mask label that is neither trained on nor scored; linked from the DataModule. Must be
+            >= num_classes: negative values are refused (mask files hold unsigned ids, so none can carry one).
         class_names: names for per-class logs; linked from the DataModule.
         channels_last: run convolutions in NHWC (about 1.5x faster for conv nets on CPU and tensor cores).
         lr, weight_decay: SGD recipe (momentum 0.9, poly decay with power 0.9) used when ``optimizer`` is None.
@@ -104,7 +106,10 @@ class SemanticSegmentationTask(BaseTask):
             raise ValueError(f"class_weights has {len(class_weights)} entries for num_classes={num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        if 0 <= ignore_index < num_classes:
+        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.masks.check_ignore_index)
+            raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
+                             "can hold a negative value; use an id >= num_classes, e.g. 255")
+        if ignore_index < num_classes:
             raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
@@ -194,17 +199,36 @@ class SemanticSegmentationTask(BaseTask):
         self.log("train/loss", losses["loss"].detach(), batch_size=images.shape[0], prog_bar=True)
         return losses["loss"]
 
+    def each_image(self, fn: Callable[[Tensor], Tensor], batch: dict) -> Tensor:
+        """``fn`` (images -> ``(n, C, h, w)`` maps) on every image of a padded batch at its own size.
+
+        Images of the same size run together, no image sees padding: the image pooling of ASPP and the pyramid
+        pooling of PSP average over the whole map, so padded batch-mates would change an image's prediction
+        with the batch size and the loader order. Returns ``(B, C, H, W)``, zeros in the padding (whose mask
+        pixels are ``ignore_index``).
+        """
+        images = batch["image"]
+        b, _, h, w = images.shape
+        sizes = [tuple(int(v) for v in size) for size in batch["size"]] if "size" in batch else [(h, w)] * b
+        out = None
+        for (hi, wi), index in group_by_size(sizes).items():
+            maps = fn(images[index, :, :hi, :wi])
+            if out is None:
+                out = maps.new_zeros((b, maps.shape[1], h, w))
+            out[index, :, :hi, :wi] = maps
+        return out
+
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        images, masks = batch["image"], batch["mask"]
-        logits = self(images)
+        masks = batch["mask"]
+        logits = self.each_image(self, batch)
         loss = masked_cross_entropy(logits, masks, self.hparams.ignore_index, self.class_weights)
         preds = logits.argmax(dim=1)
         self.val_metrics.update(preds, masks)
-        self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        self.log("val/loss", loss, batch_size=masks.shape[0], sync_dist=True)
         return {"loss": loss, "preds": preds}
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        preds = self.predict_probs(batch["image"]).argmax(dim=1)
+        preds = self.each_image(self.predict_probs, batch).argmax(dim=1)
         self.test_metrics.update(preds, batch["mask"])
         return {"preds": preds}
 
@@ -214,7 +238,7 @@ class SemanticSegmentationTask(BaseTask):
         Probabilities are cropped to the image's pre-padding ``size`` and resized bilinearly to
         ``orig_size`` before the argmax, so the map matches the input file pixel for pixel.
         """
-        probs = self.predict_probs(batch["image"])
+        probs = self.each_image(self.predict_probs, batch)
         n, full = probs.shape[0], list(probs.shape[-2:])
         sizes = batch.get("size", torch.tensor([full] * n))
         orig = batch.get("orig_size", sizes)

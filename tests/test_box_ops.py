@@ -103,3 +103,16 @@ def test_half_precision_inputs_give_float32_close_to_float32():
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, fn(a.bfloat16().float(), b.bfloat16().float()), rtol=0, atol=0)
         torch.testing.assert_close(out, fn(a, b), rtol=0, atol=2e-2)
+
+
+def test_normalize_zeroes_the_padding_after_normalising():
+    from lit_tasks.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+    images = torch.zeros(2, 3, 4, 5)
+    images[0, :, :3, :2] = 0.5
+    out = Normalize()(images, [(3, 2), (4, 5)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(out[0, :, :3, :2], ((0.5 - mean) / std).expand(3, 3, 2))
+    assert out[0, :, 3:].abs().sum() == 0 and out[0, :, :, 2:].abs().sum() == 0  # padding: zero after normalising
+    torch.testing.assert_close(out[1], (-mean / std).expand(3, 4, 5))  # a full-size image: nothing masked
+    torch.testing.assert_close(Normalize()(images), (images - mean) / std)

@@ -278,3 +278,33 @@ def test_train_and_val_with_different_categories_is_reported(coco_root):
     with pytest.raises(ValueError, match=re.escape("(40, 'fox')")) as info:
         dm.setup("fit")
     assert "train.json" in str(info.value) and "val.json" in str(info.value)
+
+
+def test_evaluation_ground_truth_is_the_json_in_original_pixels_with_its_areas(coco_root):
+    """Targets carry the dataset's own annotations for COCO evaluation: boxes before any resize or clipping, the
+    json's ``area`` (a segmentation area, unlike w * h) or the box area where the json has none, crowd flags."""
+    annotations = [dict(a) for a in ANNOTATIONS]
+    annotations[0]["area"] = 123.5  # the segmentation's area: less than the 30 x 20 box
+    annotations[2]["area"] = 0  # "unknown" in some exports: the box area is used
+    annotations.append({"id": 6, "image_id": 101, "category_id": 3, "bbox": [97.0, 58.0, 2.0, 1.5], "area": 2.0})
+    _write_json(coco_root / "ann" / "val.json", annotations=annotations)
+    dm = _datamodule(coco_root, image_size=20)  # 100 x 60 -> 20 x 12: the 2 x 1.5 px object falls under 1 px^2
+    by_id = {int(t["image_id"]): t for _, t in dm.build_dataset("val")}
+    first = by_id[101]
+    assert len(first["boxes"]) == 2  # the training target lost the tiny object...
+    original = first["original"]  # ...evaluation keeps it, in original pixels
+    torch.testing.assert_close(original["boxes"], torch.tensor([[10, 5, 40, 25], [50.5, 20.25, 90.5, 50.25],
+                                                                [97.0, 58.0, 99.0, 59.5]]))
+    assert original["labels"].tolist() == [1, 2, 0] and original["iscrowd"].tolist() == [0, 1, 0]
+    assert original["area"].tolist() == [123.5, 1200.0, 2.0]  # json area; box area where the json has none
+    assert by_id[205]["original"]["area"].tolist() == [800.0, 270.0]
+    assert by_id[7]["original"]["boxes"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("area", [-1.0, "12", float("nan")])
+def test_bad_area_is_reported(coco_root, area):
+    annotations = [dict(a) for a in ANNOTATIONS]
+    annotations[2]["area"] = area
+    _write_json(coco_root / "ann" / "val.json", annotations=annotations)
+    with pytest.raises(ValueError, match="annotation 3 in .*val.json: area must be a non-negative number"):
+        _datamodule(coco_root).num_classes

@@ -36,8 +36,10 @@ def _random_scene(rng, num_images=6, num_classes=3):
         plabels = np.concatenate([labels, rng.integers(0, num_classes, m)])
         scores = rng.uniform(0.05, 1, len(boxes))
         crowd = (rng.uniform(size=n) < 0.15).astype(np.int64)
+        # COCO's area is the segmentation's, smaller than the box: pycocotools' area ranges use it, not w * h.
+        area = (wh[:, 0] * wh[:, 1] * rng.uniform(0.3, 1.0, n)).astype(np.float32)
         targets.append({"boxes": torch.tensor(gt, dtype=torch.float32), "labels": torch.tensor(labels),
-                        "iscrowd": torch.tensor(crowd)})
+                        "iscrowd": torch.tensor(crowd), "area": torch.tensor(area)})
         preds.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(plabels),
                       "scores": torch.tensor(scores, dtype=torch.float32)})
     return preds, targets
@@ -47,10 +49,11 @@ def _pycocotools_stats(preds, targets, num_classes=3):
     images, anns, dets = [], [], []
     for i, (p, t) in enumerate(zip(preds, targets)):
         images.append({"id": i, "width": 500, "height": 500})
-        for b, c, crowd in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist()):
+        for b, c, crowd, area in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(),
+                                     t["area"].tolist()):
             w, h = b[2] - b[0], b[3] - b[1]
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [b[0], b[1], w, h],
-                         "area": w * h, "iscrowd": crowd})
+                         "area": area, "iscrowd": crowd})
         for b, c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
             dets.append({"image_id": i, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
     gt = COCO()
@@ -75,6 +78,11 @@ def test_map_equals_pycocotools(seed):
     ref = _pycocotools_stats(preds, targets)
     for key, value in zip(STAT_KEYS, ref):
         assert float(ours[key]) == pytest.approx(value, abs=1e-6), key
+    # The areas matter: with box areas instead, the small / medium / large numbers change.
+    boxed = coco_map_metric()
+    boxed.update(preds, [{k: v for k, v in t.items() if k != "area"} for t in targets])
+    by_box = boxed.compute()
+    assert any(abs(float(by_box[k]) - float(ours[k])) > 1e-3 for k in ("map_small", "map_medium", "map_large"))
     assert set(LOGGED_MAP_KEYS) <= set(ours)
     table = format_coco_table(ours)
     assert f"{ref[1]:.3f}" in table.splitlines()[2]
@@ -85,3 +93,36 @@ def test_rescale_boxes_to_original_size():
     # network input 128 x 256 (h, w) from an original 256 x 1024 image
     out = rescale_boxes(boxes, torch.tensor([128, 256]), torch.tensor([256, 1024]))
     assert out.tolist() == [[40.0, 40.0, 120.0, 80.0]]
+
+
+def test_per_class_table_equals_pycocotools_per_category():
+    from lit_tasks.metrics.coco import format_class_ap_table, per_class_ap
+
+    preds, targets = _random_scene(np.random.default_rng(3))
+    metric = coco_map_metric(class_metrics=True)
+    metric.update(preds, targets)
+    ours = metric.compute()
+    images, anns, dets = [], [], []
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        images.append({"id": i, "width": 500, "height": 500})
+        for b, c, crowd, area in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), t["area"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                         "area": area, "iscrowd": crowd})
+        for b, c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()):
+            dets.append({"image_id": i, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+    names = ["ant", "bee", "cow"]
+    logged = per_class_ap(ours, names)
+    table = format_class_ap_table(ours, names).splitlines()
+    for c in range(3):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k} for k in range(3)]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+            ev.params.catIds = [c]  # pycocotools' per-category AP
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert float(logged[f"AP/{names[c]}"]) == pytest.approx(ev.stats[0], abs=1e-6)
+        row = next(line for line in table if line.startswith(names[c]))
+        assert f"{100 * ev.stats[0]:.2f}" in row

@@ -214,3 +214,83 @@ def test_channels_last_backbone_gives_the_same_detections():
         out_a, out_b = a.model(images, [(64, 96)] * 2), b.model(images, [(64, 96)] * 2)
     for name in ("cls_logits", "ltrb", "centerness"):
         assert torch.allclose(getattr(out_a, name), getattr(out_b, name), atol=1e-5), name
+
+
+class Found(torch.nn.Module):
+    """A post-processor that returns the same detections for every image."""
+
+    def __init__(self, detections: dict) -> None:
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, outputs, sizes):
+        return [dict(self.detections) for _ in sizes]
+
+
+def test_map_counts_objects_the_resize_erased_as_misses(tmp_path, capsys):
+    """COCO mAP scores against the dataset's own boxes: a 3 x 3 px object of a 640 x 480 image resized to 64 px
+    falls under 1 px^2 and leaves the training target, but a detector that misses it must still lose recall."""
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (640, 480), (90, 120, 150)).save(tmp_path / "images" / "a.png")
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 100, 300, 200], "area": 50000.0},
+                   {"id": 2, "image_id": 1, "category_id": 1, "bbox": [600, 20, 3, 3], "area": 7.0}]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 480, "width": 640}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    dm = COCODetectionDataModule(str(tmp_path), train_annotations="val.json", val_annotations="val.json",
+                                 train_images="images", val_images="images", image_size=64, num_workers=0)
+    task = tiny_task(num_classes=1, num_log_images=0, class_names=["thing"])
+    # A detector that finds the large object exactly (input pixels: 640 -> 64 is a 0.1 scale) and nothing else.
+    found = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    task.postprocess = Found(found)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(task, dm, verbose=False)
+    # One of two objects found at precision 1: AP@0.5 = 51/101 on pycocotools' 101 recall points (1.0 if the
+    # erased object were not counted); the small-area AP is 0 (the 7 px^2 object is the only small one).
+    assert float(metrics["val/map_50"]) == pytest.approx(51 / 101, abs=1e-6)
+    assert float(metrics["val/map_small"]) == 0.0 and float(metrics["val/map_large"]) == pytest.approx(1.0)
+    assert float(metrics["val/AP/thing"]) == pytest.approx(float(metrics["val/map"]))  # per-class AP, logged by name
+    capsys.readouterr()
+    trainer.test(task, dm, verbose=False)
+    printed = capsys.readouterr().out
+    assert "COCO bbox evaluation" in printed and any(line.startswith("thing ") for line in printed.splitlines())
+
+
+def test_frozen_stem_stage_and_batchnorm_do_not_change_during_fit(tmp_path):
+    """frozen_stages=1 + frozen_bn (the recipe with pretrained weights): stem, layer1 and every BatchNorm statistic
+    and affine stay as they were; the rest of the backbone trains."""
+    task = tiny_task(frozen_stages=1, frozen_bn=True, num_log_images=0)
+    backbone = task.model.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(task, tiny_shapes())
+    after = backbone.state_dict()
+    frozen = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1.")) or ".bn" in k or "downsample.1" in k
+              or k.endswith(("running_mean", "running_var"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    trained = [k for k in before if k.startswith(("layer2.", "layer3.", "layer4.")) and k.endswith("conv1.weight")]
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_recipe_freezing_follows_pretrained(monkeypatch):
+    """pretrained=True defaults to frozen BN + frozen stem/stage 1 (mmdet's FCOS recipe); from scratch nothing is
+    frozen (a random network with fixed identity normalisation and zero-initialised last BNs cannot train)."""
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: create(*a, **{**k, "pretrained": False}))  # no hub
+    pretrained = tiny_task(pretrained=True)
+    scratch = tiny_task()
+    names = lambda t: {type(m).__name__ for m in t.model.backbone.modules()}  # noqa: E731
+    assert "FrozenBatchNorm2d" in names(pretrained) and "BatchNorm2d" not in names(pretrained)
+    assert not pretrained.model.backbone.layer1[0].conv1.weight.requires_grad
+    assert pretrained.model.backbone.layer2[0].conv1.weight.requires_grad
+    assert "FrozenBatchNorm2d" not in names(scratch)
+    assert all(p.requires_grad for p in scratch.model.backbone.parameters())

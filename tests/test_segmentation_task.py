@@ -293,3 +293,55 @@ def test_ignore_index_is_linked_from_the_datamodule(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ignore_index=7 .* differs from the DataModule's ignore_index=100"):
         run_cli(["fit", config, "--trainer.fast_dev_run=true", *data, *cli_overrides(tmp_path),
                  "--model.init_args.ignore_index=7"])
+
+
+class CollectPredictions(pl.Callback):
+    """Each validation image's prediction cropped to its own size, by path."""
+
+    def __init__(self) -> None:
+        self.preds: dict[str, torch.Tensor] = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for i, path in enumerate(batch["path"]):
+            h, w = batch["size"][i].tolist()
+            self.preds[path] = outputs["preds"][i, :h, :w].clone()
+
+
+@pytest.mark.parametrize("model", ["deeplabv3plus", "pspnet"])
+def test_predictions_do_not_depend_on_batch_mates(tmp_path, model):
+    """ASPP's image pooling and PSP's pyramid pooling average over the whole map: with images padded to the largest
+    of their batch, an image's prediction (and mIoU) changed with the batch size and the loader order."""
+    write_folder_dataset(tmp_path / "data")  # 4 images of 4 different sizes
+    task = tiny_task(num_classes=3, model=model, num_log_images=0).eval()
+    with torch.no_grad():  # a head whose output depends on the pooled context strongly enough to show
+        for p in task.model.head.parameters():
+            p.mul_(5.0)
+    results = {}
+    for batch_size in (1, 4):
+        dm = FolderSegmentationDataModule(root=str(tmp_path / "data"), num_classes=3, val_fraction=0.99,
+                                          batch_size=batch_size, num_workers=0)
+        collect = CollectPredictions()
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[collect], default_root_dir=tmp_path)
+        (metrics,) = trainer.validate(task, dm, verbose=False)
+        results[batch_size] = (collect.preds, metrics)
+    (one, m1), (four, m4) = results[1], results[4]
+    assert sorted(one) == sorted(four) and len(one) == 4
+    for path in one:
+        assert torch.equal(one[path], four[path]), path
+    assert m1["val/mIoU"] == m4["val/mIoU"]
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100])
+def test_negative_ignore_index_is_refused_at_construction(tmp_path, ignore_index):
+    """Masks hold unsigned class ids (PNG, TFRecord planes): a negative label can never be read from a mask file,
+    and the uint8/uint16 mask path turned -1 into 255 and F.cross_entropy then raised an IndexError mid-fit."""
+    write_folder_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        tiny_task(num_classes=3, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        FolderSegmentationDataModule(root=str(tmp_path / "data"), num_classes=3, ignore_index=ignore_index)
+    from datamodules import ShapesSegmentationDataModule
+
+    with pytest.raises(ValueError, match=rf"ignore_index={ignore_index}: .*unsigned"):
+        ShapesSegmentationDataModule(ignore_index=ignore_index)

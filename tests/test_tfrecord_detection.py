@@ -72,8 +72,25 @@ def test_same_samples_as_the_coco_datamodule(converted: dict, split: str) -> Non
         torch.testing.assert_close(target_t["boxes"], target["boxes"], atol=1e-3, rtol=0)
         for key in ("labels", "iscrowd", "size", "orig_size", "image_id"):
             assert torch.equal(target_t[key], target[key]), key
+        # The evaluation ground truth travels too: original boxes and the json's (non-box) areas.
+        torch.testing.assert_close(target_t["original"]["boxes"], target["original"]["boxes"], atol=1e-3, rtol=0)
+        for key in ("labels", "iscrowd", "area"):
+            assert torch.equal(target_t["original"][key], target["original"][key]), key
         objects += len(target["labels"])
     assert objects > 0
+
+
+def test_evaluation_splits_records_over_ranks_without_repeats(converted: dict) -> None:
+    """Training pads ranks to equal length (repeats); evaluation must not: metrics would count repeats twice."""
+    tfr = TFRecordDetectionDataModule(converted["train_files"], converted["val_files"], converted["label_map"],
+                                      image_size=64, augment=False, num_workers=0)
+    val, train = tfr.build_dataset("val"), tfr.build_dataset("train")
+    assert (val.uneven, train.uneven) == ("none", "pad")
+    ids = []
+    for rank in range(3):  # 4 validation images over 3 ranks
+        val._explicit_dist = (rank, 3)
+        ids += [int(target["image_id"]) for _, target in val]
+    assert sorted(ids) == [1, 2, 3, 4]
 
 
 def test_fast_dev_run_fit_from_shards(converted: dict, tmp_path: Path) -> None:

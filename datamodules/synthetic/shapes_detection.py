@@ -32,13 +32,13 @@ class ShapesSource:
         return self.num_images
 
     def load(self, index: int) -> DetectionRecord:
-        """``(image, boxes, labels, iscrowd, image_id)`` of image ``index`` (no crowd regions here)."""
+        """``(image, boxes, labels, iscrowd, image_id, area)`` of image ``index`` (no crowd regions; box areas)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"ShapesSource: index {index} out of range [0, {self.num_images})")
         s = render_shapes(index, seed=self.seed, image_size=self.image_size, max_objects=self.max_objects,
                           size_range=self.size_range)
         iscrowd = s["labels"] * 0
-        return s["image"], s["boxes"], s["labels"], iscrowd, index
+        return s["image"], s["boxes"], s["labels"], iscrowd, index, None
 
 
 class ShapesDetectionDataModule(DetectionDataModule):

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from ..base import BaseDataModule
 from ..masks import (
+    check_ignore_index,
     segmentation_collate,
     segmentation_eval_transforms,
     segmentation_sample,
@@ -86,6 +87,7 @@ class ShapesSegmentationDataModule(BaseDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        check_ignore_index(ignore_index, len(SHAPE_CLASSES) + 1)
         self.save_hyperparameters()
         self.num_train = num_train
         self.num_val = num_val

@@ -6,8 +6,11 @@ pycocotools algorithm, several times faster), given pycocotools' exact float64 t
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchmetrics.detection import MeanAveragePrecision
 
 # pycocotools' exact float64 thresholds (Params.setDetParams): torchmetrics' float32 defaults differ by ~2e-5 in AP.
@@ -30,9 +33,30 @@ COCO_SUMMARY_ROWS = (
 )
 
 
+class COCOMeanAveragePrecision(MeanAveragePrecision):
+    """torchmetrics' MeanAveragePrecision whose DDP sync works when processes evaluated different numbers of images.
+
+    torchmetrics all-gathers its per-image list states one element at a time, so processes holding different
+    numbers of images pair different collectives (gloo aborts, NCCL hangs). Evaluation loaders give every image
+    to exactly one process (processes differ by one image when the set does not divide), so each list state is
+    gathered whole as one object instead, processes concatenated in rank order (the states stay aligned image
+    by image). Ground-truth ``area`` (the annotation's, as pycocotools uses for the area ranges) is a state of
+    torchmetrics' own.
+    """
+
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
+        group = process_group or self.process_group
+        world = dist.get_world_size(group)
+        for attr in self._reductions:
+            local = [t.detach().cpu() for t in getattr(self, attr)]
+            gathered: list[list[torch.Tensor] | None] = [None] * world
+            dist.all_gather_object(gathered, local, group=group)
+            setattr(self, attr, [t.to(self.device) for part in gathered for t in part])
+
+
 def coco_map_metric(**kwargs) -> MeanAveragePrecision:
     """COCO box mAP via faster_coco_eval, with pycocotools' exact IoU/recall thresholds (kwargs pass through)."""
-    return MeanAveragePrecision(
+    return COCOMeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",
         iou_thresholds=COCO_IOU_THRESHOLDS,
@@ -51,3 +75,27 @@ def format_coco_table(values: dict[str, torch.Tensor], title: str = "COCO bbox e
         lines.append(f" {name:<18} {short[name]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = "
                      f"{float(values[key]):.3f}")
     return "\n".join(lines)
+
+
+def format_class_ap_table(values: dict[str, torch.Tensor], class_names: list[str] | None = None) -> str:
+    """Per-class AP@[.5:.95] and AR@100 (in %) from a ``class_metrics=True`` result; "-" for a class without
+    ground truth (pycocotools' -1)."""
+    classes = [int(c) for c in values["classes"].reshape(-1).tolist()]
+    names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in classes]
+    ap, ar = values["map_per_class"].reshape(-1).tolist(), values["mar_100_per_class"].reshape(-1).tolist()
+    width = max([len("class"), *(len(n) for n in names)])
+    shown = lambda v: f"{100 * v:7.2f}" if v >= 0 else f"{'-':>7}"  # noqa: E731
+    lines = [f"{'class':<{width}}  {'AP':>7}  {'AR@100':>7}", "-" * (width + 18)]
+    lines += [f"{n:<{width}}  {shown(p)}  {shown(r)}" for n, p, r in zip(names, ap, ar)]
+    return "\n".join(lines)
+
+
+def per_class_ap(values: dict[str, torch.Tensor], class_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{"AP/<class name>": AP}`` for the classes with ground truth, from a ``class_metrics=True`` result."""
+    out = {}
+    for c, ap in zip(values["classes"].reshape(-1).tolist(), values["map_per_class"].reshape(-1)):
+        if float(ap) >= 0:
+            name = class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c))
+            out[f"AP/{str(name).replace(' ', '_')}"] = ap
+    return out
+

@@ -73,12 +73,24 @@ def freeze_backbone(backbone: nn.Module, frozen_stages: int = -1, frozen_bn: boo
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel for ``(B, 3, H, W)`` images in [0, 1] (constants as non-saved buffers)."""
+    """``(x - mean) / std`` per channel for ``(B, 3, H, W)`` images in [0, 1] (constants as non-saved buffers).
+
+    With ``image_sizes`` (the unpadded (h, w) of each image of a zero-padded batch), the padding is zero *after*
+    normalisation, as mmdet and torchvision pad: padding then looks like the mean colour, not like black.
+    """
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(self.mean.dtype) - self.mean) / self.std
+    def forward(self, images: torch.Tensor, image_sizes: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        height, width = x.shape[-2:]
+        if image_sizes is not None and any((int(h), int(w)) != (height, width) for h, w in image_sizes):
+            rows = torch.arange(height, device=x.device)
+            cols = torch.arange(width, device=x.device)
+            sizes = torch.as_tensor([[int(h), int(w)] for h, w in image_sizes], device=x.device)
+            inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+            x = x * inside[:, None].to(x.dtype)
+        return x

@@ -190,12 +190,11 @@ class DETR(nn.Module):
 
         The mask is the pixel padding mask downsampled by nearest interpolation (reference backbone.py).
         """
-        x = self.normalize(images)
         if all(size == tuple(images.shape[-2:]) for size in sizes):
-            return self.backbone(x)[-1], None
+            return self.backbone(self.normalize(images))[-1], None
         pixel_mask = _padding_mask([h for h, _ in sizes], [w for _, w in sizes], tuple(images.shape[-2:]),
                                    images.device)
-        features = self.backbone(x.masked_fill(pixel_mask[:, None], 0.0))[-1]
+        features = self.backbone(self.normalize(images, sizes))[-1]
         mask = F.interpolate(pixel_mask[None].float(), size=features.shape[-2:])[0].bool()
         return features, mask
 

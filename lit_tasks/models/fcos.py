@@ -87,8 +87,8 @@ class FCOSOutput:
 class FCOS(nn.Module):
     """Normalise -> backbone (C3-C5) -> FPN (P3-P7) -> FCOS head; ``forward(images, image_sizes)`` gives an :class:`FCOSOutput`.
 
-    Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside). Dense predictions cover the
-    padded batch; ``image_sizes`` are used by the criterion's targets and the post-processor's clipping only.
+    Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside; the padding outside ``image_sizes``
+    is zero after normalisation, as mmdet pads). Dense predictions cover the padded batch.
     """
 
     strides = (8, 16, 32, 64, 128)
@@ -115,7 +115,7 @@ class FCOS(nn.Module):
         return self._grid_cache[key]
 
     def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> FCOSOutput:
-        levels = self.fpn(self.backbone(self.normalize(images)))
+        levels = self.fpn(self.backbone(self.normalize(images, image_sizes)))
         cls_logits, ltrb, centerness = self.head(levels)
         points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device)
         return FCOSOutput(cls_logits, ltrb, centerness, points, strides, level_ids)

@@ -236,7 +236,7 @@ class VFNet(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]]) -> VFNetOutput:
         sizes = _as_sizes(image_sizes, images.shape[0])
-        levels = self.fpn(self.backbone(self.normalize(images)))
+        levels = self.fpn(self.backbone(self.normalize(images, sizes)))
         cls_logits, ltrb_init, ltrb_refine = self.head(levels)
         level_sizes = [tuple(f.shape[-2:]) for f in levels]
         points, strides, level_ids = self.grid(level_sizes, images.device)

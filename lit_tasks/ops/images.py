@@ -24,6 +24,14 @@ def stack_padded(images: Sequence[torch.Tensor] | torch.Tensor, size_divisor: in
     return batch, sizes
 
 
+def group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images of each (h, w), in first-seen order: images of one size batch without padding."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(i)
+    return groups
+
+
 def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """``(y0, y1, x0, x1)`` windows of side ``crop`` every ``stride`` px covering the image; the last row and
     column are shifted back to end at the border, and a side shorter than ``crop`` gets one window."""
