@@ -364,7 +364,8 @@ class FeatureWindowDataset(Dataset):
         if pad not in PAD_MODES:
             raise ValueError(f"FeatureWindowDataset: pad must be one of {PAD_MODES}, got {pad!r}")
         if window < 1 or num_future < 0:
-            raise ValueError(f"FeatureWindowDataset: window must be >= 1 and num_future >= 0, got {window}, {num_future}")
+            raise ValueError(f"FeatureWindowDataset: window must be >= 1 and num_future >= 0, got {window}, "
+                             f"{num_future}")
         self.data = data
         self.window, self.num_future, self.frames, self.pad = window, num_future, frames, pad
         self.drop_ambiguous = drop_ambiguous or frames == "oadtr"
@@ -472,12 +473,14 @@ class FeatureDataModule(BaseDataModule):
                  num_workers: int = 2, pin_memory: bool = False) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         for name, value, choices in (("frames", frames, FRAME_RULES), ("train_frames", train_frames, FRAME_RULES),
-                                     ("pad", pad, PAD_MODES), ("predict_split", predict_split, ("train", "val", "test"))):
+                                     ("pad", pad, PAD_MODES),
+                                     ("predict_split", predict_split, ("train", "val", "test"))):
             if value not in choices:
                 raise ValueError(f"{type(self).__name__}: {name} must be one of {choices}, got {value!r}")
         if window < 1 or num_future < 1:
             raise ValueError(f"{type(self).__name__}: window and num_future must be >= 1, got {window}, {num_future}")
-        self.window, self.num_future, self.frames, self.train_frames, self.pad = window, num_future, frames, train_frames, pad
+        self.window, self.num_future, self.pad = window, num_future, pad
+        self.frames, self.train_frames = frames, train_frames
         self.val_sessions, self.val_fraction, self.seed = val_sessions, val_fraction, seed
         self.predict_split = predict_split
         self.class_names_arg = list(class_names) if class_names is not None else None

@@ -44,7 +44,8 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.action_timelines import ActionTimelineLogger
 from lit_tasks.losses.soft_cross_entropy import OadTRCriterion
 from lit_tasks.metrics.action import FrameLevelMAP, format_ap_table
-from lit_tasks.models.oadtr import PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities, class_probabilities
+from lit_tasks.models.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
+                                    class_probabilities)
 from lit_tasks.schedules import warmup_multistep
 
 
@@ -257,7 +258,8 @@ class ActionDetectionTask(BaseTask):
         title = f"Per-frame AP / calibrated AP (%) over {rule('test')}" if callable(rule) else None
         table = format_ap_table(names, result, skip, title)
         per_step = " ".join(f"{100 * v:.2f}" for v in steps)
-        rank_zero_info(f"{table}\nanticipation mAP per step t+1..t+{len(steps)}: {per_step} (mean {100 * anticipation:.2f})")
+        rank_zero_info(f"{table}\nanticipation mAP per step t+1..t+{len(steps)}: {per_step} "
+                       f"(mean {100 * anticipation:.2f})")
 
     # -- optimisation ---------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -279,7 +281,8 @@ class ActionDetectionTask(BaseTask):
             return None
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
-    def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         """StepLR as released (lr x ``lr_gamma`` every ``lr_drop_epochs`` epochs), stepped per optimizer step."""
         per_epoch = self.steps_per_epoch()
         if per_epoch is None:

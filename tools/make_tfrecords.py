@@ -44,7 +44,8 @@ def read_feature_sessions(args: argparse.Namespace):
                                   visual_feature=args.visual_feature, motion_feature=args.motion_feature or None)
     tag = {"train": "val", "test": "test"}[args.split]
     return read_oadtr_pickles(args.root, args.split, data_info=args.data_info or "data_info_new.json",
-                              feature_file=args.feature_file.format(split=tag), anno_file=args.anno_file.format(split=tag))
+                              feature_file=args.feature_file.format(split=tag),
+                              anno_file=args.anno_file.format(split=tag))
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -68,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     feats.add_argument("--split", choices=["train", "test"], default="train")
     feats.add_argument("--data-info", help="data-info json name (default: the layout's)")
     feats.add_argument("--visual-feature", default="rgb_kinetics_resnet50", help="lstr: visual stream folder")
-    feats.add_argument("--motion-feature", default="flow_kinetics_bninception", help="lstr: motion stream folder ('' none)")
-    feats.add_argument("--feature-file", default="thumos_all_feature_{split}_tsn_v2.pickle", help="oadtr: feature pickle")
+    feats.add_argument("--motion-feature", default="flow_kinetics_bninception",
+                       help="lstr: motion stream folder ('' none)")
+    feats.add_argument("--feature-file", default="thumos_all_feature_{split}_tsn_v2.pickle",
+                       help="oadtr: feature pickle")
     feats.add_argument("--anno-file", default="thumos_{split}_anno.pickle", help="oadtr: annotation pickle")
     feats.add_argument("--num-sessions", type=int, default=64, help="synthetic: sessions")
     feats.add_argument("--seed", type=int, default=0, help="synthetic: seed")

@@ -128,6 +128,7 @@ class ActionTimelineLogger(pl.Callback):
                             "labels": parts["target"][rows][order].argmax(1).numpy(),
                             "probs": parts["probs"][rows][order].numpy()})
         h = pl_module.hparams
-        class_names = pl_module.class_names() if hasattr(pl_module, "class_names") else [str(c) for c in range(h.num_classes)]
+        class_names = (pl_module.class_names() if hasattr(pl_module, "class_names")
+                       else [str(c) for c in range(h.num_classes)])
         figure = timeline_figure(streams, class_names, h.get("background_index"), h.get("ambiguous_index"))
         writer.add_figure("val/streams (truth | probabilities)", figure, trainer.global_step, close=True)

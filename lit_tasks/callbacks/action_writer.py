@@ -13,7 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 
-def frame_table(predictions: Sequence[dict[str, torch.Tensor]], key: str = "probs") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def frame_table(predictions: Sequence[dict[str, torch.Tensor]],
+                key: str = "probs") -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Batches of ``{key, "session", "frame"}`` -> ``{session: (frames (N,), values (N, ...))}``, sorted by frame,
     each (session, frame) once (a padding sampler may repeat one)."""
     session = torch.cat([p["session"] for p in predictions]).numpy()
@@ -70,7 +71,8 @@ class ActionPredictionWriter(BasePredictionWriter):
         tables = {"": frame_table(flat, "probs")}
         if self.anticipation:
             tables[".anticipation"] = frame_table(flat, "anticipation")
-        files = {self.output_dir / f"{name(k)}{suffix}.npy": table[k] for suffix, table in tables.items() for k in table}
+        files = {self.output_dir / f"{name(k)}{suffix}.npy": table[k]
+                 for suffix, table in tables.items() for k in table}
         class_file = self.output_dir / "class_names.json"
         if not self.overwrite:
             existing = [p for p in [*files, class_file] if p.exists()]
