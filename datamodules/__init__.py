@@ -4,8 +4,9 @@ Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import
 neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
 decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
 ``faces`` + ``tfrecord_faces`` + ``recordio_faces`` (with the formats ``recordio``, ``face_bin`` and
-``face_align``), ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``topdown`` + ``coco_keypoints`` (pose);
-``synthetic`` (generated data); ``tfrecord`` (the TFRecord format itself, knowing no DataModule).
+``face_align``), ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``topdown`` + ``coco_keypoints`` (pose),
+``features`` + ``tfrecord_features`` (feature streams); ``synthetic`` (generated data); ``tfrecord`` (the
+TFRecord format itself, knowing no DataModule).
 """
 
 import importlib
@@ -27,6 +28,10 @@ _EXPORTS = {
     "detection_collate": "detection",
     "detection_sample": "detection",
     "IdentityFolderDataModule": "faces",
+    "LSTRFeatureDataModule": "features",
+    "OadTRFeatureDataModule": "features",
+    "SyntheticStreamsDataModule": "synthetic",
+    "TFRecordFeatureDataModule": "tfrecord_features",
     "FolderSegmentationDataModule": "masks",
     "RecordIOFaceDataModule": "recordio_faces",
     "SegmentationDataset": "masks",

@@ -5,7 +5,8 @@ A config names the task and the DataModule by class path (``model.class_path: li
 every option of the classes it names, ``--model.help CLASS`` those of any class. Sizes the data
 determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``, the face
 ``verification_sets`` names; for pose also ``keypoint_names``, ``flip_index``, ``skeleton``, ``oks_sigmas``,
-``input_size``) are
+``input_size``; for online action detection ``feature_dim``, ``background_index``, ``ambiguous_index`` and the
+window sizes ``window`` / ``num_future`` the DataModule cuts) are
 linked from the DataModule into the task at instantiation; a different value given for the task (on the
 command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
@@ -30,7 +31,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
-                "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size")
+                # pose: the keypoint set and the crop size the data gives
+                "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size",
+                # online action detection: the feature width, the special classes and the windows the data cuts
+                "feature_dim", "background_index", "ambiguous_index", "window", "num_future")
 
 
 class FitConfigCallback(SaveConfigCallback):

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # to start when a DataModule saved one of these under the same name with another value ("Error while merging
 # hparams").
 LINKED = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
-          "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size")
+          "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size", "feature_dim",
+          "background_index", "ambiguous_index", "window", "num_future")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -90,6 +91,10 @@ def every_datamodule(class_file: str) -> dict[str, list[dict]]:
         "ShapesSegmentationDataModule": [{}, dict(ignore_index=7)],
         "COCOKeypointDataModule": [dict(root="coco"), dict(root="coco", input_size=[64, 48])],
         "FiguresKeypointDataModule": [{}],
+        "LSTRFeatureDataModule": [dict(root="thumos")],
+        "OadTRFeatureDataModule": [dict(root="thumos")],
+        "SyntheticStreamsDataModule": [{}],
+        "TFRecordFeatureDataModule": [dict(train_files="t", test_files="s")],
     }
 
 

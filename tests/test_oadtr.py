@@ -182,3 +182,42 @@ def test_streaming_equals_the_window_dataset(pad: str) -> None:
         rows = batch["session"] == k
         assert batch["frame"][rows].tolist() == list(range(s.num_frames))
         torch.testing.assert_close(online, offline[rows], rtol=0, atol=1e-5)
+
+
+def test_folded_cross_attention_equals_the_unfolded_one() -> None:
+    """Keys / values folded into the queries: the same attention, in eval and with attention dropout."""
+    import torch.nn.functional as F
+
+    from lit_tasks.models.oadtr import DecoderAttention
+
+    torch.manual_seed(0)
+    attn = DecoderAttention(32, 4, attn_dropout=0.5)
+    with torch.no_grad():  # biases matter here: the k bias drops out of the softmax, the v bias does not
+        attn.k.bias.normal_()
+        attn.v.bias.normal_()
+    q, m = torch.randn(3, 4, 32), torch.randn(3, 9, 32)
+    ones = F.pad(m, (0, 1), value=1.0)
+    assert attn.folds(4, 9) and not attn.folds(8, 8)  # 4 * (32 + 36) < 9 * 32; 8 * (32 + 32) > 8 * 32
+    attn.eval()
+    torch.testing.assert_close(attn.forward_folded(q, ones), attn(q, m), rtol=0, atol=1e-6)
+    attn.train()  # same RNG draw -> same dropout mask on the (B, h, L, S) weights
+    torch.manual_seed(1)
+    unfolded = attn(q, m)
+    torch.manual_seed(1)
+    folded = attn.forward_folded(q, ones)
+    torch.testing.assert_close(folded, unfolded, rtol=0, atol=1e-6)
+    torch.manual_seed(1)  # without the ones column the v bias would be weighted by 1, not by the kept weights
+    assert (attn.forward_folded(q, F.pad(m, (0, 1))) - unfolded).abs().amax() > 1e-2
+    grads = [torch.autograd.grad(out.square().sum(), attn.v.weight)[0] for out in (unfolded, folded)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_folded_and_unfolded_give_the_same_outputs() -> None:
+    model = tiny_model(seed=5)
+    plain = tiny_model(seed=5, fold_cross_attention=False)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 8, 12)
+    with torch.no_grad():
+        a, b = model(x), plain(x)
+    torch.testing.assert_close(a.current, b.current, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.anticipation, b.anticipation, rtol=0, atol=1e-5)

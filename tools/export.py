@@ -99,6 +99,7 @@ def export(task: nn.Module, out_dir: str | Path, formats: Sequence[str] = FORMAT
             path = export_torchscript(module, example, out_dir / f"{name}.pt")
         else:
             path = export_onnx(module, example, out_dir / f"{name}.onnx",
+                               input_names=(getattr(task, "export_input_name", "images"),),
                                output_names=(getattr(task, "export_output_name", "output"),))
         error = float(np.abs(run_exported(fmt, path, check_inputs) - reference).max())
         if not error <= atol:

@@ -5,13 +5,16 @@
     python tools/make_tfrecords.py folder --root DIR --out data/faces --num-shards 8 [--seed 0]  # ROOT/<id>/<image>
     python tools/make_tfrecords.py masks --images DIR --masks DIR --out data/seg --num-shards 8
     python tools/make_tfrecords.py rec --rec /data/ms1m/train.rec --out data/ms1m --num-shards 64 [--seed 0]
+    python tools/make_tfrecords.py features --layout lstr --root DIR --split train --out data/thumos_train
 
 Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``), records dealt round-robin over the shards
 (as the OD API's ``open_sharded_output_tfrecords``), and, for ``coco``, ``folder`` and ``rec``,
 ``OUT.label_map.pbtxt`` naming the classes. ``folder`` and ``rec`` (an insightface RecordIO pack: the JPEGs
 as stored, classes named by their number) write the images in a random order drawn from ``--seed``, so
-shards mix identities. The encoders live beside their DataModules
-(``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``, ``datamodules.tfrecord_masks``).
+shards mix identities. ``features`` writes one ``tf.SequenceExample`` per video (per-frame features as a
+feature list, targets per frame) from the LSTR / TeSTra layout, OadTR's pickles or the synthetic streams.
+The encoders live beside their DataModules (``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``,
+``datamodules.tfrecord_masks``, ``datamodules.tfrecord_features``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from tqdm import tqdm  # noqa: E402
 
 from datamodules.tfrecord import write_label_map, write_sharded  # noqa: E402
+
+
+def read_feature_sessions(args: argparse.Namespace):
+    """The ``features`` subcommand's sessions, read with the DataModules' own readers."""
+    if args.layout == "synthetic":
+        from datamodules.synthetic.streams import make_feature_streams
+
+        return make_feature_streams(args.num_sessions, seed=args.seed)
+    if not args.root:
+        raise SystemExit(f"--root is required for --layout {args.layout}")
+    from datamodules.features import read_lstr_features, read_oadtr_pickles
+
+    if args.layout == "lstr":
+        return read_lstr_features(args.root, args.split, data_info=args.data_info or "data_info.json",
+                                  visual_feature=args.visual_feature, motion_feature=args.motion_feature or None)
+    tag = {"train": "val", "test": "test"}[args.split]
+    return read_oadtr_pickles(args.root, args.split, data_info=args.data_info or "data_info_new.json",
+                              feature_file=args.feature_file.format(split=tag),
+                              anno_file=args.anno_file.format(split=tag))
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -46,7 +68,21 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     rec.add_argument("--rec", required=True, help="the .rec file")
     rec.add_argument("--idx", default=None, help="its index (default: beside it with suffix .idx)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the record order (records are shuffled)")
-    for p in (coco, folder, masks, rec):
+    feats = sub.add_parser("features", help="per-frame feature sessions (LSTR .npy, OadTR pickles or synthetic) -> "
+                           "SequenceExample shards, one video per record")
+    feats.add_argument("--layout", choices=["lstr", "oadtr", "synthetic"], required=True)
+    feats.add_argument("--root", help="data root (lstr, oadtr)")
+    feats.add_argument("--split", choices=["train", "test"], default="train")
+    feats.add_argument("--data-info", help="data-info json name (default: the layout's)")
+    feats.add_argument("--visual-feature", default="rgb_kinetics_resnet50", help="lstr: visual stream folder")
+    feats.add_argument("--motion-feature", default="flow_kinetics_bninception",
+                       help="lstr: motion stream folder ('' none)")
+    feats.add_argument("--feature-file", default="thumos_all_feature_{split}_tsn_v2.pickle",
+                       help="oadtr: feature pickle")
+    feats.add_argument("--anno-file", default="thumos_{split}_anno.pickle", help="oadtr: annotation pickle")
+    feats.add_argument("--num-sessions", type=int, default=64, help="synthetic: sessions")
+    feats.add_argument("--seed", type=int, default=0, help="synthetic: seed")
+    for p in (coco, folder, masks, rec, feats):
         p.add_argument("--out", required=True, help="output prefix, e.g. data/train")
         p.add_argument("--num-shards", type=int, default=1)
         p.add_argument("--compression", choices=["none", "gzip", "zlib"], default="none")
@@ -76,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         classes = identity_count(records)
         examples, total = recordio_examples(records, args.seed), len(records)
         write_label_map(args.out + ".label_map.pbtxt", range(classes), [str(k) for k in range(classes)])
+    elif args.format == "features":
+        from datamodules.tfrecord_features import session_examples
+
+        data = read_feature_sessions(args)
+        examples, total = session_examples(data), len(data.sessions)
     else:
         from datamodules.tfrecord_masks import mask_examples, mask_pairs
 

@@ -5,3 +5,4 @@ from .shapes_detection import ShapesDetectionDataModule, ShapesSource
 from .identities import SyntheticFacesDataModule, identity_params, make_pairs, render_identity
 from .shapes_segmentation import ShapesSegmentationDataModule
 from .figures_keypoints import FiguresKeypointDataModule
+from .streams import SyntheticStreamsDataModule, make_feature_streams

@@ -9,14 +9,15 @@ a pair) while the frames before it can: a temporal model such as OadTR beats a p
 
 Prototypes come from ``pattern_seed`` and everything else (layout, noise) from ``seed``, so training and
 held-out streams with different seeds show the same classes. The output is a
-``datamodules.features.FeatureSet``, the structure the feature readers return.
+``datamodules.features.FeatureSet``, the structure the feature readers return;
+:class:`SyntheticStreamsDataModule` serves train / validation / held-out test streams from three seeds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..features import FeatureSession, FeatureSet, check_feature_set
+from ..features import FeatureDataModule, FeatureSession, FeatureSet, check_feature_set
 
 
 def class_patterns(num_actions: int, feature_dim: int, phases: int = 2, pattern_seed: int = 0,
@@ -87,3 +88,44 @@ def make_feature_streams(num_sessions: int = 8, num_actions: int = 4, feature_di
         targets = np.eye(num_actions + 2, dtype=np.float32)[labels]
         sessions.append(FeatureSession(f"synthetic{seed}_{i:04d}", [features], targets))
     return check_feature_set(FeatureSet(sessions, names, 0, ambiguous), f"synthetic streams (seed {seed})")
+
+
+class SyntheticStreamsDataModule(FeatureDataModule):
+    """Online action detection on generated feature streams (:func:`make_feature_streams`): no download.
+
+    Three disjoint seed streams: ``num_train`` training sessions (seed ``3 * seed``), ``num_val`` validation
+    sessions (``3 * seed + 1``, model selection) and ``num_test`` held-out test sessions (``3 * seed + 2``),
+    all showing the same classes (one ``pattern_seed``). Classes: Background, ``Action1..N``, Ambiguous.
+    Windows and frame rules: :class:`~datamodules.features.FeatureDataModule`.
+
+    Args:
+        num_train, num_val, num_test: sessions per split.
+        num_actions, feature_dim, min_frames, max_frames, min_action, max_action, noise, phases,
+            ambiguous_prob, pattern_seed: as :func:`make_feature_streams`.
+        seed: picks the three seed streams.
+    """
+
+    def __init__(self, num_train: int = 64, num_val: int = 16, num_test: int = 16, num_actions: int = 4,
+                 feature_dim: int = 16, min_frames: int = 80, max_frames: int = 160, min_action: int = 8,
+                 max_action: int = 24, noise: float = 0.5, phases: int = 2, ambiguous_prob: float = 0.3,
+                 pattern_seed: int = 0, seed: int = 0, window: int = 16, num_future: int = 4, frames: str = "all",
+                 train_frames: str = "all", pad: str = "replicate", predict_split: str = "test",
+                 batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(window=window, num_future=num_future, frames=frames, train_frames=train_frames, pad=pad,
+                         seed=seed, predict_split=predict_split, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory)
+        if seed < 0:
+            raise ValueError(f"SyntheticStreamsDataModule: seed must be >= 0, got {seed}")
+        self.counts = {"train": num_train, "val": num_val, "test": num_test}
+        self.stream_args = dict(num_actions=num_actions, feature_dim=feature_dim, min_frames=min_frames,
+                                max_frames=max_frames, min_action=min_action, max_action=max_action, noise=noise,
+                                phases=phases, ambiguous_prob=ambiguous_prob, pattern_seed=pattern_seed)
+
+    def feature_set(self, split: str) -> FeatureSet:
+        if split not in self._sets:
+            if split not in self.counts:
+                raise ValueError(f"unknown split {split!r}: expected train, val, test or predict")
+            offset = ("train", "val", "test").index(split)
+            self._sets[split] = make_feature_streams(self.counts[split], seed=3 * self.seed + offset,
+                                                     **self.stream_args)
+        return self._sets[split]

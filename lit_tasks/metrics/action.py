@@ -176,3 +176,25 @@ class FrameLevelMAP(Metric):
         ap[self.class_indices] = ap_k
         cap[self.class_indices] = cap_k
         return {"AP": ap, "cAP": cap, "mAP": torch.nanmean(ap_k), "mcAP": torch.nanmean(cap_k)}
+
+
+def format_ap_table(names: list[str], result: dict[str, Tensor], skip: tuple[int | None, ...] = (),
+                    title: str | None = None) -> str:
+    """Plain-text table of per-class AP and cAP (in %) and mAP / mcAP, for ``lit-tasks test``.
+
+    Args:
+        names: class names, one per column of ``result["AP"]``.
+        result: :meth:`FrameLevelMAP.compute`'s dict.
+        skip: columns not listed (background, ambiguous); a listed class with no positive frame shows ``-``.
+        title: a first line (e.g. which frames were evaluated).
+    """
+    shown = [c for c in range(len(names)) if c not in skip]
+    width = max([len("class"), *(len(names[c]) for c in shown)])
+    cell = lambda v: f"{100 * v:7.2f}" if v == v else f"{'-':>7}"  # noqa: E731  (v != v: NaN)
+    lines = [title] if title else []
+    lines += [f"{'class':<{width}}  {'AP':>7}  {'cAP':>7}", "-" * (width + 18)]
+    ap, cap = result["AP"].tolist(), result["cAP"].tolist()
+    lines += [f"{names[c]:<{width}}  {cell(ap[c])}  {cell(cap[c])}" for c in shown]
+    lines.append("-" * (width + 18))
+    lines.append(f"mAP {100 * float(result['mAP']):.2f}  mcAP {100 * float(result['mcAP']):.2f}")
+    return "\n".join(lines)

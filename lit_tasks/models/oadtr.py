@@ -19,7 +19,9 @@ the decoder positional embedding the released code builds but never uses (8 x 10
 ``torch.nn.functional.scaled_dot_product_attention``. Where we differ: the decoder FFN's 1x1 ``Conv1d``
 layers are ``Linear`` layers (the same map); everything else, dropout included, is as released, e.g. the
 encoder's attention output passes two dropouts (the attention projection's, rate ``attn_dropout``, then the
-residual branch's, rate ``dropout``).
+residual branch's, rate ``dropout``). The decoder's cross-attention is computed with its key / value
+projections folded into the 8 queries (:meth:`DecoderAttention.forward_folded`): the same function and
+parameters in a cheaper order, since 8 queries attend to 65 encoder outputs.
 
 :class:`StreamingOadTR` runs the same model frame by frame (online detection; the released code only
 evaluates offline windows).
@@ -27,6 +29,7 @@ evaluates offline windows).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,6 +62,27 @@ def class_probabilities(logits: Tensor, ambiguous_index: int | None = None) -> T
         logits = logits.clone()
         logits[..., ambiguous_index] = float("-inf")
     return logits.softmax(-1)
+
+
+class WindowProbabilities(nn.Module):
+    """Export wrapper: window features ``(B, T, D_in)`` -> probabilities ``(B, 1 + Q, C)`` in one tensor.
+
+    Row 0 is the current frame, rows ``1 .. Q`` the anticipated frames; softmax over the non-ambiguous
+    classes as :func:`class_probabilities` (a masked fill, so ONNX and TorchScript need no index writes).
+    """
+
+    def __init__(self, model: OadTR, ambiguous_index: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        mask = torch.zeros(model.num_classes, dtype=torch.bool)
+        if ambiguous_index is not None:
+            mask[ambiguous_index] = True
+        self.register_buffer("ambiguous", mask, persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        out = self.model(features)
+        logits = torch.cat([out.current[:, None], out.anticipation], dim=1).float()
+        return logits.masked_fill(self.ambiguous, float("-inf")).softmax(-1)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -131,6 +155,39 @@ class DecoderAttention(nn.Module):
                                              is_causal=causal)
         return self.out(_merge(out))
 
+    def folds(self, queries: int, keys: int) -> bool:
+        """Whether :meth:`forward_folded` costs fewer multiply-adds than :meth:`forward` for these lengths.
+
+        The k / v projections cost ``S E^2`` each; folded, ``L E^2 + heads L S E``: cheaper when few queries
+        attend to many keys (OadTR's 8 queries and 65 encoder tokens: about 6.5x fewer).
+        """
+        e = self.q.in_features
+        return queries * (e + self.heads * keys) < keys * e
+
+    def forward_folded(self, query: Tensor, memory_ones: Tensor) -> Tensor:
+        """The same attention as :meth:`forward` (non-causal), with the k / v projections folded into the queries.
+
+        Per head h with ``k = m W_k,h^T + b_k,h`` and ``v = m W_v,h^T + b_v,h``:
+        ``q k^T = (q W_k,h) m^T + q b_k,h`` where the last term is the same for every key, so the softmax
+        ignores it; and ``A v = (A m) W_v,h^T + (A 1) b_v,h``. So each head attends straight to the memory
+        rows (width E, scale ``1 / sqrt(E / heads)`` as before) and projects the ``L`` results instead of the
+        ``S`` keys and values. ``memory_ones`` is the memory with a column of ones appended,
+        ``(B, S, E + 1)``: attending to it also gives ``A 1``, which is not 1 once attention dropout has
+        dropped weights, so training with attention dropout computes the unfolded function too. Equal to
+        :meth:`forward` up to float rounding.
+        """
+        e, h = self.q.in_features, self.heads  # Python ints, also when traced for export
+        d = e // h
+        q = _heads(self.q(query), h)  # (B, h, L, d)
+        qk = torch.einsum("bhld,hde->bhle", q, self.k.weight.view(h, d, e).to(q.dtype))
+        qk = F.pad(qk, (0, 1))  # the ones column adds nothing to the scores
+        mem = memory_ones[:, None].expand(-1, h, -1, -1).to(qk.dtype)
+        out = F.scaled_dot_product_attention(qk, mem, mem, dropout_p=self.attn_dropout if self.training else 0.0,
+                                             scale=1.0 / math.sqrt(d))  # (B, h, L, E + 1)
+        out = torch.einsum("bhle,hde->bhld", out[..., :e], self.v.weight.view(h, d, e).to(out.dtype)) \
+            + out[..., e:] * self.v.bias.view(h, 1, d).to(out.dtype)
+        return self.out(_merge(out))
+
 
 class DecoderLayer(nn.Module):
     """Post-norm decoder layer: causal self-attention, cross-attention, GELU FFN, a LayerNorm after each."""
@@ -150,10 +207,16 @@ class DecoderLayer(nn.Module):
         """``LN(x + drop(causal self-attention(x)))``: in the first layer this depends on no input."""
         return self.norm1(x + self.drop(self.self_attn(x, x, causal=True)))
 
-    def forward(self, x: Tensor, memory: Tensor, after_self: Tensor | None = None) -> Tensor:
-        """``x (B, Q, E)``, ``memory (B, S, E)``; ``after_self`` replaces ``self_block(x)`` when cached."""
+    def forward(self, x: Tensor, memory: Tensor, after_self: Tensor | None = None,
+                memory_ones: Tensor | None = None) -> Tensor:
+        """``x (B, Q, E)``, ``memory (B, S, E)``; ``after_self`` replaces ``self_block(x)`` when cached.
+
+        With ``memory_ones`` (the memory with a column of ones, ``(B, S, E + 1)``) the cross-attention runs
+        folded (:meth:`DecoderAttention.forward_folded`).
+        """
         x = self.self_block(x) if after_self is None else after_self
-        x = self.norm2(x + self.drop(self.cross_attn(x, memory)))
+        cross = self.cross_attn(x, memory) if memory_ones is None else self.cross_attn.forward_folded(x, memory_ones)
+        x = self.norm2(x + self.drop(cross))
         return self.norm3(x + self.ffn(x))
 
 
@@ -170,11 +233,15 @@ class OadTR(nn.Module):
         num_queries: Q, anticipated frames = decoder queries (8).
         dropout: dropout of embeddings, residual branches, MLPs and decoder attention (0.1).
         attn_dropout: encoder attention dropout (0.1).
+        fold_cross_attention: run the decoder's cross-attention with its key / value projections folded
+            into the queries when that is cheaper (:meth:`DecoderAttention.forward_folded`): the same
+            function and parameters, about 2x faster decoder cross-attention at the paper's size.
     """
 
     def __init__(self, in_dim: int, num_classes: int, window: int = 64, embed_dim: int = 1024, enc_layers: int = 3,
                  enc_heads: int = 8, enc_mlp_dim: int = 1024, dec_layers: int = 5, dec_heads: int = 4,
-                 dec_ffn_dim: int = 1024, num_queries: int = 8, dropout: float = 0.1, attn_dropout: float = 0.1) -> None:
+                 dec_ffn_dim: int = 1024, num_queries: int = 8, dropout: float = 0.1, attn_dropout: float = 0.1,
+                 fold_cross_attention: bool = True) -> None:
         super().__init__()
         if min(in_dim, num_classes, window, embed_dim, enc_layers, dec_layers, num_queries) < 1:
             raise ValueError("OadTR: in_dim, num_classes, window, embed_dim, layers and num_queries must be >= 1")
@@ -192,6 +259,7 @@ class OadTR(nn.Module):
         self.decoder_drop = nn.Dropout(dropout)
         self.anticipation_head = nn.Linear(embed_dim, num_classes)
         self.current_head = nn.Linear(2 * embed_dim, num_classes)
+        self.fold_cross_attention = fold_cross_attention
 
     def forward(self, features: Tensor) -> OadTROutput:
         """``features (B, T, D_in)`` -> ``OadTROutput(current (B, C), anticipation (B, Q, C))`` logits.
@@ -216,9 +284,11 @@ class OadTR(nn.Module):
         memory = self.encoder_norm(x)
 
         q = self.queries.expand(b, -1, -1)
+        fold = self.fold_cross_attention and self.decoder[0].cross_attn.folds(self.num_queries, self.window + 1)
+        memory_ones = F.pad(memory, (0, 1), value=1.0) if fold else None
         for i, layer in enumerate(self.decoder):
             cached = first_self.expand(b, -1, -1) if (i == 0 and first_self is not None) else None
-            q = layer(q, memory, after_self=cached)
+            q = layer(q, memory, after_self=cached, memory_ones=memory_ones)
         dec = self.decoder_drop(self.decoder_norm(q))
 
         anticipation = self.anticipation_head(dec)
@@ -243,7 +313,7 @@ class StreamingOadTR:
     Keeps the last T projected frames in a rolling window, so each step projects only the new frame; the
     first decoder layer's query self-attention, which depends on no input, is computed once. The encoder
     and the rest of the decoder run again every step: absolute positional embeddings change every token's
-    input when the window slides.
+    input when the window slides (``benchmarks/action_speed.py`` measures where the time goes).
 
     Before T frames have arrived the window is padded at the start, with the same rule as the offline
     windows of ``datamodules.features.FeatureWindowDataset`` (``pad``):
