@@ -182,6 +182,11 @@ def test_fit_test_predict_and_checkpoint_round_trip(tmp_path):
         assert png.size == (w, h) and png.mode == "L"
         assert np.asarray(png).max() < 3
         assert Image.open(tmp_path / "pred" / "overlay" / f"p{i}.jpg").size == (w, h)
+    # Nothing is overwritten: a second prediction into the same folder is refused and leaves the files as they were.
+    before = (tmp_path / "pred" / "p0.png").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds 4 PNG"):
+        trainer.predict(task, dm, return_predictions=False)
+    assert (tmp_path / "pred" / "p0.png").read_bytes() == before
 
 
 def test_predicted_png_matches_argmax_at_original_size(tmp_path):

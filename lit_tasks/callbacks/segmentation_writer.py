@@ -33,17 +33,31 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     Expects ``predict_step`` to return a list of ``{"mask": (h, w), "path": str}`` per batch, as
     ``SemanticSegmentationTask`` does. Rank 0 and every other rank write their own images.
 
+    Nothing is overwritten: a run refuses an ``output_dir`` that already holds PNGs (unless ``overwrite=True``),
+    and two inputs whose names share a stem (``a.jpg``, ``a.png``) are an error naming both.
+
     Args:
         output_dir: folder for the PNGs (created).
         overlay: also write colour overlays.
         alpha: overlay opacity.
+        overwrite: allow writing into a folder that already holds predictions.
     """
 
-    def __init__(self, output_dir: str = "predictions", overlay: bool = False, alpha: float = 0.5) -> None:
+    def __init__(self, output_dir: str = "predictions", overlay: bool = False, alpha: float = 0.5,
+                 overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.overlay = overlay
         self.alpha = alpha
+        self.overwrite = overwrite
+        self._written: dict[str, str] = {}
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._written = {}
+        existing = sorted(self.output_dir.glob("*.png")) if self.output_dir.is_dir() else []
+        if existing and not self.overwrite:
+            raise FileExistsError(f"SegmentationPredictionWriter: {self.output_dir} already holds {len(existing)} PNG "
+                                  f"file(s) (e.g. {existing[0].name}); choose another output_dir or pass overwrite=True")
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Sequence[dict],
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
@@ -51,6 +65,10 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for i, pred in enumerate(prediction):
             stem = Path(pred["path"]).stem
+            if stem in self._written:
+                raise ValueError(f"SegmentationPredictionWriter: {self._written[stem]} and {pred['path']} would both be "
+                                 f"written to {stem}.png; rename one of them")
+            self._written[stem] = str(pred["path"])
             mask = pred["mask"]
             save_class_png(mask.numpy(), self.output_dir / f"{stem}.png")
             if self.overlay:
