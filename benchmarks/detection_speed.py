@@ -231,7 +231,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=80)
-    parser.add_argument("--channels-last", type=int, default=1, help="our channels_last flag (1/0; the task default is 1)")
+    parser.add_argument("--channels-last", type=int, default=1,
+                        help="our channels_last flag (1/0; the task default is 1)")
     parser.add_argument("--only", default="fcos,vfnet,detr,matcher", help="comma-separated parts to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

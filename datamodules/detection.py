@@ -17,7 +17,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import BaseDataModule, pad_images
-from .transforms import AugmentPreset, ResizeMode, check_resize_options, detection_train_transforms, detection_val_transforms
+from .transforms import (
+    AugmentPreset,
+    ResizeMode,
+    check_resize_options,
+    detection_train_transforms,
+    detection_val_transforms,
+)
 
 DetectionRecord = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 

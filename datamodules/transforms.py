@@ -171,7 +171,8 @@ def check_resize_options(resize: str, image_size: int, max_size: int | None, tra
     return preset
 
 
-def detection_resize(resize: ResizeMode, image_size: int | Sequence[int], max_size: int | None = None) -> A.BasicTransform:
+def detection_resize(resize: ResizeMode, image_size: int | Sequence[int],
+                     max_size: int | None = None) -> A.BasicTransform:
     """The resize of a detection preset; a list ``image_size`` draws the size per image (multi-scale training).
 
     ``"longest"``: longest side to the size (aspect kept). ``"shorter"``: :class:`ShorterSideResize` with

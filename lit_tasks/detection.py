@@ -108,8 +108,9 @@ class DetectionTask(BaseTask):
         weight_ce, weight_bbox, weight_giou: loss weights (1, 5, 2).
         pretrained_weights: a local DETR weights file loaded when the task is built: a file written by
             ``tools/convert_detr.py``, or a facebookresearch/detr ``.pth`` or Hugging Face ``DetrForObjectDetection``
-            ``model.safetensors`` / ``pytorch_model.bin`` directly. The architecture options must be the file's.
-            Checkpoints of a fit do not name the file again (its weights are in them): evaluating one needs no file.
+            ``model.safetensors`` / ``pytorch_model.bin`` directly. The architecture options must be the file's; the
+            file holds the backbone too (leave ``pretrained`` off). Checkpoints of a fit do not name the file again
+            (its weights are in them): evaluating one needs no file.
         pretrained_class_rows: the file's class-head row for each of our classes (e.g. COCO category ids for a
             COCO subset); reinit_class_head: load everything but the class head (another dataset). Published
             COCO models have 92 class logits (91 = max category id + 1, plus no-object): for another number of
@@ -280,7 +281,8 @@ class DetectionTask(BaseTask):
     def warmup_steps(self) -> int:
         return int(self.recipe("warmup_steps"))
 
-    def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         """Linear warm-up, then x0.1 at each of ``lr_drop_epochs`` (mmdet's step policy, DETR's StepLR), or
         cosine decay over the fit without them; stepped per optimizer step."""
         drops = self.hparams.get("lr_drop_epochs")
@@ -440,7 +442,8 @@ def check_options(options: dict[str, Any]) -> None:
         need(o[name] >= 1, f"{name} must be >= 1, got {o[name]}")
     for name in ("head_convs", "lr_base_batch_size"):
         need(o[name] is None or o[name] >= 1, f"{name} must be >= 1 or null, got {o[name]}")
-    need(o["frozen_stages"] is None or o["frozen_stages"] >= -1, f"frozen_stages must be >= -1, got {o['frozen_stages']}")
+    need(o["frozen_stages"] is None or o["frozen_stages"] >= -1,
+         f"frozen_stages must be >= -1, got {o['frozen_stages']}")
     need(0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}")
     need(0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}")
     need(o["center_sampling_radius"] >= 0, f"center_sampling_radius must be >= 0, got {o['center_sampling_radius']}")

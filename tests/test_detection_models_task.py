@@ -73,7 +73,8 @@ def test_coco_config_fast_dev_run(model, shapes_coco_root):
         assert cli.trainer.gradient_clip_val == 0.1
     else:
         assert data.preset == "flip" and isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
-        assert [g["initial_lr"] for g in groups] == pytest.approx([0.01 * 2 / 16] * len(groups))  # 16-image LR, 2 images
+        # the 16-image LR for 2 images a step
+        assert [g["initial_lr"] for g in groups] == pytest.approx([0.01 * 2 / 16] * len(groups))
         assert task.hparams.lr_drop_epochs == [8, 11] and task.hparams.lr_base_batch_size == 16
 
 
@@ -257,7 +258,8 @@ def test_detr_loads_weights_converted_from_hugging_face(tmp_path):
 def test_each_model_gets_its_papers_optimizer_by_default():
     detr = tiny_task("detr", warmup_steps=None).configure_optimizers()["optimizer"]
     assert isinstance(detr, torch.optim.AdamW)
-    assert sorted(g["initial_lr"] for g in detr.param_groups) == pytest.approx([1e-5, 1e-5, 1e-4, 1e-4])  # decay / no decay
+    # backbone and the rest, each with and without weight decay
+    assert sorted(g["initial_lr"] for g in detr.param_groups) == pytest.approx([1e-5, 1e-5, 1e-4, 1e-4])
     task = tiny_task("vfnet", warmup_steps=None)
     vfnet = task.configure_optimizers()["optimizer"]
     assert isinstance(vfnet, torch.optim.SGD) and {g["initial_lr"] for g in vfnet.param_groups} == {0.01}

@@ -171,7 +171,8 @@ def test_random_size_crop_cuts_pixels_and_boxes_alike():
         assert 20 <= ch <= 30 and 20 <= cw <= 30
         sides.add((ch, cw))
         x0, y0 = int(crop[0, 0, 0]), int(crop[1, 0, 0])
-        assert torch.equal(crop[0, 0], torch.arange(x0, x0 + cw)) and torch.equal(crop[1, :, 0], torch.arange(y0, y0 + ch))
+        assert torch.equal(crop[0, 0], torch.arange(x0, x0 + cw))
+        assert torch.equal(crop[1, :, 0], torch.arange(y0, y0 + ch))
         expected = np.clip(np.array([5 - x0, 5 - y0, 45 - x0, 35 - y0], np.float32), 0, [cw, ch, cw, ch])
         if (expected[2] - expected[0]) * (expected[3] - expected[1]) >= 1:
             np.testing.assert_allclose(out["bboxes"], [expected], atol=1e-3)
