@@ -21,6 +21,7 @@ import numpy as np
 
 from .detection import DetectionDataModule, DetectionDataset, DetectionRecord
 from .images import decode_image
+from .transforms import AugmentPreset, ResizeMode
 
 
 def _record_name(kind: str, record: dict[str, Any], position: int) -> str:
@@ -201,10 +202,18 @@ class COCODetectionDataModule(DetectionDataModule):
         root: dataset folder.
         train_annotations, val_annotations, test_annotations: instances json of each split.
         train_images, val_images, test_images: image folder of each split.
-        image_size: longest image side after resizing (aspect ratio kept).
-        augment: flip / zoom / colour jitter on the training split.
+        image_size: the longest side (``resize="longest"``) or the shorter side (``resize="shorter"``) after
+            resizing (aspect ratio kept).
+        augment: training augmentation: ``"flip"`` (the FCOS / VFNet recipe), ``"jitter"`` (= true: flip, zoom,
+            colour), ``"detr"`` (DETR's multi-scale resize and random crop) or ``"none"`` (= false); see
+            ``datamodules.transforms.detection_train_transforms``.
         check_files: check that every image file exists when a json is read.
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
+        resize: ``"longest"`` or ``"shorter"`` (the COCO recipes: shorter side 800, longer side <= ``max_size``
+            1333, so a 640x480 image becomes 1067x800).
+        max_size: cap on the longer side with ``resize="shorter"`` (None: no cap).
+        train_scales: training sizes drawn per image (multi-scale training, e.g. [640, 672, ..., 800]); None:
+            ``image_size``.
     """
 
     def __init__(
@@ -217,14 +226,17 @@ class COCODetectionDataModule(DetectionDataModule):
         test_annotations: str | None = None,
         test_images: str | None = None,
         image_size: int = 800,
-        augment: bool = True,
+        augment: bool | AugmentPreset = True,
         check_files: bool = True,
         batch_size: int = 2,
         num_workers: int = 2,
         pin_memory: bool = False,
+        resize: ResizeMode = "longest",
+        max_size: int | None = None,
+        train_scales: list[int] | None = None,
     ) -> None:
         super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, resize=resize, max_size=max_size, train_scales=train_scales)
         self.save_hyperparameters()
         self.root = root
         self.check_files = check_files

@@ -17,7 +17,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import BaseDataModule, pad_images
-from .transforms import detection_train_transforms, detection_val_transforms
+from .transforms import (
+    AugmentPreset,
+    ResizeMode,
+    check_resize_options,
+    detection_train_transforms,
+    detection_val_transforms,
+)
 
 DetectionRecord = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, "np.ndarray | None"]
 
@@ -134,17 +140,28 @@ class DetectionDataModule(BaseDataModule):
     ``build_dataset(split)``, taking each split's transform from ``transform(split)``.
 
     Args:
-        image_size: longest image side after resizing (aspect ratio kept).
-        augment: flip / zoom / colour jitter on the training split.
+        image_size: the size images are resized to (aspect ratio kept): the longest side (``resize="longest"``)
+            or the shorter side (``resize="shorter"``).
+        augment: training augmentation (``datamodules.transforms.detection_train_transforms``): ``"flip"``,
+            ``"jitter"`` (flip / zoom / colour, = ``True``), ``"detr"`` or ``"none"`` (= ``False``).
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
+        resize: ``"longest"`` or ``"shorter"`` side to ``image_size``.
+        max_size: ``resize="shorter"`` only: cap on the longer side (1333 in the COCO recipes; None: no cap).
+        train_scales: sizes the training resize draws from per image (multi-scale training); None = image_size
+            (the ``"detr"`` preset: DETR's 480..800 scaled to image_size).
     """
 
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, image_size: int, augment: bool, batch_size: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, image_size: int, augment: bool | AugmentPreset, batch_size: int, num_workers: int,
+                 pin_memory: bool, resize: ResizeMode = "longest", max_size: int | None = None,
+                 train_scales: list[int] | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.preset = check_resize_options(resize, image_size, max_size, train_scales, augment)
         self.image_size = image_size
         self.augment = augment
+        self.resize, self.max_size = resize, max_size
+        self.train_scales = list(train_scales) if train_scales is not None else None
 
     def classes(self) -> tuple[list[int], list[str]]:
         """``(class ids ascending, their names)``: label ``k`` is the ``k``-th id."""
@@ -171,7 +188,8 @@ class DetectionDataModule(BaseDataModule):
         return dict(enumerate(self.classes()[0]))
 
     def transform(self, split: str) -> A.Compose:
-        """The training preset for ``"train"`` when ``augment``, else the evaluation preset."""
-        if split == "train" and self.augment:
-            return detection_train_transforms(self.image_size)
-        return detection_val_transforms(self.image_size)
+        """The training preset (``augment``, ``train_scales``) for ``"train"``, else the evaluation preset."""
+        if split == "train":
+            return detection_train_transforms(self.image_size, preset=self.preset, resize=self.resize,
+                                              max_size=self.max_size, scales=self.train_scales)
+        return detection_val_transforms(self.image_size, resize=self.resize, max_size=self.max_size)

@@ -36,6 +36,7 @@ from .tfrecord import (
 )
 from .tfrecord.example_pb2 import Example
 from .tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, uneven_for
+from .transforms import AugmentPreset, ResizeMode
 
 BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
 LABEL_KEY, TEXT_KEY, CROWD_KEY = "image/object/class/label", "image/object/class/text", "image/object/is_crowd"
@@ -117,8 +118,8 @@ class TFRecordDetectionDataModule(DetectionDataModule):
     Args:
         train_files, val_files, test_files: shards of each split (``test_files`` defaults to ``val_files``).
         label_map: ``label_map.pbtxt`` of the class ids in ``image/object/class/label``.
-        image_size: longest image side after resizing (aspect ratio kept), as ``COCODetectionDataModule``.
-        augment: flip / zoom / colour jitter on the training split.
+        image_size, augment, resize, max_size, train_scales: resizing and training augmentation, as
+            ``COCODetectionDataModule``.
         shuffle_buffer, seed: training shuffle (shard order per epoch + a buffer of this many records).
         on_corrupt: ``"raise"`` or ``"skip"`` damaged records (see ``TFRecordDataset``).
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
@@ -135,16 +136,19 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         label_map: str,
         test_files: str | list[str] | None = None,
         image_size: int = 800,
-        augment: bool = True,
+        augment: bool | AugmentPreset = True,
         shuffle_buffer: int = 256,
         seed: int = 0,
         on_corrupt: str = "raise",
         batch_size: int = 2,
         num_workers: int = 2,
         pin_memory: bool = False,
+        resize: ResizeMode = "longest",
+        max_size: int | None = None,
+        train_scales: list[int] | None = None,
     ) -> None:
         super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, resize=resize, max_size=max_size, train_scales=train_scales)
         self.save_hyperparameters()
         self.files = {"train": train_files, "val": val_files, "test": test_files or val_files}
         self.label_map = label_map

@@ -3,7 +3,10 @@
 Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/<name>.py``) as three modules:
 ``self.model(images, image_sizes) -> outputs``, ``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already
 weighted; the task sums them) and ``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
-``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.fcos`).
+``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.fcos`),
+``model="vfnet"`` (VarifocalNet: ATSS, star-shaped deformable refinement, varifocal loss,
+:mod:`lit_tasks.models.vfnet`) and ``model="detr"`` (DETR: set prediction with Hungarian matching,
+:mod:`lit_tasks.models.detr`, loadable from the published weights).
 
 Batches (torchvision's detection convention): images ``(B, 3, H, W)`` float in [0, 1], zero-padded;
 targets a list of dicts with ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) int64 in [0, num_classes)
@@ -13,69 +16,125 @@ regions in COCO mAP), ``size`` (h, w) before padding and ``orig_size`` (h, w) of
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.detection import MeanAveragePrecision
 
 from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
+from lit_tasks.models.detr import build_detr
+from lit_tasks.models.detr_convert import load_pretrained_detr
 from lit_tasks.models.fcos import build_fcos
+from lit_tasks.models.vfnet import build_vfnet
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
+from lit_tasks.schedules import warmup_multistep
+
+MODELS = ("fcos", "vfnet", "detr")
+# Each paper's optimisation recipe: the value of an option left at None (see the DetectionTask docstring).
+RECIPES: dict[str, dict[str, Any]] = {
+    "fcos": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # mmdet fcos 1x
+    "vfnet": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # vfnet_r50_fpn_1x
+    "detr": dict(lr=1e-4, warmup_steps=0, backbone_lr_ratio=0.1, optimizer="adamw"),  # detr main.py
+}
 
 
 class DetectionTask(BaseTask):
     """Train, evaluate (COCO mAP) and run a detector.
 
+    Options of one model are ignored by the others; an option the docstring lists under several models is
+    shared. Options left at None take the chosen model's recipe (``RECIPES``: FCOS / VFNet SGD lr 0.01, 500
+    warm-up steps; DETR AdamW lr 1e-4, backbone at 0.1x, no warm-up). Bad values raise ValueError naming the
+    option when the task is built.
+
     Args:
         num_classes: foreground classes (no background), linked from the DataModule.
-        model: ``"fcos"``.
+        model: ``"fcos"``, ``"vfnet"`` or ``"detr"``.
 
         Backbone (every model):
-        backbone: timm model name with ``features_only`` support (strides 8/16/32 used as C3-C5).
+        backbone: timm model name with ``features_only`` support (FCOS / VFNet: strides 8/16/32 used as C3-C5;
+            DETR: the last stage, C5).
         pretrained: load timm backbone weights (needs network access; False by default).
         frozen_stages: freeze the stem and the first k stages (mmdet's ``frozen_stages``; -1 none). None = the
-            recipe: 1 with ``pretrained``, -1 from scratch.
+            recipe: 1 with ``pretrained`` or ``pretrained_weights``, -1 from scratch.
         frozen_bn: freeze every backbone BatchNorm (statistics and affine). None = the recipe: True with
-            ``pretrained`` (2 images per device give useless batch statistics), False from scratch (a randomly
-            initialised network cannot train with fixed identity normalisation).
-        backbone_lr_ratio: the backbone's learning rate relative to the rest (1.0 for FCOS).
+            ``pretrained`` or ``pretrained_weights`` (2 images per device give useless batch statistics), False
+            from scratch (a randomly initialised network cannot train with fixed identity normalisation; timm
+            zero-initialises each residual block's last BN, which frozen stays 0).
+        backbone_lr_ratio: the backbone's learning rate relative to the rest; None = the recipe (1.0 FCOS /
+            VFNet, 0.1 DETR: 1e-5 against 1e-4).
         channels_last: run the backbone in channels_last memory format (the GroupNorm head stays NCHW: its
             backward is slower in channels_last on CPU). On 2 CPU cores, FCOS R50 at 512 px: backbone forward
             ~20 % faster, whole inference ~5 % (benchmarks/detection_speed.py); tiny models on tiny images
             gain nothing (the demo turns it off).
 
+        FCOS and VFNet:
+        fpn_channels: FPN and head width (256 in the papers; smaller for CPU demos).
+        head_convs: stacked convs per head tower; None = the paper's (FCOS 4, VFNet 3).
+        regress_ranges: size range per level P3..P7, ``[[lo, hi], ...]`` limits on max(l, t, r, b) in input pixels
+            (mmdet's ``regress_ranges``). None = the paper's ranges for ~800-px images,
+            ``[[-1, 64], [64, 128], [128, 256], [256, 512], [512, inf]]``; smaller inputs can scale them down so
+            large objects still reach the coarse levels. FCOS: the target assignment; VFNet: the scale of each
+            level's initial box (the upper ends, the last twice the one before) and the targets with
+            ``use_atss=False``.
+        center_sampling_radius: centre sampling radius in strides (1.5; 0 disables); VFNet: FCOS targets only.
+
         FCOS:
-        fpn_channels: FPN and head width (256 in the paper; smaller for CPU demos).
-        head_convs: stacked convs per head tower (4 in the paper).
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
-        center_sampling_radius: centre sampling radius in strides (1.5; 0 disables).
-        regress_ranges: FCOS size range per level P3..P7, ``[[lo, hi], ...]`` limits on max(l, t, r, b) in
-            input pixels (mmdet's ``regress_ranges``). None = the paper's ranges for ~800-px images,
-            ``[[-1, 64], [64, 128], [128, 256], [256, 512], [512, inf]]``; smaller inputs can scale them
-            down so large objects still reach the coarse levels.
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2.0).
 
+        VFNet:
+        use_atss: ATSS assignment over one 8-stride square anchor per location (the paper); False: FCOS targets.
+        vfl_alpha, vfl_gamma: varifocal loss parameters (0.75, weighting the negatives; 2.0).
+
+        DETR (defaults: the paper's R-50 model, REFERENCE.md §5):
+        num_queries: object queries (100), the most objects an image can have detected.
+        d_model, nheads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the transformer
+            (256, 8, 6, 6, 2048, 0.1).
+        dilation: DC5, the last backbone stage dilated (output stride 16).
+        position_embedding: ``"sine"`` (normalised over each image's unpadded area) or ``"learned"``.
+        aux_loss: the set loss on every decoder layer (True).
+        eos_coef: weight of the no-object class in the class loss (0.1).
+        cost_class, cost_bbox, cost_giou: Hungarian matching costs (1, 5, 2).
+        weight_ce, weight_bbox, weight_giou: loss weights (1, 5, 2).
+        pretrained_weights: a local DETR weights file loaded when the task is built: a file written by
+            ``tools/convert_detr.py``, or a facebookresearch/detr ``.pth`` or Hugging Face ``DetrForObjectDetection``
+            ``model.safetensors`` / ``pytorch_model.bin`` directly. The architecture options must be the file's; the
+            file holds the backbone too (leave ``pretrained`` off). Checkpoints of a fit do not name the file again
+            (its weights are in them): evaluating one needs no file.
+        pretrained_class_rows: the file's class-head row for each of our classes (e.g. COCO category ids for a
+            COCO subset); reinit_class_head: load everything but the class head (another dataset). Published
+            COCO models have 92 class logits (91 = max category id + 1, plus no-object): for another number of
+            classes, give one of the two; see README "Fine-tuning DETR".
+
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
-        score_threshold: minimum raw class probability kept at inference (0.05).
-        pre_nms_top_k: candidates per level before NMS (1000).
-        nms_threshold: class-wise NMS IoU (0.6).
-        max_detections: detections kept per image (100).
+        score_threshold: minimum raw class probability kept at inference (0.05; FCOS / VFNet).
+        pre_nms_top_k: candidates per level before NMS (1000; FCOS / VFNet).
+        nms_threshold: class-wise NMS IoU (0.6; FCOS / VFNet).
+        max_detections: detections kept per image (100); DETR keeps its best-scoring queries (no threshold, no NMS).
         num_log_images: validation images drawn with boxes to TensorBoard each epoch (0 disables).
 
         Optimisation:
-        lr, weight_decay, momentum: the default optimizer, SGD as the FCOS recipe (used when
-            ``optimizer`` is not given).
-        warmup_steps: linear LR warm-up of the default scheduler.
+        lr, weight_decay, momentum: the default optimizer (used when ``optimizer`` is not given): SGD with
+            momentum for FCOS / VFNet, AdamW for DETR (``momentum`` unused). ``lr`` None = the recipe.
+        warmup_steps: linear LR warm-up of the default scheduler; None = the recipe (500; DETR 0).
+        lr_drop_epochs: the default scheduler multiplies the LR by 0.1 at each of these epochs (the recipes:
+            [8, 11] of 12 for FCOS / VFNet, [200] of 300 for DETR); None = cosine decay to 0 over the fit.
+        lr_base_batch_size: the linear scaling rule (Goyal et al. 2017; mmdet ``auto_scale_lr``): ``lr`` is for
+            this many images per step, and the optimizer's LR (default or injected) is scaled by the run's images
+            per step (batch size x devices x accumulation) / this. None: ``lr`` as given.
         class_names: names of the classes (linked from the DataModule; used for pictures and by users).
         optimizer, lr_scheduler, lr_scheduler_interval: injected callables (``--model.optimizer=AdamW``);
-            None = SGD as above and linear warm-up + cosine decay per step (see ``BaseTask``).
+            None = the default optimizer and scheduler above, stepped per step (see ``BaseTask``).
     """
 
     monitor = "val/map"
@@ -85,61 +144,125 @@ class DetectionTask(BaseTask):
     def __init__(
         self,
         num_classes: int = 80,
-        model: Literal["fcos"] = "fcos",
+        model: Literal["fcos", "vfnet", "detr"] = "fcos",
         backbone: str = "resnet50",
         pretrained: bool = False,
         frozen_stages: int | None = None,
         frozen_bn: bool | None = None,
-        backbone_lr_ratio: float = 1.0,
+        backbone_lr_ratio: float | None = None,
         channels_last: bool = True,
         fpn_channels: int = 256,
-        head_convs: int = 4,
+        head_convs: int | None = None,
         box_loss: str = "giou",
         center_sampling_radius: float = 1.5,
         regress_ranges: list[list[float]] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        use_atss: bool = True,
+        vfl_alpha: float = 0.75,
+        vfl_gamma: float = 2.0,
+        num_queries: int = 100,
+        d_model: int = 256,
+        nheads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        dilation: bool = False,
+        position_embedding: Literal["sine", "learned"] = "sine",
+        aux_loss: bool = True,
+        eos_coef: float = 0.1,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        pretrained_weights: str | None = None,
+        pretrained_class_rows: list[int] | None = None,
+        reinit_class_head: bool = False,
         score_threshold: float = 0.05,
         pre_nms_top_k: int = 1000,
         nms_threshold: float = 0.6,
         max_detections: int = 100,
         num_log_images: int = 4,
-        lr: float = 0.01,
+        lr: float | None = None,
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
-        warmup_steps: int = 500,
+        warmup_steps: int | None = None,
+        lr_drop_epochs: list[int] | None = None,
+        lr_base_batch_size: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        iou_loss_by_name(box_loss)  # fails early, naming the valid choices
-        check_regress_ranges(regress_ranges)
-        if num_classes < 1:
-            raise ValueError(f"DetectionTask: num_classes must be >= 1, got {num_classes}")
+        check_options({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     # -- construction ---------------------------------------------------------------------------
+    def recipe(self, name: str) -> Any:
+        """The option ``name``, or the model's recipe value (``RECIPES``) where it is None."""
+        value = self.hparams.get(name)
+        return RECIPES[self.hparams.model][name] if value is None else value
+
+    def frozen(self) -> tuple[int, bool]:
+        """``(frozen_stages, frozen_bn)`` in effect: as given, else the recipe's (frozen with pretrained weights)."""
+        hp = self.hparams
+        pretrained = hp.pretrained or bool(hp.get("pretrained_weights"))
+        frozen_stages = hp.frozen_stages if hp.frozen_stages is not None else (1 if pretrained else -1)
+        return frozen_stages, hp.frozen_bn if hp.frozen_bn is not None else pretrained
+
     def configure_models(self) -> None:
         """Build the trio of ``hparams.model`` once: ``self.model``, ``self.criterion``, ``self.postprocess``."""
         hp = self.hparams
-        frozen_stages = hp.frozen_stages if hp.frozen_stages is not None else (1 if hp.pretrained else -1)
-        frozen_bn = hp.frozen_bn if hp.frozen_bn is not None else hp.pretrained
+        frozen_stages, frozen_bn = self.frozen()
         backbone = dict(backbone=hp.backbone, pretrained=hp.pretrained, frozen_stages=frozen_stages,
                         frozen_bn=frozen_bn)
         inference = dict(score_threshold=self.score_threshold, pre_nms_top_k=self.pre_nms_top_k,
                          nms_threshold=self.nms_threshold, max_detections=self.max_detections)
+        ranges = FCOS_REGRESS_RANGES if hp.regress_ranges is None else tuple(map(tuple, hp.regress_ranges))
+        head_convs = {} if hp.head_convs is None else {"head_convs": hp.head_convs}  # None: the model's default
         match hp.model:
             case "fcos":
-                ranges = FCOS_REGRESS_RANGES if hp.regress_ranges is None else tuple(map(tuple, hp.regress_ranges))
                 self.model, self.criterion, self.postprocess = build_fcos(
-                    hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, head_convs=hp.head_convs,
+                    hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs,
                     box_loss=hp.box_loss, focal_alpha=hp.focal_alpha, focal_gamma=hp.focal_gamma,
                     regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius, **inference)
+            case "vfnet":
+                self.model, self.criterion, self.postprocess = build_vfnet(
+                    hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs, use_atss=hp.use_atss,
+                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius,
+                    vfl_alpha=hp.vfl_alpha, vfl_gamma=hp.vfl_gamma, **inference)
+            case "detr":
+                architecture = dict(backbone=hp.backbone, dilation=hp.dilation,
+                                    position_embedding=hp.position_embedding, d_model=hp.d_model, nheads=hp.nheads,
+                                    num_encoder_layers=hp.num_encoder_layers,
+                                    num_decoder_layers=hp.num_decoder_layers, dim_feedforward=hp.dim_feedforward,
+                                    num_queries=hp.num_queries)
+                self.model, self.criterion, self.postprocess = build_detr(
+                    hp.num_classes, **{**backbone, **architecture}, dropout=hp.dropout, aux_loss=hp.aux_loss,
+                    eos_coef=hp.eos_coef, cost_class=hp.cost_class, cost_bbox=hp.cost_bbox, cost_giou=hp.cost_giou,
+                    weight_ce=hp.weight_ce, weight_bbox=hp.weight_bbox, weight_giou=hp.weight_giou,
+                    max_detections=self.max_detections)
+                if hp.pretrained_weights:
+                    load_pretrained_detr(self.model, hp.pretrained_weights, hp.pretrained_class_rows,
+                                         hp.reinit_class_head, build_args=architecture)
             case _:
-                raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose 'fcos'")
+                raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose one of {list(MODELS)}")
         if hp.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds the weights ``pretrained_weights`` gave: it names no file (evaluating it needs none),
+        and records the freezing the file implied, so the network it rebuilds has the same modules."""
+        hp = checkpoint.get("hyper_parameters")
+        if hp and hp.get("pretrained_weights"):
+            frozen_stages, frozen_bn = self.frozen()
+            checkpoint["hyper_parameters"] = {**hp, "pretrained_weights": None, "pretrained_class_rows": None,
+                                              "reinit_class_head": False, "frozen_stages": frozen_stages,
+                                              "frozen_bn": frozen_bn}
+            checkpoint["detr_pretrained_weights"] = hp["pretrained_weights"]  # where the start came from
 
     def configure_metrics(self) -> None:
         self.val_map = coco_map_metric(class_metrics=True)
@@ -149,23 +272,75 @@ class DetectionTask(BaseTask):
         return [DetectionImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The recipe's optimizer: SGD with momentum (FCOS, VFNet), AdamW (DETR), at ``lr`` (None: the recipe's)."""
         hp = self.hparams
-        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        if RECIPES[hp.model]["optimizer"] == "adamw":
+            return torch.optim.AdamW(params, lr=self.recipe("lr"), weight_decay=hp.weight_decay)
+        return torch.optim.SGD(params, lr=self.recipe("lr"), momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def warmup_steps(self) -> int:
+        return int(self.recipe("warmup_steps"))
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """Linear warm-up, then x0.1 at each of ``lr_drop_epochs`` (mmdet's step policy, DETR's StepLR), or
+        cosine decay over the fit without them; stepped per optimizer step."""
+        drops = self.hparams.get("lr_drop_epochs")
+        if not drops:
+            return super().default_scheduler(optimizer, total_steps)
+        per_epoch = self.steps_per_epoch()
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_multistep(self.warmup_steps(), [epoch * per_epoch for epoch in drops]))
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch (1 outside a Trainer)."""
+        if not self._trainer:
+            return 1
+        self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the training data, so its length is known)
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("DetectionTask: lr_drop_epochs needs training epochs of known length (an indexed or "
+                             "sized dataset); give an injected lr_scheduler in steps instead")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def lr_scale(self) -> float:
+        """``lr_base_batch_size``'s linear scaling: images per optimizer step / lr_base_batch_size (1 without it)."""
+        base = self.hparams.get("lr_base_batch_size")
+        if base is None:
+            return 1.0
+        if not self._trainer:
+            raise ValueError("DetectionTask: lr_base_batch_size scales the LR by the run's batch: it needs a Trainer")
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if per_device is None:
+            trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader)
+            per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        if not per_device:
+            raise ValueError("DetectionTask: lr_base_batch_size needs the batch size (a DataModule with batch_size "
+                             "or a DataLoader with batch_size)")
+        images = int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+        rank_zero_info(f"DetectionTask: linear scaling rule, LR x {images}/{base} for {per_device} images x "
+                       f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulated per step")
+        return images / base
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """BaseTask's groups, with the backbone's parameters in groups of their own at ``backbone_lr_ratio``."""
+        """BaseTask's groups, the backbone's parameters in groups of their own at ``backbone_lr_ratio``, every
+        group scaled by :meth:`lr_scale` (through ``lr_ratio``, so injected optimizers follow too)."""
         groups = super().param_groups()
-        ratio = self.hparams.backbone_lr_ratio
-        if ratio == 1.0:
-            return groups
-        backbone = {id(p) for p in self.model.backbone.parameters()}
-        split = []
-        for group in groups:
-            rest = [p for p in group["params"] if id(p) not in backbone]
-            mine = [p for p in group["params"] if id(p) in backbone]
-            split += [{**group, "params": rest}] if rest else []
-            split += [{**group, "params": mine, "lr_ratio": ratio}] if mine else []
-        return split
+        ratio = float(self.recipe("backbone_lr_ratio"))
+        if ratio != 1.0:
+            backbone = {id(p) for p in self.model.backbone.parameters()}
+            split = []
+            for group in groups:
+                rest = [p for p in group["params"] if id(p) not in backbone]
+                mine = [p for p in group["params"] if id(p) in backbone]
+                split += [{**group, "params": rest}] if rest else []
+                split += [{**group, "params": mine, "lr_ratio": ratio}] if mine else []
+            groups = split
+        scale = self.lr_scale()
+        if scale != 1.0:
+            groups = [{**group, "lr_ratio": group.get("lr_ratio", 1.0) * scale} for group in groups]
+        return groups
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -258,3 +433,53 @@ def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) 
                          f"(one per level P3..P7), got {ranges}")
     if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
         raise ValueError(f"DetectionTask: regress_ranges must increase from P3 to P7, got {ranges}")
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Fail early on DetectionTask options that cannot work, naming the option (DETR's architecture values are
+    checked by :func:`lit_tasks.models.detr.check_detr_args` when it is built)."""
+    o = options
+    if o["model"] not in MODELS:
+        raise ValueError(f"DetectionTask: unknown model {o['model']!r}; choose one of {list(MODELS)}")
+    if o["num_classes"] < 1:
+        raise ValueError(f"DetectionTask: num_classes must be >= 1, got {o['num_classes']}")
+    iou_loss_by_name(o["box_loss"])  # fails early, naming the valid choices
+    check_regress_ranges(o["regress_ranges"])
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for name in ("fpn_channels", "pre_nms_top_k", "max_detections"):
+        need(o[name] >= 1, f"{name} must be >= 1, got {o[name]}")
+    for name in ("head_convs", "lr_base_batch_size"):
+        need(o[name] is None or o[name] >= 1, f"{name} must be >= 1 or null, got {o[name]}")
+    need(o["frozen_stages"] is None or o["frozen_stages"] >= -1,
+         f"frozen_stages must be >= -1, got {o['frozen_stages']}")
+    need(0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}")
+    need(0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}")
+    need(o["center_sampling_radius"] >= 0, f"center_sampling_radius must be >= 0, got {o['center_sampling_radius']}")
+    need(0.0 <= o["focal_alpha"] <= 1.0, f"focal_alpha must be in [0, 1], got {o['focal_alpha']}")
+    for name in ("focal_gamma", "vfl_alpha", "vfl_gamma", "weight_decay", "momentum"):
+        need(o[name] >= 0, f"{name} must be >= 0, got {o[name]}")
+    need(o["lr"] is None or o["lr"] > 0, f"lr must be > 0, got {o['lr']}")
+    need(o["backbone_lr_ratio"] is None or o["backbone_lr_ratio"] >= 0,
+         f"backbone_lr_ratio must be >= 0, got {o['backbone_lr_ratio']}")
+    need(o["warmup_steps"] is None or o["warmup_steps"] >= 0, f"warmup_steps must be >= 0, got {o['warmup_steps']}")
+    drops = o["lr_drop_epochs"]
+    need(drops is None or (all(e >= 1 for e in drops) and list(drops) == sorted(set(drops))),
+         f"lr_drop_epochs must be increasing epochs >= 1, got {drops}")
+    weights = o["pretrained_weights"]
+    if weights:
+        need(o["model"] == "detr", f"pretrained_weights loads DETR weights; model is {o['model']!r} (for a timm "
+                                   f"backbone use pretrained)")
+        need(os.path.isfile(weights), f"pretrained_weights: no file {weights}")
+    need(weights or (o["pretrained_class_rows"] is None and not o["reinit_class_head"]),
+         "pretrained_class_rows / reinit_class_head choose the class head of pretrained_weights; none is given")
+    need(o["pretrained_class_rows"] is None or not o["reinit_class_head"],
+         "give pretrained_class_rows or reinit_class_head, not both")
+    need(o["pretrained_class_rows"] is None or len(o["pretrained_class_rows"]) == o["num_classes"],
+         f"pretrained_class_rows needs one row per class ({o['num_classes']}), got {o['pretrained_class_rows']}")
+    if problems:
+        raise ValueError("DetectionTask: " + "; ".join(problems))

@@ -119,6 +119,28 @@ def test_val_batch_matches_the_json_scaled_by_the_resize(coco_root):
         assert (images[i, :, h:, :] == 0).all() and (images[i, :, :, w:] == 0).all()
 
 
+def test_shorter_side_mode_with_a_cap_on_the_longer_side(coco_root):
+    # mmcv's rescale_size: factor min(48 / short, 70 / long), sides int(x * factor + 0.5), worked by hand:
+    # 60x100 -> factor 0.7 (capped) -> 42x70; 80x50 -> 0.875 (capped) -> 70x44; 40x40 -> 1.2 -> 48x48.
+    dm = _datamodule(coco_root, image_size=48, resize="shorter", max_size=70)
+    dm.setup("validate")
+    _, targets = next(iter(dm.val_dataloader()))
+    sizes = [(42, 70), (70, 44), (48, 48)]
+    for img, target, (h, w) in zip(IMAGES, targets, sizes):
+        assert target["size"].tolist() == [h, w]
+        boxes = torch.tensor(EXPECTED[img["id"]][0], dtype=torch.float32).reshape(-1, 4)
+        torch.testing.assert_close(target["boxes"], boxes * torch.tensor([w / img["width"], h / img["height"]] * 2),
+                                   rtol=0, atol=1e-4)
+    # Training with multi-scale sizes: the shorter side is one of the list (or capped by max_size).
+    dm = _datamodule(coco_root, image_size=48, resize="shorter", max_size=70, train_scales=[32, 40], augment="flip")
+    dm.setup("fit")
+    for _ in range(3):
+        _, targets = next(iter(dm.train_dataloader()))
+        for target in targets:
+            h, w = target["size"].tolist()
+            assert min(h, w) in (32, 40) or max(h, w) == 70
+
+
 def test_empty_image_is_kept_with_empty_targets(coco_root):
     dm = _datamodule(coco_root)
     dm.setup("fit")

@@ -18,6 +18,12 @@ TINY_MODEL = ["--model.init_args.backbone=resnet18", "--model.init_args.fpn_chan
               "--model.init_args.head_convs=1"]
 TINY_SHAPES = ["--data.init_args.num_train=4", "--data.init_args.num_val=2", "--data.init_args.image_size=64",
                "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+TINY_DETR = ["--model.init_args.backbone=resnet18", "--model.init_args.d_model=32", "--model.init_args.nheads=2",
+             "--model.init_args.num_encoder_layers=1", "--model.init_args.num_decoder_layers=2",
+             "--model.init_args.dim_feedforward=64", "--model.init_args.num_queries=6"]
+TINY = {"fcos": TINY_MODEL, "vfnet": TINY_MODEL, "detr": TINY_DETR}
+# The COCO configs are the papers' recipes with ImageNet weights; tests never touch a hub.
+NO_DOWNLOAD = ["--model.init_args.pretrained=false"]
 
 
 def tiny_task(**kwargs) -> DetectionTask:
@@ -31,8 +37,11 @@ def tiny_shapes(**kwargs) -> ShapesDetectionDataModule:
 
 
 def test_every_detection_config_has_a_test():
-    # fcos_tfrecord.yaml is run by tests/test_tfrecord_detection.py
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == {"fcos_shapes.yaml", "fcos_coco.yaml", "fcos_tfrecord.yaml"}
+    # fcos_tfrecord.yaml is run by tests/test_tfrecord_detection.py, the VFNet and DETR ones in
+    # tests/test_detection_models_task.py
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {
+        "fcos_shapes.yaml", "fcos_coco.yaml", "fcos_tfrecord.yaml", "vfnet_shapes.yaml", "vfnet_coco.yaml",
+        "detr_shapes.yaml", "detr_coco.yaml"}
 
 
 def test_fcos_shapes_config_fast_dev_run(tmp_path):
@@ -49,6 +58,9 @@ def test_fcos_coco_config_fast_dev_run(shapes_coco_root):
                     "--trainer.fast_dev_run=true", "--data.init_args.image_size=64", "--data.init_args.num_workers=0",
                     "--data.init_args.batch_size=2", *TINY_MODEL])
     assert cli.model.hparams.num_classes == 5
+    # The recipe's LR is for 16 images per step; this run has 2 (one device): 0.01 * 2 / 16 (linear scaling rule).
+    assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.01 * 2 / 16, rel=1e-12)
+    assert cli.datamodule.resize == "shorter" and cli.datamodule.max_size == 1333
     # the first training image has no boxes and is in the first batch (shuffle off is not needed: finite loss
     # over any batch is what matters, and the empty image is covered by the datamodule tests)
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))

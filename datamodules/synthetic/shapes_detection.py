@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..detection import DetectionDataModule, DetectionDataset, DetectionRecord
+from ..transforms import AugmentPreset
 from .shapes import SHAPE_CLASSES, SIZE_RANGE, render_shapes
 
 
@@ -56,7 +57,8 @@ class ShapesDetectionDataModule(DetectionDataModule):
         size_range: (min, max) shape diameter as a fraction of the image side (default 0.07-0.6, spanning
             COCO small to large).
         seed: picks the pair of train/val streams.
-        augment: flip / zoom / colour jitter on the training split.
+        augment: training augmentation preset (``datamodules.transforms.detection_train_transforms``): true =
+            ``"jitter"`` (flip / zoom / colour jitter), ``"flip"``, false = ``"none"``.
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
@@ -68,7 +70,7 @@ class ShapesDetectionDataModule(DetectionDataModule):
         max_objects: int = 6,
         size_range: tuple[float, float] = SIZE_RANGE,
         seed: int = 0,
-        augment: bool = True,
+        augment: bool | AugmentPreset = True,
         batch_size: int = 8,
         num_workers: int = 2,
         pin_memory: bool = False,

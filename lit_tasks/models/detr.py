@@ -203,11 +203,19 @@ class DETRPostprocess(nn.Module):
     """Detections from the last decoder layer (reference PostProcess): ``forward(outputs, image_sizes)``.
 
     Per query: softmax over the C + 1 logits, score and label = the best of the C real classes (no-object
-    excluded); every query is a detection (no NMS, no threshold), sorted by descending score so that a caller
-    capping the count keeps the best. Boxes are scaled to each image's unpadded (h, w) in ``image_sizes``.
+    excluded); every query is a detection (no NMS, no threshold), sorted by descending score, the best
+    ``max_detections`` kept (None: all Q, as the reference; COCO evaluation reads at most 100 per image). Boxes are
+    scaled to each image's unpadded (h, w) in ``image_sizes``.
 
-    Returns per image ``{"boxes": (Q, 4) xyxy input pixels, "scores": (Q,), "labels": (Q,) int64}``.
+    Returns per image ``{"boxes": (N, 4) xyxy input pixels, "scores": (N,), "labels": (N,) int64}``, N =
+    min(Q, max_detections).
     """
+
+    def __init__(self, max_detections: int | None = None) -> None:
+        super().__init__()
+        if max_detections is not None and max_detections < 1:
+            raise ValueError(f"DETRPostprocess: max_detections must be >= 1 or None, got {max_detections}")
+        self.max_detections = max_detections
 
     @torch.no_grad()
     def forward(self, outputs: DETROutput, image_sizes: Sequence[Sequence[int]] | Tensor) -> list[dict[str, Tensor]]:
@@ -219,8 +227,41 @@ class DETRPostprocess(nn.Module):
                              f"{tuple(sizes.shape)}")
         scale = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4): w, h, w, h
         boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
-        order = scores.argsort(dim=-1, descending=True)
+        order = scores.argsort(dim=-1, descending=True)[:, : self.max_detections]
         return [{"boxes": b[o], "scores": s[o], "labels": lab[o]} for b, s, lab, o in zip(boxes, scores, labels, order)]
+
+
+def check_detr_args(num_classes: int, position_embedding: str, d_model: int, nheads: int, num_encoder_layers: int,
+                    num_decoder_layers: int, dim_feedforward: int, dropout: float, num_queries: int, eos_coef: float,
+                    costs: Sequence[float], weights: Sequence[float]) -> None:
+    """Fail early, naming the argument, on DETR settings that cannot build or train (names as :func:`build_detr`)."""
+    problems = []
+    if num_classes < 1:
+        problems.append(f"num_classes must be >= 1, got {num_classes}")
+    if position_embedding not in ("sine", "learned"):
+        problems.append(f"position_embedding must be 'sine' or 'learned', got {position_embedding!r}")
+    if d_model < 1 or nheads < 1 or d_model % nheads:
+        problems.append(f"d_model ({d_model}) must be a positive multiple of nheads ({nheads})")
+    elif d_model % (4 if position_embedding == "sine" else 2):
+        problems.append(f"d_model ({d_model}) must be a multiple of 4 for the sine position embedding (sin and cos "
+                        f"of d_model / 2 frequencies per axis), of 2 for the learned one")
+    if num_encoder_layers < 0 or num_decoder_layers < 1:
+        problems.append(f"num_encoder_layers must be >= 0 and num_decoder_layers >= 1, got {num_encoder_layers}, "
+                        f"{num_decoder_layers}")
+    if dim_feedforward < 1:
+        problems.append(f"dim_feedforward must be >= 1, got {dim_feedforward}")
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {dropout}")
+    if num_queries < 1:
+        problems.append(f"num_queries must be >= 1, got {num_queries}")
+    if not 0.0 < eos_coef <= 1.0:
+        problems.append(f"eos_coef (no-object class weight) must be in (0, 1], got {eos_coef}")
+    if min(costs) < 0 or max(costs) == 0:
+        problems.append(f"cost_class, cost_bbox, cost_giou must be >= 0 and not all 0, got {tuple(costs)}")
+    if min(weights) < 0:
+        problems.append(f"weight_ce, weight_bbox, weight_giou must be >= 0, got {tuple(weights)}")
+    if problems:
+        raise ValueError("DETR: " + "; ".join(problems))
 
 
 def build_detr(
@@ -247,6 +288,7 @@ def build_detr(
     weight_ce: float = 1.0,
     weight_bbox: float = 5.0,
     weight_giou: float = 2.0,
+    max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
 
@@ -256,11 +298,15 @@ def build_detr(
     reference does (``frozen_stages=4`` freezes the whole ResNet, the reference with lr_backbone 0). They only make
     sense with pretrained or converted weights: on a randomly initialised timm ResNet, frozen BN keeps identity
     statistics and timm's zero-initialised last BN of every residual block at 0, so those blocks add nothing,
-    ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
+    ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``. ``max_detections``: see
+    :class:`DETRPostprocess`. Bad values raise ValueError naming the argument (:func:`check_detr_args`).
     """
+    check_detr_args(num_classes, position_embedding, d_model, nheads, num_encoder_layers, num_decoder_layers,
+                    dim_feedforward, dropout, num_queries, eos_coef, (cost_class, cost_bbox, cost_giou),
+                    (weight_ce, weight_bbox, weight_giou))
     model = DETR(num_classes, backbone, pretrained, dilation, position_embedding, d_model, nheads,
                  num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, num_queries, aux_loss,
                  frozen_stages, frozen_bn, backbone_on_padded_batch)
     criterion = SetCriterion(num_classes, eos_coef, cost_class, cost_bbox, cost_giou, weight_ce, weight_bbox,
                              weight_giou)
-    return model, criterion, DETRPostprocess()
+    return model, criterion, DETRPostprocess(max_detections)

@@ -222,12 +222,9 @@ def load_detr_weights(
     model.load_state_dict(sd, strict=True)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a local file: ``.safetensors`` or a torch pickle (``.pth``, ``.pt``, ``.bin``).
-
-    Loaded with ``weights_only=True`` (``argparse.Namespace`` allowed: facebookresearch/detr checkpoints store
-    their ``args``); a ``{"model": ...}`` (facebookresearch) or ``{"state_dict": ...}`` wrapper is unwrapped.
-    """
+def _load_file(path: str | Path) -> object:
+    """What a local weights file holds: ``.safetensors`` (a state dict) or a torch pickle, read with
+    ``weights_only=True`` (``argparse.Namespace`` allowed: facebookresearch/detr checkpoints store their ``args``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DETR checkpoint {path} does not exist")
@@ -236,7 +233,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
         return load_file(str(path))
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _state_dict_of(obj: object, path: str | Path) -> dict[str, Tensor]:
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -244,3 +244,47 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), or one under 'model' / 'state_dict'")
     return obj
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a local file: ``.safetensors`` or a torch pickle (``.pth``, ``.pt``, ``.bin``).
+
+    Loaded with ``weights_only=True`` (``argparse.Namespace`` allowed: facebookresearch/detr checkpoints store
+    their ``args``); a ``{"model": ...}`` (facebookresearch) or ``{"state_dict": ...}`` wrapper is unwrapped.
+    """
+    return _state_dict_of(_load_file(path), path)
+
+
+# build_detr arguments that a converted file fixes and that a mismatch would not always reveal through shapes
+# (nheads, dilation) or that give a clearer message than the shape listing.
+_ARCHITECTURE = ("backbone", "dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers",
+                 "num_decoder_layers", "dim_feedforward", "num_queries")
+
+
+def load_pretrained_detr(
+    model: nn.Module,
+    path: str | Path,
+    class_rows: Sequence[int] | None = None,
+    reinit_class_head: bool = False,
+    build_args: Mapping[str, object] | None = None,
+) -> None:
+    """Load a local DETR weights file into ``model``: a file of ``tools/convert_detr.py`` or any layout
+    :func:`read_checkpoint` reads (facebookresearch ``.pth``, Hugging Face ``model.safetensors`` /
+    ``pytorch_model.bin``), through :func:`load_detr_weights` (``class_rows`` / ``reinit_class_head`` as there).
+
+    A converted file records the ``build_detr`` arguments it was made for; those of ``_ARCHITECTURE`` must equal
+    ``build_args`` (the model's), else ValueError naming each difference (the number of heads, for one, changes
+    no shape: only this check catches it).
+    """
+    obj = _load_file(path)
+    saved = obj.get("build_detr") if isinstance(obj, dict) else None
+    if isinstance(saved, dict) and build_args is not None:
+        differ = [f"{k}={build_args[k]!r} (the file: {saved[k]!r})" for k in _ARCHITECTURE
+                  if k in saved and k in build_args and saved[k] != build_args[k]]
+        if differ:
+            raise ValueError(f"DETR weights {path} were converted for another architecture: set " + ", ".join(differ))
+    try:
+        load_detr_weights(model, _state_dict_of(obj, path), class_rows=class_rows,
+                          reinit_class_head=reinit_class_head)
+    except ValueError as err:
+        raise ValueError(f"DETR weights {path}: {err}") from err
