@@ -15,6 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwi
 _EXPORTS = {
     "BaseDataModule": "base",
     "pad_images": "base",
+    "ResumableDataLoader": "loaders",
     "COCODetectionDataModule": "coco",
     "COCODetectionSource": "coco",
     "DetectionDataset": "detection",
