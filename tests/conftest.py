@@ -59,6 +59,17 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(autouse=True)
+def _seed_every_test() -> None:
+    """Every test starts from the same seeds (torch, NumPy's global generator, random), so a test's random inputs
+    are the same on every machine and in every order the tests run in."""
+    import random
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _run_in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own directory, so nothing it writes (logs, config.yaml) lands in the checkout."""
     monkeypatch.chdir(tmp_path)

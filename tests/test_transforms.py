@@ -71,14 +71,17 @@ class _Source:
 
     def load(self, index):
         n = len(self.boxes)
-        return _image(20, 30), self.boxes, np.arange(n), np.zeros(n, dtype=np.int64), 42
+        return _image(20, 30), self.boxes, np.arange(n), np.zeros(n, dtype=np.int64), 42, None
 
 
 def test_detection_dataset_builds_the_target_dict_with_and_without_boxes():
     image, t = DetectionDataset(_Source([[1, 2, 3, 4]]), detection_val_transforms(60))[0]
     assert image.shape == (3, 40, 60)
-    assert set(t) == {"boxes", "labels", "iscrowd", "image_id", "size", "orig_size"}
+    assert set(t) == {"boxes", "labels", "iscrowd", "image_id", "size", "orig_size", "original"}
     torch.testing.assert_close(t["boxes"], torch.tensor([[2.0, 4.0, 6.0, 8.0]]))
+    # the evaluation ground truth stays in source pixels, with the box area when the source gives none
+    torch.testing.assert_close(t["original"]["boxes"], torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert t["original"]["area"].tolist() == [4.0]
     assert t["image_id"].dtype == torch.int64 and int(t["image_id"]) == 42 and t["image_id"].ndim == 0
     assert t["size"].tolist() == [40, 60] and t["orig_size"].tolist() == [20, 30]
     image, t = DetectionDataset(_Source([]), detection_val_transforms(60))[0]
