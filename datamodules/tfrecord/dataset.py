@@ -22,6 +22,10 @@ of ``shuffle_buffer`` parsed records (decoded when they leave it, so the buffer 
 The epoch comes from :meth:`TFRecordDataset.set_epoch` plus the number of iterations begun since,
 counted in shared memory per worker, so it advances with persistent and non-persistent workers alike
 without any hook (Lightning only calls ``set_epoch`` on samplers).
+
+Resuming mid-epoch (with indexes): :meth:`TFRecordDataset.resume_position` sets the epoch of an interrupted
+iteration and makes each worker skip, undecoded, the samples of the batches it had delivered, so the epoch goes on
+with exactly the records not yet seen (:class:`datamodules.loaders.ResumableDataLoader` calls it from a checkpoint).
 """
 
 from __future__ import annotations
