@@ -24,16 +24,24 @@ class LossRecorder(pl.Callback):
     def __init__(self, path: str, kill_at_step: int | None = None) -> None:
         self.path, self.kill_at_step = path, kill_at_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        record = {"step": trainer.global_step, "loss": float(loss.detach()), "rank": trainer.global_rank}
+    def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._write({"step": trainer.global_step, "loss": float(loss.detach()), "rank": trainer.global_rank})
         if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Also records ``{"step", "rank", "val": {name: value}}`` after every validation (not the sanity check)."""
+        if not trainer.sanity_checking:
+            values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+            self._write({"step": trainer.global_step, "rank": trainer.global_rank, "val": values})
 
 
 def recorder_args(path: str | Path, kill_at_step: int | None = None) -> list[str]:
@@ -49,14 +57,20 @@ def read_losses(path: str | Path, rank: int = 0) -> dict[int, float]:
     losses: dict[int, float] = {}
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
-        if record["rank"] == rank:
+        if record["rank"] == rank and "loss" in record:
             losses[record["step"]] = record["loss"]
     return losses
 
 
+def read_validations(path: str | Path, rank: int = 0) -> list[tuple[int, dict[str, float]]]:
+    """``(step, {metric: value})`` of every validation one rank recorded, in order."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [(r["step"], r["val"]) for r in records if r["rank"] == rank and "val" in r]
+
+
 def steps_in_order(path: str | Path, rank: int = 0) -> list[int]:
     """Every recorded step of one rank in the order written (a resumed run repeats steps after its checkpoint)."""
-    return [r["step"] for r in map(json.loads, Path(path).read_text().splitlines()) if r["rank"] == rank]
+    return [r["step"] for r in map(json.loads, Path(path).read_text().splitlines()) if r["rank"] == rank and "loss" in r]
 
 
 if __name__ == "__main__":
