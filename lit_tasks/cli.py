@@ -344,5 +344,5 @@ def main(args: list[str] | None = None) -> None:
     run_cli(args)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+if __name__ == "__main__":  # `python -m lit_tasks.cli ...` (e.g. under `torchrun -m`): LightningCLI reads sys.argv
+    main()

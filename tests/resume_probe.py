@@ -78,4 +78,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from lit_tasks.cli import run_cli
 
-    run_cli(sys.argv[1:])
+    run_cli()  # LightningCLI reads sys.argv[1:]
