@@ -93,7 +93,7 @@ def test_1000_bf16_mixed_steps_stay_finite(name: str, tmp_path: Path) -> None:
     case, check = SOAK_CASES[name], FiniteCheck()
     start = time.perf_counter()
     cli = run_cli(["--config", str(ROOT / case.config), *case.args, "--trainer.precision=bf16-mixed",
-                   f"--trainer.max_steps={STEPS}", "--trainer.max_time=null", "--data.num_workers=0",
+                   f"--trainer.max_steps={STEPS}", "--trainer.max_epochs=-1", "--trainer.max_time=null", "--data.num_workers=0",
                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                    "--trainer.num_sanity_val_steps=0"], run=False)
     cli.trainer.callbacks.append(check)
