@@ -22,7 +22,7 @@ import torch
 from lit_tasks.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # 1000 bf16 steps: minutes, more on a busy machine
 
 
 class FiniteCheck(pl.Callback):
