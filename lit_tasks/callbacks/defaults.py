@@ -40,7 +40,8 @@ class TaskCheckpoint(ModelCheckpoint):
         save_last: keep ``last.ckpt`` as described above.
         every_n_train_steps: also write ``last.ckpt`` every this many optimizer steps (None or 0: only at the
             moments above). Needed for a mid-epoch resume after a kill (``fit --ckpt_path last``).
-        stop_on_interrupt: handle Ctrl-C as above during ``fit`` (installs a SIGINT handler in the main thread).
+        stop_on_interrupt: handle Ctrl-C as above during ``fit`` (installs a SIGINT handler in the main thread; in a
+            multi-process run the processes agree after every step whether to stop, with one tiny all-reduce).
     """
 
     def __init__(self, monitor: str | None = None, mode: str | None = None, filename: str = "best-{epoch:02d}-{step}",
@@ -81,9 +82,9 @@ class TaskCheckpoint(ModelCheckpoint):
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0:
             self._refresh_last(trainer)
-        if self._previous_sigint is not None:
+        if self.stop_on_interrupt and self._may_write(trainer):
             requested = self._interrupt_requested
-            if trainer.world_size > 1:  # every process must stop at the same step
+            if trainer.world_size > 1:  # every process stops at the same step (a process without the handler too)
                 requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
             if requested:
                 self._interrupt_at_boundary = True
