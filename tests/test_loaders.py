@@ -155,3 +155,71 @@ def test_the_worker_split_of_a_resumed_epoch_is_the_round_robin_of_delivered_bat
     with pytest.raises(ValueError, match="batch_size 4 differs from the dataset's 2"):
         dataset.resume_position(epoch=0, batches=1, num_workers=1, batch_size=4, drop_last=False)
     np.testing.assert_array_equal(dataset._skip_state[3:].numpy(), 0)
+
+
+# -- through Lightning: a checkpoint mid-epoch, a fit resumed from it ----------------------------------------------
+def fit_recording(make_loader, max_steps: int, ckpt_path: Path | None = None, save_at: tuple[int, Path] | None = None):
+    """Sample ids of every training batch of a fit; ``save_at=(step, path)`` saves a checkpoint after that step.
+
+    ``configure_optimizers`` reads ``estimated_stepping_batches``, as every lit-tasks task does: Lightning then sets
+    the loader up before it loads a checkpoint, and :class:`ExactResume` must hand the saved position over."""
+    import lightning.pytorch as pl
+
+    from lit_tasks.callbacks.resume import ExactResume
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch, batch_idx):
+            ids = batch[0] if isinstance(batch[0], torch.Tensor) else torch.tensor(batch)
+            self.seen.append(ids.tolist())
+            return (self.weight - ids.float().mean()) ** 2
+
+        def configure_optimizers(self):
+            assert self.trainer.estimated_stepping_batches > 0
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class SaveAt(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if save_at is not None and trainer.global_step == save_at[0]:
+                trainer.save_checkpoint(save_at[1])
+
+    class Data(pl.LightningDataModule):  # as the DataModules give it (the loader made when Lightning asks)
+        def train_dataloader(self):
+            return make_loader()
+
+    module = Recorder()
+    # max_epochs with max_steps: estimated_stepping_batches sets the loader up (with max_epochs=-1 it would not)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=10, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExactResume(), SaveAt()])
+    trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
+    return module.seen
+
+
+def check_lightning_resume(make_loader, tmp_path: Path) -> None:
+    """7 steps of 4-batch epochs; a checkpoint after step 3 (mid-epoch); the fit resumed from it trains steps 4-7 on
+    the batches the uninterrupted fit had (the rest of epoch 0, then epoch 1)."""
+    torch.manual_seed(0)
+    uninterrupted = fit_recording(make_loader, 7, save_at=(3, tmp_path / "mid.ckpt"))
+    torch.manual_seed(123)  # a new process would have other generator states: the checkpoint's must win
+    resumed = fit_recording(make_loader, 7, ckpt_path=tmp_path / "mid.ckpt")
+    assert len(uninterrupted) == 7 and resumed == uninterrupted[3:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lightning_resumes_a_shuffled_map_style_epoch(tmp_path, workers: int) -> None:
+    check_lightning_resume(lambda: ResumableDataLoader(
+        TensorDataset(torch.arange(16)), batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator(),
+        num_workers=workers, persistent_workers=workers > 0), tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lightning_resumes_a_tfrecord_epoch(tmp_path, shards, workers: int) -> None:
+    """19 records in batches of 4, drop_last: 4 batches per epoch (with 2 workers: 2 each, epoch 0's last one from
+    worker 1, so even the workers' interleaving after the resume is the uninterrupted one)."""
+    check_lightning_resume(lambda: ResumableDataLoader(
+        TFRecordDataset(shards, features=SPEC, decode=gid, shuffle=True, shuffle_buffer=4, seed=7, batch_size=4),
+        batch_size=4, num_workers=workers, collate_fn=list, drop_last=True, persistent_workers=workers > 0), tmp_path)

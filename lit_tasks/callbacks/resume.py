@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 
 
 def collect_random_states() -> dict[str, Any]:
@@ -104,6 +105,9 @@ def hand_over_loader_states(trainer: pl.Trainer) -> bool:
     pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
     if not pending or getattr(fit_loop, "_combined_loader", None) is None or not fit_loop.restarting:
         return False
+    # Persistent workers started by the early set-up may already be reading the wrong pass: stop them first.
+    for loader in fit_loop._combined_loader.flattened:
+        _shutdown_workers_and_reset_iterator(loader)
     fit_loop._load_combined_loader_states()
     fetcher = getattr(fit_loop, "_data_fetcher", None)
     if fetcher is not None:
