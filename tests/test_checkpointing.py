@@ -118,14 +118,21 @@ def tiny_data() -> SyntheticFacesDataModule:  # 24 training faces: 6 batches of 
 
 
 class LastStepProbe(pl.Callback):
-    """Records the global step held by last.ckpt at the start of every training batch."""
+    """Records, at the start of every training batch, the global step last.ckpt holds and whether it was written
+    after that step's validation (its checkpoint callback state then names a best checkpoint)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.seen = folder, []
+        self.folder, self.seen, self.after_validation = folder, [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         last = self.folder / "last.ckpt"
-        self.seen.append(torch.load(last, weights_only=True)["global_step"] if last.exists() else None)
+        if not last.exists():
+            self.seen.append(None)
+            return
+        checkpoint = torch.load(last, weights_only=True)
+        self.seen.append(checkpoint["global_step"])
+        [state] = [v for k, v in checkpoint["callbacks"].items() if k.startswith("TaskCheckpoint")]
+        self.after_validation.append(bool(state["best_model_path"]))
 
 
 class RaiseAt(pl.Callback):
@@ -181,6 +188,9 @@ def test_max_steps_between_validations_leaves_the_final_weights_in_last_ckpt(tmp
     # last.ckpt followed every 2nd step (periodic and validation saves) and the best checkpoint was still written
     # at the validations that share those steps
     assert probe.seen == [None, None, 2, 2, 4]
+    # steps 2 and 4 are both periodic and validation steps: last.ckpt is written after the validation (a checkpoint
+    # written before it would make Lightning skip that validation when the run resumes from it)
+    assert probe.after_validation == [True, True, True]
     assert Path(checkpoint.best_model_path).is_file() and "step=" in checkpoint.best_model_path
 
 

@@ -59,6 +59,7 @@ class TaskCheckpoint(ModelCheckpoint):
         self._step_in_last = -1  # global step whose state last.ckpt holds (-1: none written by this run yet)
         self._interrupt_requested = False
         self._interrupt_at_boundary = False
+        self._stop_after_save = False
         self._previous_sigint: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,32 +74,51 @@ class TaskCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._step_in_last = trainer.global_step  # a resumed run starts from a saved state: nothing new to write
-        self._interrupt_requested = self._interrupt_at_boundary = False
+        self._interrupt_requested = self._interrupt_at_boundary = self._stop_after_save = False
         self._install_sigint_handler()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # A validation due after this step saves last.ckpt once it is done: a checkpoint written before it would make
+        # Lightning skip that validation on resume (it fast-forwards the validation of a batch-end checkpoint).
+        validation_follows = self._validation_follows(trainer)
         n = self.last_every_n_train_steps
-        if n and trainer.global_step % n == 0:
+        if n and trainer.global_step % n == 0 and not validation_follows:
             self._refresh_last(trainer)
         if self.stop_on_interrupt and self._may_write(trainer):
             requested = self._interrupt_requested
             if trainer.world_size > 1:  # every process stops at the same step (a process without the handler too)
                 requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-            if requested:
-                self._interrupt_at_boundary = True
-                raise KeyboardInterrupt(f"stopped by Ctrl-C after step {trainer.global_step}")
+            if requested and validation_follows:
+                self._stop_after_save = True  # after the validation and its last.ckpt
+            elif requested:
+                self._stop_at_boundary(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+            if self._stop_after_save:
+                self._stop_at_boundary(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+            if self._stop_after_save:
+                self._stop_at_boundary(trainer)
+
+    def _stop_at_boundary(self, trainer: pl.Trainer) -> None:
+        self._interrupt_at_boundary, self._stop_after_save = True, False
+        raise KeyboardInterrupt(f"stopped by Ctrl-C after step {trainer.global_step}")
+
+    def _validation_follows(self, trainer: pl.Trainer) -> bool:
+        """Whether Lightning validates right after the current training step (its own rule, asked in advance)."""
+        try:
+            return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except Exception:  # noqa: BLE001  (another Lightning version: save as if no validation came)
+            return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint_handler()
