@@ -13,7 +13,10 @@ Same num_classes (80), no pretrained weights, the same 2 images of 512x512 with 
 threads. torchvision's transform would upsize 512-px inputs to 800, so it is told min_size = max_size = 512.
 Prints median training-step time (forward + backward + optimizer step) and median inference time.
 
-    python benchmarks/detection_speed.py [--steps 5] [--threads 2] [--only fcos,vfnet,detr,matcher]
+    python benchmarks/detection_speed.py [--steps 5] [--threads 2] [--only fcos,vfnet,detr,matcher] [--device cuda]
+
+On a GPU (``--device cuda``) every model runs there and every timed call is synchronised (benchmarks/gpu_check.py
+does this); the matcher part stays on CPU tensors.
 """
 
 from __future__ import annotations
@@ -44,14 +47,22 @@ def make_batch(num_classes: int, size: int = 512, seed: int = 0) -> tuple[torch.
     return images, targets
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall time covers it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_pair(a, b, steps: int) -> tuple[float, float]:
     """Median wall times of ``a()`` and ``b()``, run alternately (after one warm-up each) so load hits both alike."""
     a(), b()
     times_a, times_b = [], []
     for _ in range(steps):
         for fn, times in ((a, times_a), (b, times_b)):
+            synchronize()
             t0 = time.perf_counter()
             fn()
+            synchronize()
             times.append(time.perf_counter() - t0)
     return statistics.median(times_a), statistics.median(times_b)
 
@@ -60,8 +71,13 @@ def sizes_of(images: torch.Tensor) -> list[tuple[int, int]]:
     return [tuple(images.shape[-2:])] * len(images)
 
 
+def to_device(images: torch.Tensor, targets: list[dict], device: str) -> tuple[torch.Tensor, list[dict]]:
+    return images.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
 def task_step(task: DetectionTask, images: torch.Tensor, targets: list[dict]):
     """(train step, inference) closures of a DetectionTask with its default optimizer's kind at a small LR."""
+    task.to(images.device)
     params = [p for p in task.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=1e-5) if task.hparams.model == "detr" else
            torch.optim.SGD(params, lr=1e-4, momentum=0.9))
@@ -81,6 +97,10 @@ def task_step(task: DetectionTask, images: torch.Tensor, targets: list[dict]):
     return train, infer
 
 
+def where(args) -> str:
+    return args.device if args.device != "cpu" else f"{args.threads} threads"
+
+
 def print_rows(title: str, names: tuple[str, str], rows: list[tuple[str, float, float]]) -> None:
     a, b = names
     print(f"\n{title}")
@@ -96,6 +116,7 @@ def bench_fcos(args, images, targets) -> None:
     # torchvision: num_classes counts no background for FCOS (sigmoid classifier), like ours.
     tv = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None,
                                                         num_classes=args.num_classes, min_size=512, max_size=512)
+    tv = tv.to(images.device)
     tv_opt = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
     tv_images = list(images)
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
@@ -114,7 +135,7 @@ def bench_fcos(args, images, targets) -> None:
 
     rows = [(name, *timed_pair(a, b, args.steps))
             for name, a, b in (("train step", ours_train, tv_train), ("inference", ours_infer, tv_infer))]
-    print_rows(f"FCOS R50-FPN, 2 x 3 x 512 x 512, {args.threads} threads, median of {args.steps}",
+    print_rows(f"FCOS R50-FPN, 2 x 3 x 512 x 512, {where(args)}, median of {args.steps}",
                ("ours", "tv"), rows)
 
 
@@ -128,7 +149,7 @@ def bench_vfnet(args, images, targets) -> None:
     f_train, f_infer = task_step(fcos, images, targets)
     rows = [(name, *timed_pair(a, b, args.steps))
             for name, a, b in (("train step", v_train, f_train), ("inference", v_infer, f_infer))]
-    print_rows(f"VFNet vs FCOS, R50-FPN, 2 x 3 x 512 x 512, {args.threads} threads, median of {args.steps} "
+    print_rows(f"VFNet vs FCOS, R50-FPN, 2 x 3 x 512 x 512, {where(args)}, median of {args.steps} "
                f"(targets: train <= 1.25, inference <= 1.2)", ("VFNet", "FCOS"), rows)
 
 
@@ -145,11 +166,11 @@ def bench_detr(args, images, targets) -> None:
     ours_train, ours_infer = task_step(ours, images, targets)
     config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False,
                                      num_labels=args.num_classes, auxiliary_loss=True)
-    hf = transformers.DetrForObjectDetection(config)
+    hf = transformers.DetrForObjectDetection(config).to(images.device)
     hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
     pixel_values = Normalize()(images)
-    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long)
-    scale = torch.tensor([images.shape[-1], images.shape[-2]] * 2, dtype=torch.float32)
+    pixel_mask = torch.ones(images.shape[0], *images.shape[-2:], dtype=torch.long, device=images.device)
+    scale = torch.tensor([images.shape[-1], images.shape[-2]] * 2, dtype=torch.float32, device=images.device)
     labels = [{"class_labels": t["labels"], "boxes": box_xyxy_to_cxcywh(t["boxes"]) / scale} for t in targets]
     n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
@@ -171,7 +192,7 @@ def bench_detr(args, images, targets) -> None:
     rows = [(name, *timed_pair(a, b, args.steps))
             for name, a, b in (("train step", ours_train, hf_train), ("inference", ours_infer, hf_infer))]
     print_rows(f"DETR R-50 (frozen BN, stem + layer1 frozen; {n_ours / 1e6:.2f}M vs {n_hf / 1e6:.2f}M trainable "
-               f"parameters), 2 x 3 x 512 x 512, {args.threads} threads, median of {args.steps} (target <= 0.8)",
+               f"parameters), 2 x 3 x 512 x 512, {where(args)}, median of {args.steps} (target <= 0.8)",
                ("ours", "HF"), rows)
 
     # The matching's share of our step: the same call the criterion makes (every decoder layer at once).
@@ -234,10 +255,11 @@ def main() -> None:
     parser.add_argument("--channels-last", type=int, default=1,
                         help="our channels_last flag (1/0; the task default is 1)")
     parser.add_argument("--only", default="fcos,vfnet,detr,matcher", help="comma-separated parts to run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    images, targets = make_batch(args.num_classes)
+    images, targets = to_device(*make_batch(args.num_classes), args.device)
     print(f"load average before: {os.getloadavg()}")
     parts = set(args.only.split(","))
     if "fcos" in parts:

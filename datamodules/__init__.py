@@ -17,6 +17,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwi
 _EXPORTS = {
     "BaseDataModule": "base",
     "pad_images": "base",
+    "ResumableDataLoader": "loaders",
     "COCODetectionDataModule": "coco",
     "COCODetectionSource": "coco",
     "COCOKeypointDataModule": "coco_keypoints",

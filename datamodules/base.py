@@ -14,6 +14,8 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .loaders import ResumableDataLoader
+
 
 # Splits each Trainer stage reads; predict runs on the validation split.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
@@ -90,19 +92,23 @@ class BaseDataModule(pl.LightningDataModule):
 
         Evaluation under DDP reads each sample exactly once (:func:`evaluation_sampler`): Lightning's default
         ``DistributedSampler`` repeats samples to even out the processes, and metrics would count them twice.
+        The training loader is a :class:`~datamodules.loaders.ResumableDataLoader`: checkpoints remember its
+        position in the epoch, and a fit resumed from one continues the epoch there.
         """
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         sampler = None if train or iterable else evaluation_sampler(dataset)
-        return DataLoader(
+        shuffle = train and not iterable
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size or self.batch_size,
-            shuffle=train and not iterable,
+            shuffle=shuffle,
             sampler=sampler,
             drop_last=train if drop_last is None else drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
+            generator=torch.Generator() if shuffle else None,  # reseeded per epoch; its seed goes in checkpoints
         )
 
 

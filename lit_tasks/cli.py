@@ -10,16 +10,26 @@ window sizes ``window`` / ``num_future`` the DataModule cuts) are
 linked from the DataModule into the task at instantiation; a different value given for the task (on the
 command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
+
+Every run also writes checkpoints crash-safely (:class:`~lit_tasks.callbacks.checkpoint_io.AtomicCheckpointIO`) and
+restores on resume what Lightning does not: random generators and the training data position
+(:class:`~lit_tasks.callbacks.resume.ExactResume`). ``fit --ckpt_path last`` resumes from the newest ``last.ckpt`` of
+the run's versions (in the logger's folder, or ``--checkpoint.dirpath``) and goes on logging in that version's
+folder; when there is none it says where it looked and starts from the beginning.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import inspect
 import os
+import re
 import sys
+import typing
 from typing import Any
 
+import torch
 import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -28,7 +38,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_tasks.callbacks.checkpoint_io import TEMP_SUFFIX, install_atomic_checkpoint_io
 from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
+from lit_tasks.callbacks.resume import ExactResume
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
                 # pose: the keypoint set and the crop size the data gives
@@ -40,9 +52,20 @@ LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names",
 class FitConfigCallback(SaveConfigCallback):
     """Save the run's config.yaml for ``fit`` only; evaluating a checkpoint must not touch the training run's files."""
 
+    resuming: bool = False  # set by the CLI when fit resumes in an earlier run's folder
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir
+        if self.resuming and log_dir and os.path.isfile(os.path.join(log_dir, self.config_filename)):
+            # The run's config.yaml stays; the resumed run's config goes beside it.
+            stem, ext = os.path.splitext(self.config_filename)
+            k = 1
+            while os.path.exists(os.path.join(log_dir, f"{stem}.resume{k}{ext}")):
+                k += 1
+            self.config_filename = f"{stem}.resume{k}{ext}"
+        super().setup(trainer, pl_module, stage)
 
 
 class TasksCLI(LightningCLI):
@@ -76,8 +99,13 @@ class TasksCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """As LightningCLI (the checkpoint's hyperparameters rebuild the model it holds), but model options
         typed on the command line win over the checkpoint's: ``test --ckpt_path X --model.score_threshold 0.3``
-        must test with 0.3. Values from config files and defaults still yield to the checkpoint."""
+        must test with 0.3. Values from config files and defaults still yield to the checkpoint.
+        ``--ckpt_path last`` is first resolved to a file (:func:`resolve_last_checkpoint`)."""
         subcommand = self.config.get("subcommand")
+        self._resumed_from = None
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            self._resumed_from = self.config[subcommand]["ckpt_path"] = resolve_last_checkpoint(
+                self.config[subcommand], subcommand)
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         typed = command_line_model_options(getattr(self, "_argv", []))
         kept = {name: init_args[name] for name in typed if init_args is not None and name in init_args}
@@ -105,6 +133,24 @@ class TasksCLI(LightningCLI):
         super().instantiate_classes()
         check_linked_values(given, self.model, self.datamodule)
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """As LightningCLI, plus crash-safe checkpoint writes and random generator states in checkpoints."""
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)
+        if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
+            trainer.callbacks.append(ExactResume())
+        return trainer
+
+    def before_fit(self) -> None:
+        """A fit resumed with ``--ckpt_path last`` logs on in the folder of the run it continues."""
+        resumed = getattr(self, "_resumed_from", None)
+        if not resumed:
+            return
+        continue_logging_in(self.trainer, resumed)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, FitConfigCallback):
+                callback.resuming = True
+
     def _warn_if_untrained(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") is None:
             rank_zero_warn(
@@ -119,6 +165,87 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
+
+
+LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
+
+
+def checkpoint_folders(config: Any) -> list[str]:
+    """Glob patterns of the folders ``fit`` writes checkpoints to, for every version of the run, from the config.
+
+    ``--checkpoint.dirpath`` if given; else ``<logger root>/*/checkpoints`` (TensorBoard, CSV and other loggers
+    with a ``root_dir``: every version of the run); without a logger ``<default_root_dir>/checkpoints``.
+    """
+    dirpath = (config.get("checkpoint") or {}).get("dirpath") if hasattr(config.get("checkpoint"), "get") else None
+    if dirpath:
+        return [glob.escape(str(dirpath))]
+    trainer = config.get("trainer") or {}
+    logger = trainer.get("logger") if hasattr(trainer, "get") else None
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    root_dir = trainer.get("default_root_dir") if hasattr(trainer, "get") else None
+    root_dir = str(root_dir) if root_dir else os.getcwd()
+    if logger is not None and logger is not False and hasattr(logger, "get") and logger.get("class_path"):
+        module, _, name = str(logger["class_path"]).rpartition(".")
+        init_args = logger.get("init_args") or {}
+        init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+        try:
+            instance = getattr(importlib.import_module(module), name)(**init_args)  # creates no folder yet
+            logger_root = getattr(instance, "root_dir", None)
+        except Exception:  # noqa: BLE001  (an unusual logger: fall back to the Trainer's default folder)
+            logger_root = None
+        if logger_root:
+            return [os.path.join(glob.escape(str(logger_root)), "*", "checkpoints")]
+    elif logger is True or logger is None:
+        return [os.path.join(glob.escape(os.path.join(root_dir, "lightning_logs")), "*", "checkpoints")]
+    return [os.path.join(glob.escape(root_dir), "checkpoints")]
+
+
+def find_last_checkpoint(patterns: list[str]) -> str | None:
+    """The newest ``last.ckpt`` (or ``last-vN.ckpt``) in the folders matching ``patterns``; None if there is none."""
+    found = [os.path.join(folder, name) for pattern in patterns for folder in glob.glob(pattern) if os.path.isdir(folder)
+             for name in os.listdir(folder) if LAST_NAME.fullmatch(name) and not name.endswith(TEMP_SUFFIX)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def resolve_last_checkpoint(config: Any, subcommand: str) -> str | None:
+    """The file ``--ckpt_path last`` means: the newest last.ckpt of the run (see :func:`checkpoint_folders`).
+
+    When there is none, ``fit`` starts from the beginning (a warning names the folders searched, e.g. a first run of
+    a job script that always passes ``--ckpt_path last``); the other subcommands stop with that message.
+    """
+    patterns = checkpoint_folders(config)
+    path = find_last_checkpoint(patterns)
+    if path is not None:
+        step = ""
+        try:
+            step = f" (step {torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('global_step')})"
+        except Exception:  # noqa: BLE001  (the message only)
+            pass
+        rank_zero_info(f"--ckpt_path last: {path}{step}")
+        return path
+    searched = ", ".join(patterns)
+    message = f"--ckpt_path last: no last.ckpt in {searched} (no earlier run of this config saved one"
+    if subcommand != "fit":
+        raise FileNotFoundError(message + "): pass the checkpoint file to evaluate")
+    rank_zero_warn(message + ": it was stopped before its first checkpoint, or this is the first run); training starts "
+                   "from the beginning. Save mid-epoch with --checkpoint.every_n_train_steps N.")
+    return None
+
+
+def continue_logging_in(trainer: pl.Trainer, checkpoint: str) -> None:
+    """Point the first logger at the version folder holding ``checkpoint`` (``<root>/<version>/checkpoints/x.ckpt``)
+    when it is one of the logger's versions, so the resumed run's logs and checkpoints continue that run's."""
+    if not trainer.loggers:
+        return
+    logger = trainer.loggers[0]
+    root = getattr(logger, "root_dir", None)
+    version_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if not root or os.path.dirname(version_dir) != os.path.abspath(root) or not hasattr(logger, "_version"):
+        return
+    name = os.path.basename(version_dir)
+    match = re.fullmatch(r"version_(\d+)", name)
+    logger._version = int(match.group(1)) if match else name
 
 
 def drop_unknown_checkpoint_arguments(config: Any) -> None:
@@ -199,8 +326,33 @@ def classes_named(argv: list[str]) -> list[tuple[str, str]]:
     return [(part, path) for part in ("model", "data") for path in dict.fromkeys(found[part])]
 
 
+def int_before_float(hint: Any) -> Any:
+    """``hint`` with ``int`` tried before ``float`` when it is a Union of both (else ``hint`` itself)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is not typing.Union or int not in args or float not in args:
+        return hint
+    if args.index(int) < args.index(float):
+        return hint
+    return typing.Union[tuple(sorted(args, key=lambda a: a is not int))]  # a tuple of plain types: cached by order
+
+
+def parse_integer_limits_as_counts(cls: type = pl.Trainer) -> None:
+    """Make ``--trainer.limit_train_batches 1`` mean one batch, as Lightning documents, on every machine.
+
+    The Trainer annotates ``limit_*_batches``, ``val_check_interval`` and ``overfit_batches`` as
+    ``Optional[Union[int, float]]``; jsonargparse tries a Union's members in order and ``float`` accepts "1". Python's
+    typing cache treats ``Union[int, float]`` and ``Union[float, int]`` as equal keys, so which order the annotation
+    ends up with depends on what other imports built first (installing ``rich`` changed it): without this, "1" became
+    1.0, i.e. 100 % of the batches. The annotations are rewritten int-first once, before the parser reads them.
+    """
+    annotations = cls.__init__.__annotations__
+    for name, hint in list(annotations.items()):
+        annotations[name] = int_before_float(hint)
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> TasksCLI:
     """Build (and by default run) the CLI; returns it so Python callers can reach ``.model``/``.trainer``."""
+    parse_integer_limits_as_counts()
     return TasksCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -225,5 +377,5 @@ def main(args: list[str] | None = None) -> None:
     run_cli(args)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:] or None)
+if __name__ == "__main__":  # `python -m lit_tasks.cli ...` (e.g. under `torchrun -m`): LightningCLI reads sys.argv
+    main()

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -30,10 +31,10 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
-from lit_tasks.models.detr import build_detr
+from lit_tasks.models.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
 from lit_tasks.models.detr_convert import load_pretrained_detr
-from lit_tasks.models.fcos import build_fcos
-from lit_tasks.models.vfnet import build_vfnet
+from lit_tasks.models.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
+from lit_tasks.models.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
@@ -405,6 +406,63 @@ class DetectionTask(BaseTask):
             {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
             for p, t in zip(preds, targets)
         ]
+
+    # -- export (tools/export.py) -------------------------------------------------------------------
+    @property
+    def export_output_names(self) -> tuple[str, ...]:
+        """Names of the exported network's outputs (the model's raw outputs, see ``EXPORTERS``)."""
+        return EXPORTERS[self.hparams.model].names
+
+    def export_module(self) -> torch.nn.Module:
+        """For ``tools/export.py``: unpadded images in [0, 1] -> the detector's raw outputs (FCOS: class logits,
+        l/t/r/b distances in strides, centerness logits; VFNet: class logits, refined l/t/r/b in pixels; DETR: the last
+        decoder layer's logits and relative boxes). Post-processing (decoding, thresholds, NMS, top queries) stays
+        outside the exported file: :meth:`detections_from_export` applies it to the outputs of any runtime."""
+        return RawDetectorOutputs(self.model, EXPORTERS[self.hparams.model].to_tensors).eval()
+
+    def export_example(self, batch_size: int = 1, size: Sequence[int] = (512, 512)) -> tuple[torch.Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``."""
+        generator = torch.Generator().manual_seed(batch_size)
+        return (torch.rand(batch_size, 3, int(size[0]), int(size[1]), generator=generator),)
+
+    @torch.no_grad()
+    def detections_from_export(self, outputs: Sequence[Any], image_size: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """The exported network's post-processing: its raw outputs (tensors or arrays, from TorchScript, onnxruntime,
+        ...) for ``(H, W)`` images -> per image ``{"boxes" (N, 4) xyxy pixels, "scores", "labels"}``, as ``forward``
+        gives for the same images (with this task's score / NMS / max-detection settings)."""
+        tensors = tuple(torch.as_tensor(o, device=self.device) for o in outputs)
+        size = (int(image_size[0]), int(image_size[1]))
+        decoded = EXPORTERS[self.hparams.model].from_tensors(tensors, size, self.model)
+        return self.postprocess(decoded, [size] * tensors[0].shape[0])
+
+
+@dataclass(frozen=True)
+class DetectorExport:
+    """How one detector model exports: output names, ``to_tensors(outputs)`` -> its raw output tensors (each with the
+    batch first), ``from_tensors(tensors, (H, W), model)`` -> the outputs its post-processor takes."""
+
+    names: tuple[str, ...]
+    to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]
+    from_tensors: Callable[[tuple[torch.Tensor, ...], tuple[int, int], torch.nn.Module], Any]
+
+
+# One entry per model of the trio table (a new model adds its own).
+EXPORTERS = {
+    "fcos": DetectorExport(FCOS_EXPORT_NAMES, fcos_export_tensors, fcos_output_from_export),
+    "vfnet": DetectorExport(VFNET_EXPORT_NAMES, vfnet_export_tensors, vfnet_output_from_export),
+    "detr": DetectorExport(DETR_EXPORT_NAMES, detr_export_tensors, detr_output_from_export),
+}
+
+
+class RawDetectorOutputs(torch.nn.Module):
+    """Images ``(B, 3, H, W)`` in [0, 1], unpadded -> a detector's raw output tensors (the exported network)."""
+
+    def __init__(self, model: torch.nn.Module, to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]) -> None:
+        super().__init__()
+        self.model, self.to_tensors = model, to_tensors
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.to_tensors(self.model(images)))
 
 
 def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ own size (images of one size together), so an image's prediction never depends o
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -279,3 +279,16 @@ class SemanticSegmentationTask(BaseTask):
     def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         """DeepLab's "poly" policy (DeepLabV3 §4.1): lr x (1 - step / total)^0.9, after the optional warm-up."""
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps))
+
+    # -- export (tools/export.py) -------------------------------------------------------------------
+    export_output_name = "logits"
+
+    def export_module(self) -> torch.nn.Module:
+        """For ``tools/export.py``: images ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, C, H, W)`` (argmax: the class
+        map). Test-time flips, scales and sliding windows are not part of the exported network."""
+        return self.model.eval()
+
+    def export_example(self, batch_size: int = 1, size: Sequence[int] = (512, 512)) -> tuple[Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``."""
+        generator = torch.Generator().manual_seed(batch_size)
+        return (torch.rand(batch_size, 3, int(size[0]), int(size[1]), generator=generator),)

@@ -2,6 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_console_entry_exits_zero_and_main_returns_none(tmp_path):
@@ -34,3 +39,22 @@ def test_command_line_model_options_are_found_in_every_flag_form():
             "--model.init_args.optimizer.init_args.lr=1", "--model.class_path=lit_tasks.DetectionTask",
             "--model.help", "--data.init_args.batch_size=2", "--ckpt_path=c.ckpt", "--model.nms_threshold=0.4"]
     assert command_line_model_options(argv) == ["score_threshold", "nms_threshold", "optimizer"]
+
+
+@pytest.mark.parametrize("given, expected", [("1", 1), ("3", 3), ("0.5", 0.5), ("1.0", 1.0)])
+def test_integer_batch_limits_are_counts_whatever_order_typing_cached(given, expected, monkeypatch):
+    """Python's typing cache can hand Lightning ``Union[float, int, None]`` (it did on a machine without ``rich``);
+    jsonargparse then parsed "1" as 1.0 = every batch. Forced into that order here, "1" must still be one batch."""
+    import typing
+
+    import lightning.pytorch as pl
+
+    from lit_tasks.cli import run_cli
+
+    annotations = pl.Trainer.__init__.__annotations__
+    for name in ("limit_train_batches", "val_check_interval"):
+        monkeypatch.setitem(annotations, name, typing.Union[float, int, None])
+    cli = run_cli(["--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), f"--trainer.limit_train_batches={given}",
+                   f"--trainer.val_check_interval={given}", "--data.num_workers=0"], run=False)
+    for value in (cli.trainer.limit_train_batches, cli.trainer.val_check_interval):
+        assert value == expected and type(value) is type(expected)

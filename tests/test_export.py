@@ -82,3 +82,94 @@ def test_a_mismatch_beyond_tolerance_is_reported(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(export_tool, "run_exported", lambda fmt, path, inputs: real(fmt, path, inputs) + 1e-3)
     with pytest.raises(ValueError, match="torchscript export .* differs from PyTorch by 0.001"):
         export_tool.export(task, tmp_path, formats=["torchscript"], atol=1e-4)
+
+
+# -- every task: export + check, and what the exported outputs mean ------------------------------------------------
+def tiny_detector(model: str = "fcos", **kwargs):
+    from lit_tasks.detection import DetectionTask
+
+    torch.manual_seed(0)
+    return DetectionTask(num_classes=3, model=model, backbone="resnet10t", fpn_channels=16, head_convs=1,
+                         num_log_images=0, score_threshold=0.0, **kwargs).eval()  # untrained: scores near the prior
+
+
+def tiny_segmenter():
+    from lit_tasks.segmentation import SemanticSegmentationTask
+
+    torch.manual_seed(0)
+    return SemanticSegmentationTask(num_classes=4, backbone="test_resnet", head_channels=16, num_log_images=0).eval()
+
+
+def check_detection(task, report, size) -> None:
+    """The documented post-processing of the raw outputs gives ``task(images)``: exactly from PyTorch's own raw
+    outputs, and from onnxruntime's the same best detection per image."""
+    images = task.export_example(2, size=size)[0]
+    expected = task(images)
+    raw = task.export_module()(images)
+    assert len(raw) == len(task.export_output_names) and all(o.shape[0] == 2 for o in raw)
+    for got, want in zip(task.detections_from_export(raw, size), expected):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    onnx_raw = export_tool.run_exported("onnx", report["onnx"]["path"], (images,))
+    for got, want in zip(task.detections_from_export(onnx_raw, size), expected):
+        assert got["boxes"].shape == (len(got["scores"]), 4) and got["labels"].shape == got["scores"].shape
+        # the best score survives every step (threshold 0, top-k, NMS) and is continuous in the outputs, unlike
+        # which of two near-tied random-init boxes wins
+        assert len(want["scores"]) > 0
+        torch.testing.assert_close(got["scores"].max(), want["scores"].max(), atol=1e-4, rtol=0)
+    n = raw[0].shape[1]
+    if task.hparams.model == "fcos":  # dense detectors: outputs of another input size are refused
+        assert [o.shape for o in raw] == [(2, n, 3), (2, n, 4), (2, n)]
+        with pytest.raises(ValueError, match="locations for 64x64 images, but FCOS's grid has"):
+            task.detections_from_export(raw, (64, 64))
+    elif task.hparams.model == "vfnet":
+        assert [o.shape for o in raw] == [(2, n, 3), (2, n, 4)]
+        with pytest.raises(ValueError, match="locations for 64x64 images, but VFNet's grid has"):
+            task.detections_from_export(raw, (64, 64))
+    else:  # DETR: Q queries, C + 1 logits; the boxes are relative, so the image size only scales them
+        assert [o.shape for o in raw] == [(2, 10, 4), (2, 10, 4)]
+
+
+def check_segmentation(task, report, size) -> None:
+    """onnxruntime's logits give the class map of ``task(images)`` wherever the top two logits are not tied."""
+    images = task.export_example(2, size=size)[0]
+    with torch.no_grad():
+        logits = task(images)
+    got = torch.from_numpy(export_tool.run_exported("onnx", report["onnx"]["path"], (images,)))
+    assert got.shape == (2, 4, *size)
+    top2 = logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+    assert torch.equal(got.argmax(1)[clear], logits.argmax(1)[clear]) and clear.float().mean() > 0.9
+
+
+def check_face(task, report, size) -> None:
+    images = task.export_example(2)[0]
+    got = export_tool.run_exported("onnx", report["onnx"]["path"], (images,))
+    np.testing.assert_allclose(got, task.embed(images).numpy(), atol=1e-4)
+
+
+# A new task adds (factory, input size or None when the model fixes it, check of what its outputs mean).
+EXPORT_CASES = {
+    "face": (lambda: tiny_task().eval(), None, check_face),
+    "detection_fcos": (tiny_detector, (70, 100), check_detection),  # sizes not multiples of 32: the grid rule holds
+    "detection_vfnet": (lambda: tiny_detector("vfnet"), (70, 100), check_detection),
+    "detection_detr": (lambda: tiny_detector("detr", d_model=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                             dim_feedforward=64, num_queries=10), (70, 100), check_detection),
+    "segmentation_deeplabv3plus": (tiny_segmenter, (64, 48), check_segmentation),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORT_CASES))
+def test_every_task_exports_with_a_dynamic_batch_within_tolerance(name: str, tmp_path) -> None:
+    factory, size, check = EXPORT_CASES[name]
+    task = factory()
+    report = export_tool.export(task, tmp_path, size=size)  # traced at batch 2, checked at batch 3
+    assert set(report) == {"torchscript", "onnx"}
+    for fmt in report:
+        assert set(report[fmt]["errors"]) == set(export_tool.output_names(task))
+        assert report[fmt]["max_abs_error"] <= 1e-3
+    check(task, report, size)
+
+
+def test_an_input_size_for_a_fixed_size_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="FaceRecognitionTask's input size is fixed by the model"):
+        export_tool.example_inputs(tiny_task(), 2, (64, 64))

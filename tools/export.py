@@ -1,28 +1,36 @@
 """Export a trained task's inference network to TorchScript and ONNX, and check the exported numbers.
 
-    python tools/export.py --task lit_tasks.face_recognition.FaceRecognitionTask \
-        --ckpt path/to/best.ckpt --out exported/ [--formats torchscript onnx] [--atol 1e-4]
+    python tools/export.py --task lit_tasks.SemanticSegmentationTask --ckpt path/to/best.ckpt --out exported/ \
+        [--formats torchscript onnx] [--input-size 512 512] [--atol 1e-4] [--rtol 1e-4]
 
-Any task plugs in by implementing two methods:
+Any task plugs in by implementing two methods (every lit-tasks task does):
 
-* ``export_module() -> nn.Module``: the inference network in eval mode, tensors in, one tensor out
-  (for the face task: ``(B, 3, S, S)`` images in [0, 1] -> L2-normalised ``(B, D)`` embeddings,
-  flip-fused as at validation, without the margin head);
-* ``export_example(batch_size) -> tuple[Tensor, ...]``: example inputs of the right shape.
+* ``export_module() -> nn.Module``: the inference network in eval mode, tensors in, a tensor or a tuple of
+  tensors out, every one with the batch first (face: images -> L2-normalised embeddings; segmentation: images ->
+  logits; detection: images -> the detector's raw outputs, whose post-processing ``detections_from_export``
+  documents and applies);
+* ``export_example(batch_size[, size]) -> tuple[Tensor, ...]``: example inputs (tasks whose input size is free
+  take ``size=(H, W)``, given by ``--input-size``; the exported files are fixed to that size).
 
-The batch dimension is exported as dynamic; the check runs the exported files with a *different* batch
-size than the trace (so a hard-coded batch is caught) through ``torch.jit.load`` and onnxruntime, and
-fails when any output differs from PyTorch by more than ``--atol``.
+and names its outputs with ``export_output_names`` (a tuple) or ``export_output_name``, its inputs with
+``export_input_names`` or ``export_input_name`` (default ``"images"``).
+
+The batch dimension is exported as dynamic; the check runs the exported files with a *different* batch size than
+the trace (so a hard-coded batch is caught) through ``torch.jit.load`` and onnxruntime, and fails when any output
+element differs from PyTorch's by more than ``atol + rtol * |PyTorch's value|`` (numpy's ``allclose`` rule). The
+defaults, 1e-4 and 1e-4, allow for float32 runtimes summing in another order (differences ~1e-6 relative to the
+magnitudes summed) over outputs from unit-norm embeddings to box distances of tens of strides.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +49,33 @@ def load_task(class_path: str, checkpoint: str) -> nn.Module:
         if not hasattr(cls, method):
             raise TypeError(f"{class_path} cannot be exported: it has no {method}() method")
     return cls.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+
+
+def input_names(task: nn.Module) -> tuple[str, ...]:
+    """``task.export_input_names``, or the single ``task.export_input_name`` (default ``"images"``)."""
+    names = getattr(task, "export_input_names", None)
+    return tuple(names) if names else (getattr(task, "export_input_name", "images"),)
+
+
+def output_names(task: nn.Module) -> tuple[str, ...]:
+    """``task.export_output_names``, or the single ``task.export_output_name`` (default ``"output"``)."""
+    names = getattr(task, "export_output_names", None)
+    return tuple(names) if names else (getattr(task, "export_output_name", "output"),)
+
+
+def example_inputs(task: nn.Module, batch_size: int, size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """``task.export_example(batch_size)``, at ``size`` (H, W) when given (an error if the task's size is fixed)."""
+    if size is None:
+        return tuple(task.export_example(batch_size))
+    if "size" not in inspect.signature(task.export_example).parameters:
+        raise ValueError(f"--input-size: {type(task).__name__}'s input size is fixed by the model; leave it out")
+    return tuple(task.export_example(batch_size, size=tuple(int(v) for v in size)))
+
+
+def as_arrays(outputs: Any) -> tuple[np.ndarray, ...]:
+    """A tensor / array or a tuple / list of them as a tuple of numpy arrays."""
+    items = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return tuple(o.detach().cpu().numpy() if torch.is_tensor(o) else np.asarray(o) for o in items)
 
 
 def export_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Path) -> Path:
@@ -64,24 +99,46 @@ def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: str 
     return path
 
 
-def run_exported(fmt: str, path: str | Path, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
-    """Output of an exported file for ``inputs`` (first output for ONNX)."""
+def run_exported(fmt: str, path: str | Path, inputs: tuple[torch.Tensor, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Outputs of an exported file for ``inputs``: one array, or a tuple of them for several outputs."""
     if fmt == "torchscript":
         with torch.no_grad():
-            return torch.jit.load(str(path), map_location="cpu")(*inputs).numpy()
-    import onnxruntime as ort
+            outputs = as_arrays(torch.jit.load(str(path), map_location="cpu")(*inputs))
+    else:
+        import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return session.run(None, feeds)[0]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+        outputs = tuple(session.run(None, feeds))
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def compare(got: tuple[np.ndarray, ...], expected: tuple[np.ndarray, ...], names: Sequence[str], atol: float,
+            rtol: float) -> tuple[dict[str, float], str | None]:
+    """Largest ``|got - expected|`` per output, and a description of the first output beyond the tolerance."""
+    if len(got) != len(expected):
+        return {}, f"{len(got)} outputs instead of {len(expected)}"
+    errors, failure = {}, None
+    for name, a, b in zip(names, got, expected):
+        if a.shape != b.shape:
+            return errors, f"output {name!r} has shape {a.shape} instead of {b.shape}"
+        difference = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        errors[name] = float(difference.max()) if difference.size else 0.0
+        excess = difference - rtol * np.abs(b.astype(np.float64))
+        if failure is None and difference.size and not (excess.max() <= atol):
+            failure = (f"by {errors[name]:.3g} in output {name!r} > atol {atol:g} + rtol {rtol:g} x |value| "
+                       f"(at {np.unravel_index(int(np.argmax(excess)), excess.shape)})")
+    return errors, failure
 
 
 def export(task: nn.Module, out_dir: str | Path, formats: Sequence[str] = FORMATS, atol: float = 1e-4,
-           name: str = "model") -> dict[str, dict[str, object]]:
-    """Export ``task.export_module()`` in each format to ``out_dir`` and check it; returns path and max error.
+           rtol: float = 1e-4, name: str = "model", size: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Export ``task.export_module()`` in each format to ``out_dir`` and check it against PyTorch.
+
+    Returns per format ``{"path", "max_abs_error", "errors": {output: max |difference|}}``.
 
     Raises:
-        ValueError: an unknown format, or an exported model differing by more than ``atol``.
+        ValueError: an unknown format, or an exported model differing beyond ``atol + rtol * |value|``.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -89,34 +146,42 @@ def export(task: nn.Module, out_dir: str | Path, formats: Sequence[str] = FORMAT
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = task.export_module().eval()
-    example = task.export_example(2)
-    check_inputs = task.export_example(3)  # another batch size than the trace
+    example = example_inputs(task, 2, size)
+    check_inputs = example_inputs(task, 3, size)  # another batch size than the trace
+    names = output_names(task)
     with torch.no_grad():
-        reference = module(*check_inputs).numpy()
-    report: dict[str, dict[str, object]] = {}
+        reference = as_arrays(module(*check_inputs))
+    if len(reference) != len(names):
+        raise ValueError(f"{type(task).__name__} names {len(names)} outputs {names} but its network returns "
+                         f"{len(reference)}")
+    report: dict[str, dict[str, Any]] = {}
     for fmt in formats:
         if fmt == "torchscript":
             path = export_torchscript(module, example, out_dir / f"{name}.pt")
         else:
-            path = export_onnx(module, example, out_dir / f"{name}.onnx",
-                               input_names=(getattr(task, "export_input_name", "images"),),
-                               output_names=(getattr(task, "export_output_name", "output"),))
-        error = float(np.abs(run_exported(fmt, path, check_inputs) - reference).max())
-        if not error <= atol:
-            raise ValueError(f"{fmt} export {path} differs from PyTorch by {error:.3g} > atol {atol:g}")
-        report[fmt] = {"path": str(path), "max_abs_error": error}
+            path = export_onnx(module, example, out_dir / f"{name}.onnx", input_names=input_names(task),
+                               output_names=names)
+        errors, failure = compare(as_arrays(run_exported(fmt, path, check_inputs)), reference, names, atol, rtol)
+        if failure:
+            raise ValueError(f"{fmt} export {path} differs from PyTorch {failure}")
+        report[fmt] = {"path": str(path), "max_abs_error": max(errors.values()), "errors": errors}
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, object]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="task class path, e.g. lit_tasks.face_recognition.FaceRecognitionTask")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint to export")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch| output")
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                        help="input height and width of the exported files (tasks whose input size is free; "
+                             "default: the task's, 512 x 512 for detection and segmentation)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="allowed |exported - PyTorch| beyond rtol x |value|")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="allowed |exported - PyTorch| relative to |value|")
     args = parser.parse_args(argv)
-    report = export(load_task(args.task, args.ckpt), args.out, args.formats, args.atol)
+    report = export(load_task(args.task, args.ckpt), args.out, args.formats, args.atol, args.rtol,
+                    size=args.input_size)
     print(json.dumps(report, indent=2))
     return report
 

@@ -22,11 +22,16 @@ of ``shuffle_buffer`` parsed records (decoded when they leave it, so the buffer 
 The epoch comes from :meth:`TFRecordDataset.set_epoch` plus the number of iterations begun since,
 counted in shared memory per worker, so it advances with persistent and non-persistent workers alike
 without any hook (Lightning only calls ``set_epoch`` on samplers).
+
+Resuming mid-epoch (with indexes): :meth:`TFRecordDataset.resume_position` sets the epoch of an interrupted
+iteration and makes each worker skip, undecoded, the samples of the batches it had delivered, so the epoch goes on
+with exactly the records not yet seen (:class:`datamodules.loaders.ResumableDataLoader` calls it from a checkpoint).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 import warnings
@@ -207,6 +212,8 @@ class TFRecordDataset(IterableDataset):
         # [base epoch, iterations begun per worker slot...] in shared memory, so that workers and the
         # main process see the same epoch whether workers are forked per epoch or persistent.
         self._epoch_state = torch.zeros(1 + _MAX_WORKERS, dtype=torch.int64).share_memory_()
+        # Samples each worker slot skips at the start of its next iteration (a resumed epoch, resume_position).
+        self._skip_state = torch.zeros(_MAX_WORKERS, dtype=torch.int64).share_memory_()
 
     # -- epochs, ranks, length ---------------------------------------------------------------------
 
@@ -214,6 +221,43 @@ class TFRecordDataset(IterableDataset):
         """Start counting epochs at ``epoch`` (the next iteration uses this epoch's shuffle)."""
         self._epoch_state[0] = epoch
         self._epoch_state[1:] = 0
+
+    def epoch_in_progress(self) -> int:
+        """The epoch of the iteration begun last (its shuffle), as seen by the main process."""
+        begun = int(self._epoch_state[1:].max())
+        return int(self._epoch_state[0]) + max(begun - 1, 0)
+
+    def resume_position(self, epoch: int, batches: int, num_workers: int, batch_size: int, drop_last: bool) -> None:
+        """Make the next iteration continue ``epoch`` after ``batches`` batches a DataLoader had delivered.
+
+        A DataLoader with ``num_workers`` workers takes batches from its workers in turn (workers whose records
+        ran out are passed over), so worker ``w`` had delivered a known number of batches; each worker skips those
+        samples (``batch_size`` per batch) of its own stream, undecoded, and goes on exactly where it stopped.
+        Needs the shard indexes (the split must be known); ``batch_size`` must be the one the dataset splits by.
+        """
+        if self.counts is None:
+            raise ValueError("a TFRecordDataset without index files cannot resume mid-epoch (its split is unknown)")
+        if batch_size != self.batch_size:
+            raise ValueError(f"the DataLoader's batch_size {batch_size} differs from the dataset's {self.batch_size}")
+        workers = max(num_workers, 1)
+        rank, world = self._rank_world()
+        start, stop = rank_range(sum(self.counts), rank, world, self.uneven)
+        per_worker = []
+        for w in range(workers):
+            first, last = worker_range(start, stop, w, workers, self.batch_size)
+            n = last - first
+            per_worker.append(n // batch_size if drop_last else -(-n // batch_size))
+        delivered = [0] * workers
+        remaining = batches
+        while remaining > 0 and any(d < c for d, c in zip(delivered, per_worker)):
+            for w in range(workers):
+                if remaining and delivered[w] < per_worker[w]:
+                    delivered[w] += 1
+                    remaining -= 1
+        self.set_epoch(epoch)
+        self._skip_state.zero_()
+        for w, d in enumerate(delivered):
+            self._skip_state[w % _MAX_WORKERS] = d * batch_size
 
     def _begin_epoch(self, worker: int) -> int:
         slot = 1 + worker % _MAX_WORKERS
@@ -321,6 +365,10 @@ class TFRecordDataset(IterableDataset):
         if self.shuffle:
             state = np.random.SeedSequence([self.seed, epoch, rank, worker]).generate_state(2)
             items = self._shuffled(items, random.Random(int(state[0]) << 32 | int(state[1])))
+        skip = int(self._skip_state[worker % _MAX_WORKERS])
+        if skip:  # a resumed epoch: these samples were delivered before the interruption
+            self._skip_state[worker % _MAX_WORKERS] = 0
+            items = itertools.islice(items, skip, None)
         for parsed, where in items:
             yield _decode(self.decode, parsed, where)
 

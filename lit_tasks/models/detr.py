@@ -310,3 +310,21 @@ def build_detr(
     criterion = SetCriterion(num_classes, eos_coef, cost_class, cost_bbox, cost_giou, weight_ce, weight_bbox,
                              weight_giou)
     return model, criterion, DETRPostprocess(max_detections)
+
+
+# -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
+DETR_EXPORT_NAMES = ("class_logits", "boxes")
+
+
+def detr_export_tensors(out: DETROutput) -> tuple[Tensor, Tensor]:
+    """The raw outputs an exported DETR returns (last decoder layer): logits ``(B, Q, C + 1)``, no-object last, and
+    boxes ``(B, Q, 4)`` sigmoid (cx, cy, w, h) relative to the (unpadded) input image."""
+    return out.pred_logits, out.pred_boxes
+
+
+def detr_output_from_export(tensors: tuple[Tensor, ...], image_size: tuple[int, int], model: nn.Module) -> DETROutput:
+    """A :class:`DETROutput` (one decoder layer) from the raw outputs of ``(H, W)`` images, for
+    :class:`DETRPostprocess`."""
+    logits, boxes = tensors
+    sizes = torch.tensor([[int(image_size[0]), int(image_size[1])]] * logits.shape[0], device=logits.device)
+    return DETROutput(logits[None], boxes[None], sizes)

@@ -250,3 +250,30 @@ def build_fcos(
     model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn)
     criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
     return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
+
+
+# -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
+FCOS_EXPORT_NAMES = ("class_logits", "box_ltrb", "centerness_logits")
+
+
+def fcos_export_tensors(out: FCOSOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image-dependent raw outputs of an exported FCOS: class logits ``(B, P, C)``, distances ``(B, P, 4)`` (l, t,
+    r, b in units of each location's stride) and centerness logits ``(B, P)``; P runs over levels P3..P7, each row by
+    row. The location grid is fixed by the input size and rebuilt by :func:`fcos_output_from_export`."""
+    return out.cls_logits, out.ltrb, out.centerness
+
+
+def fcos_output_from_export(tensors: tuple[torch.Tensor, ...], image_size: tuple[int, int], model: FCOS) -> FCOSOutput:
+    """An :class:`FCOSOutput` from the raw outputs of ``(H, W)`` images, for :class:`FCOSPostprocess`.
+
+    Level l (stride s = 8, 16, ..., 128) has ``ceil(H / s) x ceil(W / s)`` locations: stride-2 3x3 convolutions with
+    padding 1 round up at every halving, in the backbone and in the FPN's extra levels.
+    """
+    cls_logits, ltrb, centerness = tensors
+    h, w = (int(v) for v in image_size)
+    sizes = [(-(-h // s), -(-w // s)) for s in model.strides]
+    points, strides, levels = grid_points(sizes, list(model.strides), cls_logits.device)
+    if points.shape[0] != cls_logits.shape[1]:
+        raise ValueError(f"{cls_logits.shape[1]} locations for {h}x{w} images, but FCOS's grid has {points.shape[0]} "
+                         f"({sizes}): were the outputs made at another input size?")
+    return FCOSOutput(cls_logits, ltrb, centerness, points, strides, levels)

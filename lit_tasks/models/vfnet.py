@@ -190,7 +190,10 @@ class VFNetOutput:
     image_sizes: list[tuple[int, int]]  # unpadded (h, w) of each image
 
 
-def _as_sizes(image_sizes, batch: int) -> list[tuple[int, int]]:
+def _as_sizes(image_sizes, batch: int, full: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """``image_sizes`` as (h, w) ints, one per image; None = every image fills the ``full`` batch size."""
+    if image_sizes is None and full is not None:
+        return [full] * batch
     sizes = [(int(h), int(w)) for h, w in image_sizes]
     if len(sizes) != batch:
         raise ValueError(f"VFNet: {batch} images but {len(sizes)} image_sizes")
@@ -234,9 +237,9 @@ class VFNet(nn.Module):
             self._grid_cache = {key: (points, strides, levels)}
         return self._grid_cache[key]
 
-    def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]]) -> VFNetOutput:
-        sizes = _as_sizes(image_sizes, images.shape[0])
-        levels = self.fpn(self.backbone(self.normalize(images, sizes)))
+    def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | None = None) -> VFNetOutput:
+        sizes = _as_sizes(image_sizes, images.shape[0], tuple(images.shape[-2:]))
+        levels = self.fpn(self.backbone(self.normalize(images, None if image_sizes is None else sizes)))
         cls_logits, ltrb_init, ltrb_refine = self.head(levels)
         level_sizes = [tuple(f.shape[-2:]) for f in levels]
         points, strides, level_ids = self.grid(level_sizes, images.device)
@@ -435,3 +438,27 @@ def build_vfnet(
                                loss_box_refine_weight=loss_box_refine_weight)
     postprocess = VFNetPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
     return model, criterion, postprocess
+
+
+# -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
+VFNET_EXPORT_NAMES = ("class_logits", "box_ltrb")
+
+
+def vfnet_export_tensors(out: VFNetOutput) -> tuple[Tensor, Tensor]:
+    """The raw outputs an exported VFNet returns: IoU-aware class logits ``(B, P, C)`` and the refined box distances
+    ``(B, P, 4)`` (l, t, r, b in pixels; the initial boxes only feed the refinement and the loss). P runs over levels
+    P3..P7, each row by row; :func:`vfnet_output_from_export` rebuilds the location grid from the input size."""
+    return out.cls_logits, out.ltrb_refine
+
+
+def vfnet_output_from_export(tensors: tuple[Tensor, ...], image_size: tuple[int, int], model: VFNet) -> VFNetOutput:
+    """A :class:`VFNetOutput` from the raw outputs of ``(H, W)`` images, for :class:`VFNetPostprocess` (level sizes
+    ``ceil(H / s) x ceil(W / s)`` as FCOS's)."""
+    cls_logits, ltrb = tensors
+    h, w = (int(v) for v in image_size)
+    sizes = [(-(-h // s), -(-w // s)) for s in VFNET_STRIDES]
+    points, strides, levels = model.grid(sizes, cls_logits.device)
+    if points.shape[0] != cls_logits.shape[1]:
+        raise ValueError(f"{cls_logits.shape[1]} locations for {h}x{w} images, but VFNet's grid has "
+                         f"{points.shape[0]} ({sizes}): were the outputs made at another input size?")
+    return VFNetOutput(cls_logits, ltrb, ltrb, points, strides, levels, sizes, [(h, w)] * cls_logits.shape[0])
