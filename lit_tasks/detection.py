@@ -413,6 +413,11 @@ class DetectionTask(BaseTask):
         """Names of the exported network's outputs (the model's raw outputs, see ``EXPORTERS``)."""
         return EXPORTERS[self.hparams.model].names
 
+    @property
+    def export_opset(self) -> int:
+        """ONNX opset of the export: 19 for VFNet (its deformable convolution is ONNX ``DeformConv``), else 17."""
+        return 19 if self.hparams.model == "vfnet" else 17
+
     def export_module(self) -> torch.nn.Module:
         """For ``tools/export.py``: unpadded images in [0, 1] -> the detector's raw outputs (FCOS: class logits,
         l/t/r/b distances in strides, centerness logits; VFNet: class logits, refined l/t/r/b in pixels; DETR: the last

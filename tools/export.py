@@ -13,7 +13,8 @@ Any task plugs in by implementing two methods (every lit-tasks task does):
   take ``size=(H, W)``, given by ``--input-size``; the exported files are fixed to that size).
 
 and names its outputs with ``export_output_names`` (a tuple) or ``export_output_name``, its inputs with
-``export_input_names`` or ``export_input_name`` (default ``"images"``).
+``export_input_names`` or ``export_input_name`` (default ``"images"``); ``export_opset`` picks the ONNX opset (17 by
+default; VFNet's deformable convolution needs 19, where ONNX has ``DeformConv``).
 
 The batch dimension is exported as dynamic; the check runs the exported files with a *different* batch size than
 the trace (so a hard-coded batch is caught) through ``torch.jit.load`` and onnxruntime, and fails when any output
@@ -87,10 +88,32 @@ def export_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], pat
     return path
 
 
+def deform_conv2d_symbolic(g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                           dilation_w, groups, offset_groups, use_mask):
+    """``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19; the same offset layout as torchvision's)."""
+    from torch.onnx import symbolic_helper
+
+    kernel = symbolic_helper._get_tensor_sizes(weight)[2:]
+    inputs = [input, weight, offset, bias] + ([mask] if use_mask else [])
+    return g.op("DeformConv", *inputs, dilations_i=[dilation_h, dilation_w], group_i=groups,
+                offset_group_i=offset_groups, kernel_shape_i=kernel, pads_i=[pad_h, pad_w, pad_h, pad_w],
+                strides_i=[stride_h, stride_w])
+
+
+def register_onnx_ops() -> None:
+    """Symbolics torchvision does not register: ``deform_conv2d`` (VFNet's star-shaped convolution), opset >= 19."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    symbolic = parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")(deform_conv2d_symbolic)
+    register_custom_op_symbolic("torchvision::deform_conv2d", symbolic, 19)
+
+
 def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: str | Path,
                 input_names: Sequence[str] = ("images",), output_names: Sequence[str] = ("output",),
                 opset: int = 17) -> Path:
     """ONNX export with a dynamic batch dimension (TorchScript-based exporter: no onnxscript needed)."""
+    register_onnx_ops()
     path = Path(path)
     axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
     with torch.no_grad():
@@ -160,7 +183,7 @@ def export(task: nn.Module, out_dir: str | Path, formats: Sequence[str] = FORMAT
             path = export_torchscript(module, example, out_dir / f"{name}.pt")
         else:
             path = export_onnx(module, example, out_dir / f"{name}.onnx", input_names=input_names(task),
-                               output_names=names)
+                               output_names=names, opset=getattr(task, "export_opset", 17))
         errors, failure = compare(as_arrays(run_exported(fmt, path, check_inputs)), reference, names, atol, rtol)
         if failure:
             raise ValueError(f"{fmt} export {path} differs from PyTorch {failure}")
