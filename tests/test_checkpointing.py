@@ -54,12 +54,12 @@ def _write_then_hang(path: str, writer: str, ready: str) -> None:
 @pytest.mark.parametrize("writer", ["atomic", "plain"])
 def test_a_kill_in_the_middle_of_a_write_leaves_the_previous_checkpoint(tmp_path, writer) -> None:
     """SIGKILL while the new file is half written: the atomic writer leaves the old checkpoint loadable, where a plain
-    ``torch.save`` to the path leaves a truncated, unloadable file. (A forked child only pickles and writes files:
-    no OpenMP region runs in it, so forking the test process is safe here.)"""
+    ``torch.save`` to the path leaves a truncated, unloadable file. (The child is spawned, not forked:
+    a fork of a test process that has run OpenMP regions can hang before it writes anything.)"""
     path, ready = tmp_path / "last.ckpt", tmp_path / "ready"
     old = {"step": 1, "weight": torch.full((256, 256), 1.0)}
     atomic_torch_save(old, path)
-    child = multiprocessing.get_context("fork").Process(target=_write_then_hang, args=(str(path), writer, str(ready)))
+    child = multiprocessing.get_context("spawn").Process(target=_write_then_hang, args=(str(path), writer, str(ready)))
     child.start()
     deadline = time.monotonic() + 120
     while not ready.exists() and child.is_alive() and time.monotonic() < deadline:
