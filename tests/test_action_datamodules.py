@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,15 +18,9 @@ from datamodules.features import FeatureSession, FeatureSet, holdout_sessions
 from datamodules.synthetic.streams import make_feature_streams
 from datamodules.tfrecord import TFRecordWriter, build_sequence_example, write_sharded
 from datamodules.tfrecord_features import read_feature_records, session_examples
+from golden import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    if os.environ.get("LIT_TASKS_SHARED"):
-        return Path(os.environ["LIT_TASKS_SHARED"])
-    beside = ROOT.parent / "shared"
-    return beside if beside.is_dir() else Path("/work/shared")
 
 
 GOLDEN = shared_dir() / "golden" / "oad"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,16 +18,10 @@ from lit_tasks import ActionDetectionTask
 from lit_tasks.cli import run_cli
 from lit_tasks.metrics.action import FrameLevelMAP
 from lit_tasks.models.oadtr import class_probabilities
+from golden import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "action"
-
-
-def shared_dir() -> Path:
-    if os.environ.get("LIT_TASKS_SHARED"):
-        return Path(os.environ["LIT_TASKS_SHARED"])
-    beside = ROOT.parent / "shared"
-    return beside if beside.is_dir() else Path("/work/shared")
 
 
 GOLDEN = shared_dir() / "golden" / "oad"

@@ -15,13 +15,7 @@ import torch
 
 from datamodules.features import (FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set, load_pickle,
                                   read_lstr_features, read_oadtr_pickles)
-
-
-def shared_dir() -> Path:
-    if os.environ.get("LIT_TASKS_SHARED"):
-        return Path(os.environ["LIT_TASKS_SHARED"])
-    beside = Path(__file__).resolve().parents[1].parent / "shared"
-    return beside if beside.is_dir() else Path("/work/shared")
+from golden import shared_dir
 
 
 GOLDEN = shared_dir() / "golden" / "oad"

@@ -35,19 +35,10 @@ from datamodules.recordio import (
     unpack_record,
     write_recordio,
 )
+from golden import golden_dir
 
 
-def golden_dir() -> Path | None:
-    """The insightface golden folder: $LIT_TASKS_SHARED, ../shared beside the checkout, or /work/shared."""
-    candidates = [Path(os.environ["LIT_TASKS_SHARED"])] if os.environ.get("LIT_TASKS_SHARED") else []
-    candidates += [Path(__file__).resolve().parents[1].parent / "shared", Path("/work/shared")]
-    for shared in candidates:
-        if (shared / "golden" / "insightface" / "values.json").is_file():
-            return shared / "golden" / "insightface"
-    return None
-
-
-GOLDEN = golden_dir()
+GOLDEN = golden_dir("insightface")
 needs_golden = pytest.mark.skipif(GOLDEN is None, reason="golden insightface files not found: set LIT_TASKS_SHARED "
                                   "to the shared folder holding golden/insightface")
 VALUES = json.loads((GOLDEN / "values.json").read_text()) if GOLDEN is not None else {}
