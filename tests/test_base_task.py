@@ -82,7 +82,7 @@ def test_backbone_lr_ratio_groups():
     for group in optimizer.param_groups:
         inside = {id(p) in backbone for p in group["params"]}
         assert len(inside) == 1  # a group is all backbone or all the rest
-        assert group["lr"] == pytest.approx(task.hparams.lr * (0.1 if inside == {True} else 1.0))
+        assert group["lr"] == pytest.approx(task.recipe("lr") * (0.1 if inside == {True} else 1.0))
         seen += len(group["params"])
     assert seen == sum(1 for p in task.parameters() if p.requires_grad)
 
