@@ -14,7 +14,8 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .loaders import ResumableDataLoader
+from .loaders import ResumableDataLoader, TransferDataLoader
+from .transfer import PackSmall
 
 
 # Splits each Trainer stage reads; predict runs on the validation split.
@@ -93,12 +94,15 @@ class BaseDataModule(pl.LightningDataModule):
         Evaluation under DDP reads each sample exactly once (:func:`evaluation_sampler`): Lightning's default
         ``DistributedSampler`` repeats samples to even out the processes, and metrics would count them twice.
         The training loader is a :class:`~datamodules.loaders.ResumableDataLoader`: checkpoints remember its
-        position in the epoch, and a fit resumed from one continues the epoch there.
+        position in the epoch, and a fit resumed from one continues the epoch there. With workers, small tensors
+        leave them pickled (:mod:`datamodules.transfer`) and the loader hands out tensors again.
         """
+        if self.num_workers > 0:  # small tensors travel pickled; the loader's iterator rebuilds them
+            collate_fn = PackSmall(collate_fn or torch.utils.data.default_collate)
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         sampler = None if train or iterable else evaluation_sampler(dataset)
         shuffle = train and not iterable
-        return (ResumableDataLoader if train else DataLoader)(
+        return (ResumableDataLoader if train else TransferDataLoader)(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,

@@ -30,6 +30,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from .transfer import PackSmall, unpack_small
+
 
 class _SkipFirst:
     """Index sampler wrapper whose next pass starts at the loader's (restored) position.
@@ -72,7 +74,32 @@ class _CountingIterator:
         return len(self.inner)
 
 
-class ResumableDataLoader(DataLoader):
+class _Unpacking:
+    """A DataLoader iterator whose batches left the workers packed (:class:`~datamodules.transfer.PackSmall`)."""
+
+    def __init__(self, inner: Iterator[Any]) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> "_Unpacking":
+        return self
+
+    def __next__(self) -> Any:
+        return unpack_small(next(self.inner))
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class TransferDataLoader(DataLoader):
+    """DataLoader that rebuilds the small tensors a :class:`~datamodules.transfer.PackSmall` collate packed in the
+    workers, so its batches are plain tensors again (see :mod:`datamodules.transfer` for why they are packed)."""
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        return _Unpacking(iterator) if isinstance(self.collate_fn, PackSmall) else iterator
+
+
+class ResumableDataLoader(TransferDataLoader):
     """``torch.utils.data.DataLoader`` with ``state_dict()`` / ``load_state_dict()`` of its position in an epoch.
 
     Same arguments as DataLoader; give it a ``generator`` (``torch.Generator()``) when shuffling so the order of

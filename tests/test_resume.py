@@ -62,6 +62,20 @@ RESUME_CASES = {
     "segmentation_deeplabv3plus": ResumeCase("configs/segmentation/deeplabv3plus_shapes.yaml", [
         "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0",
         "--data.image_size=32", "--model.head_channels=16", "--model.num_log_images=0"], marks=[pytest.mark.slow]),
+    "detection_vfnet": ResumeCase("configs/detection/vfnet_shapes.yaml", [
+        "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0", "--data.augment=false",
+        "--model.fpn_channels=16", "--model.head_convs=1", "--model.num_log_images=0"], marks=[pytest.mark.slow]),
+    "detection_detr": ResumeCase("configs/detection/detr_shapes.yaml", [
+        "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0", "--data.augment=false",
+        "--model.d_model=32", "--model.dim_feedforward=64", "--model.dropout=0.1", "--model.num_log_images=0"],
+        marks=[pytest.mark.slow]),
+    # the number of figures per image varies: the epoch is cut at 4 batches
+    "pose_rle": ResumeCase("configs/pose/rle_shapes.yaml", [
+        "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0",
+        "--model.num_log_images=0", "--trainer.limit_train_batches=4"], marks=[pytest.mark.slow]),
+    "action_oadtr": ResumeCase("configs/action/oadtr_synthetic.yaml", [
+        "--data.batch_size=8", "--data.num_workers=0", "--model.num_log_streams=0", "--trainer.limit_train_batches=4"],
+        marks=[pytest.mark.slow]),
 }
 
 
