@@ -6,8 +6,9 @@
 1. For each task: a few hundred Lightning training steps (``bf16-mixed``, channels_last) of a realistic-size model on
    its synthetic data (rendered once and cycled from memory, so the renderer does not limit the GPU): images (or
    windows) per second after warm-up and peak GPU memory. Realistic sizes: face ResNet-50 at 112 px, batch 128,
-   512-d embeddings, Partial FC over 100k identities at sample rate 0.1; FCOS ResNet-50 FPN at 512 px, batch 8;
-   DeepLabV3+ ResNet-50 (output stride 16) at 512 px, batch 8.
+   512-d embeddings, Partial FC over 100k identities at sample rate 0.1; FCOS, VFNet and DETR ResNet-50 at 512 px,
+   batch 8; DeepLabV3+ ResNet-50 (output stride 16) at 512 px, batch 8; RLE ResNet-50 at 256x192, batch 32; OadTR
+   at THUMOS size (3072-d features, window 64), batch 128.
 2. ``torch.compile`` on the segmentation network (dropout off): compile time, eager vs compiled training-step time,
    and the first step's loss difference from the same weights (bf16 autocast: allowed 5e-2 relative).
 3. The benchmarks against their references on the same device: ``benchmarks/detection_speed.py --device cuda``
@@ -42,10 +43,19 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from datamodules.synthetic.figures_keypoints import FiguresKeypointDataModule  # noqa: E402
 from datamodules.synthetic.identities import SyntheticFacesDataModule  # noqa: E402
 from datamodules.synthetic.shapes_detection import ShapesDetectionDataModule  # noqa: E402
 from datamodules.synthetic.shapes_segmentation import ShapesSegmentationDataModule  # noqa: E402
-from lit_tasks import DetectionTask, FaceRecognitionTask, SemanticSegmentationTask  # noqa: E402
+from datamodules.synthetic.streams import SyntheticStreamsDataModule  # noqa: E402
+from lit_tasks import (  # noqa: E402
+    ActionDetectionTask,
+    DetectionTask,
+    FaceRecognitionTask,
+    PoseTask,
+    SemanticSegmentationTask,
+)
+from lit_tasks.cli import LINKED_SIZES  # noqa: E402
 
 
 @dataclass
@@ -77,6 +87,52 @@ def detection(tiny: bool):
     return DetectionTask(num_classes=80, backbone="resnet50", num_log_images=0), data
 
 
+def linked(task_class: type, data: pl.LightningDataModule) -> dict[str, Any]:
+    """The sizes the CLI links from the DataModule into the task (those the task takes)."""
+    import inspect
+
+    takes = inspect.signature(task_class.__init__).parameters
+    return {name: getattr(data, name) for name in LINKED_SIZES if name in takes and hasattr(data, name)}
+
+
+def detector(model: str) -> Callable[[bool], tuple[pl.LightningModule, pl.LightningDataModule]]:
+    """VFNet / DETR as the FCOS case: R-50 at 512 px, batch 8 (tiny: ResNet-10-T at 64 px)."""
+
+    def build(tiny: bool):
+        size, batch = (64, 2) if tiny else (512, 8)
+        data = ShapesDetectionDataModule(num_train=4 * batch, image_size=size, augment=False, batch_size=batch,
+                                         num_workers=0)
+        if not tiny:
+            return DetectionTask(num_classes=80, model=model, backbone="resnet50", num_log_images=0), data
+        small = (dict(d_model=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                      num_queries=10) if model == "detr" else dict(fpn_channels=16, head_convs=1))
+        return DetectionTask(num_classes=data.num_classes, model=model, backbone="resnet10t", num_log_images=0,
+                             **small), data
+
+    return build
+
+
+def pose(tiny: bool):
+    """RLE: ResNet-50 at 256x192, batch 32 (the COCO recipe's input; tiny: test_resnet at 32x24)."""
+    size, crop, batch = (64, [32, 24], 2) if tiny else (256, [256, 192], 32)
+    data = FiguresKeypointDataModule(num_train=4 * batch, num_val=2, image_size=size, input_size=crop,
+                                     batch_size=batch, num_workers=0)
+    return PoseTask(backbone="test_resnet" if tiny else "resnet50", num_log_images=0, **linked(PoseTask, data)), data
+
+
+def action(tiny: bool):
+    """OadTR at its THUMOS size (3072-d features, window 64, 8 anticipated frames), batch 128; tiny: 16-d, 8."""
+    if tiny:
+        data = SyntheticStreamsDataModule(num_train=4, num_val=2, num_test=2, min_frames=30, max_frames=50, window=8,
+                                          num_future=4, batch_size=4, num_workers=0)
+        small = dict(embed_dim=32, enc_layers=1, enc_heads=4, enc_mlp_dim=48, dec_layers=1, dec_heads=2,
+                     dec_ffn_dim=40)
+        return ActionDetectionTask(num_log_streams=0, **small, **linked(ActionDetectionTask, data)), data
+    data = SyntheticStreamsDataModule(num_train=64, num_val=2, num_test=2, feature_dim=3072, window=64, num_future=8,
+                                      batch_size=128, num_workers=0)
+    return ActionDetectionTask(num_log_streams=0, **linked(ActionDetectionTask, data)), data
+
+
 def segmentation(tiny: bool, dropout: float = 0.1):
     size, batch = (32, 2) if tiny else (512, 8)
     data = ShapesSegmentationDataModule(num_train=4 * batch, image_size=size, augment=False, batch_size=batch,
@@ -92,6 +148,10 @@ TASKS: dict[str, TaskSpec] = {
     "face_recognition": TaskSpec(face),
     "detection_fcos": TaskSpec(detection),
     "segmentation_deeplabv3plus": TaskSpec(segmentation),
+    "detection_vfnet": TaskSpec(detector("vfnet")),
+    "detection_detr": TaskSpec(detector("detr")),
+    "pose_rle": TaskSpec(pose),
+    "action_oadtr": TaskSpec(action, unit="windows"),
 }
 
 

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+import torch
 
 COCO_KEYPOINT_NAMES: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -339,7 +340,9 @@ class TopDownAffine:
         center, scale = box_xywh_to_center_scale(box, self.aspect_ratio, self.padding)
         rotation, flipped = 0.0, False
         if self.train:
-            rng = rng if rng is not None else np.random.default_rng()
+            # seeded from torch's generator: seed_everything, the DataLoader's per-worker seeds and a resumed run's
+            # restored state decide the augmentation (a fresh default_rng() would make every run differ)
+            rng = rng if rng is not None else np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
             labelled = int((keypoints[:, 2] > 0).sum())
             if (self.upper_body_ids is not None and labelled > self.half_body_min_keypoints
                     and rng.random() < self.half_body_prob):

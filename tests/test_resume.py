@@ -69,7 +69,8 @@ RESUME_CASES = {
         "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0", "--data.augment=false",
         "--model.d_model=32", "--model.dim_feedforward=64", "--model.dropout=0.1", "--model.num_log_images=0"],
         marks=[pytest.mark.slow]),
-    # the number of figures per image varies: the epoch is cut at 4 batches
+    # the number of figures per image varies: the epoch is cut at 4 batches; the top-down augmentation stays on (it
+    # draws from torch's generator, which the resume restores)
     "pose_rle": ResumeCase("configs/pose/rle_shapes.yaml", [
         "--data.num_train=16", "--data.num_val=2", "--data.batch_size=4", "--data.num_workers=0",
         "--model.num_log_images=0", "--trainer.limit_train_batches=4"], marks=[pytest.mark.slow]),
