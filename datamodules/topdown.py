@@ -9,7 +9,6 @@ are listed in :mod:`datamodules.coco_keypoints`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -82,7 +81,6 @@ class TopDownDataset(Dataset):
         self.boxes = boxes
         self.transform = transform
         self.carried: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in boxes]
-        self._rng: tuple[int, np.random.Generator] | None = None
         if carry_ground_truth and boxes:
             first: dict[int, int] = {}
             for i, b in enumerate(boxes):
@@ -96,11 +94,9 @@ class TopDownDataset(Dataset):
         return len(self.boxes)
 
     def rng(self) -> np.random.Generator:
-        """This process's augmentation generator, seeded from torch's seed (set per DataLoader worker)."""
-        pid = os.getpid()
-        if self._rng is None or self._rng[0] != pid:
-            self._rng = (pid, np.random.default_rng(torch.initial_seed()))
-        return self._rng[1]
+        """A sample's augmentation generator, drawn from torch's generator: seeded per DataLoader worker, and in the
+        trainer process restored with a resumed checkpoint (a generator kept here would not be)."""
+        return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         src, box = self.source, self.boxes[index]
