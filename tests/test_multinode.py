@@ -46,7 +46,8 @@ NODE_CASES = {
     "detection_fcos": NodeCase("configs/detection/fcos_shapes.yaml", [
         "--data.num_train=8", "--data.num_val=5", "--data.batch_size=2", "--data.num_workers=0", "--data.augment=false",
         "--model.fpn_channels=16", "--model.head_convs=1", "--model.num_log_images=0", "--model.score_threshold=0.0",
-        "--model.warmup_steps=0", "--model.optimizer.init_args.lr=0.01", "--trainer.check_val_every_n_epoch=15"],
+        "--model.warmup_steps=0", "--model.optimizer.init_args.lr=0.01", "--trainer.check_val_every_n_epoch=15",
+        "--trainer.max_epochs=15"],  # the demo config stops at 4 epochs
         max_steps=30, metrics=("val/map", "val/map_50", "val/mar_100"), marks=[pytest.mark.slow]),
 }
 COMMON = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0"]
