@@ -93,11 +93,6 @@ class TopDownDataset(Dataset):
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def rng(self) -> np.random.Generator:
-        """A sample's augmentation generator, drawn from torch's generator: seeded per DataLoader worker, and in the
-        trainer process restored with a resumed checkpoint (a generator kept here would not be)."""
-        return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         src, box = self.source, self.boxes[index]
         k = src.num_keypoints
@@ -106,7 +101,7 @@ class TopDownDataset(Dataset):
         where = (f"COCO annotation {int(src.ann_ids[ann])} in {src.annotation_file}" if ann >= 0
                  else f"detection box {box.box_xywh.tolist()} of image {src.image_ids[box.image_index]}")
         sample = topdown_sample(src.load_image(box.image_index), keypoints, box.box_xywh, self.transform,
-                                self.rng() if self.transform.train else None, where)
+                                None, where)  # the transform draws its generator from torch's (resumable)
         x, y, w, h = box.box_xywh
         carried = self.carried[index]
         boxes = src.boxes_xywh[carried]
