@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.recordio import IRHeader, pack_record, write_recordio
+from lit_tasks.callbacks.segmentation_images import class_palette
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_tfrecords.py"
 
@@ -83,6 +86,21 @@ def write_mask_dataset(tmp_path: Path) -> dict:
             "val_files": str(out / "val-*.tfrecord")}
 
 
+def write_voc(root: Path) -> None:
+    """PASCAL VOC2012 layout: 4 JPEGs, palette masks of 21 classes, ImageSets/Segmentation/{train,val}.txt."""
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+        mask = rng.integers(0, 21, size=(40, 48), dtype=np.uint8)
+        im = Image.frombytes("P", (48, 40), mask.tobytes())
+        im.putpalette(sum(class_palette(256), ()))
+        im.save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("0\n1\n2\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("3\n")
+
+
 def write_face_dataset(tmp_path: Path) -> dict:
     """``faces/<identity>/<identity>_000k.ext`` with ``faces/pairs.txt`` (LFW format), and its gzip shards."""
     rng = np.random.default_rng(0)
@@ -107,8 +125,6 @@ def write_recordio_faces(root: Path, bins: tuple[str, ...] = ("lfw.bin",), ident
     keys ``[start, end)``), and record 0 the header (label = ``[first identity key, one past the last]``). A
     ``.bin`` is insightface's pickle ``(list of JPEG bytes, list of issame)``, two images per pair.
     """
-    from datamodules.recordio import IRHeader, pack_record, write_recordio
-
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     face = lambda: jpeg_bytes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731

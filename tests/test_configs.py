@@ -15,8 +15,7 @@ from typing import Callable
 import pytest
 from conftest import write_shapes_coco
 from layouts import write_coco_tfrecords, write_face_dataset, write_mask_dataset, write_recordio_faces
-from layouts import write_thumos_features
-from test_segmentation_task import write_voc
+from layouts import write_thumos_features, write_voc
 
 from datamodules.synthetic.figures import FIGURE_OKS_SIGMAS, write_figures_coco
 from lit_tasks.cli import LINKED_SIZES, run_cli
@@ -47,51 +46,60 @@ NO_DOWNLOAD = init_args("model", pretrained="false")
 
 
 def coco(tmp_path: Path) -> list[str]:
+    """COCO layout: annotations/instances_{train,val}2017.json, train2017/, val2017/."""
     return init_args("data", root=write_shapes_coco(tmp_path / "coco"), image_size=64)
 
 
 def thumos(tmp_path: Path) -> list[str]:
+    """THUMOS'14 features in both the LSTR / TeSTra folders and OadTR's pickles."""
     return [*init_args("data", root=write_thumos_features(tmp_path / "thumos")), *OADTR]
 
 
 def seg_folder(tmp_path: Path) -> list[str]:
+    """images/{train,val}, masks/{train,val} and classes.yaml under the root."""
     return init_args("data", root=write_mask_dataset(tmp_path)["root"])
 
 
 def seg_tfrecord(tmp_path: Path) -> list[str]:
+    """Image + mask shards (make_tfrecords.py masks) and the class names file."""
     seg = write_mask_dataset(tmp_path)
     return init_args("data", train_files=seg["train_files"], val_files=seg["val_files"],
                      class_names_file=seg["classes"])
 
 
 def voc(tmp_path: Path) -> list[str]:
+    """VOC2012 layout: JPEGImages, SegmentationClass, ImageSets/Segmentation."""
     write_voc(tmp_path / "voc")
     return init_args("data", root=tmp_path / "voc")
 
 
 def face_folder(tmp_path: Path) -> list[str]:
+    """One folder per identity and LFW-style pairs.txt."""
     faces = write_face_dataset(tmp_path)
     return init_args("data", root=faces["root"], pairs=faces["pairs"])
 
 
 def face_tfrecord(tmp_path: Path) -> list[str]:
+    """Identity shards (make_tfrecords.py folder), their label map and pairs.txt."""
     faces = write_face_dataset(tmp_path)
     return init_args("data", train_files=faces["train_files"], label_map=faces["label_map"], pairs=faces["pairs"])
 
 
 def face_recordio(tmp_path: Path) -> list[str]:
-    # the config's three .bin sets, beside the pack as its comment says; a CPU runs fp32 (16-mixed is for GPUs)
+    """An insightface train.rec / train.idx with the config's three .bin sets beside it."""
     rec = write_recordio_faces(tmp_path / "ms1m", bins=("lfw.bin", "cfp_fp.bin", "agedb_30.bin"))
-    return [*init_args("data", rec=rec), "--model.init_args.backbone=iresnet18", "--trainer.precision=32-true"]
+    return [*init_args("data", rec=rec), "--model.init_args.backbone=iresnet18"]
 
 
 def detection_tfrecord(tmp_path: Path) -> list[str]:
+    """TF Object Detection API shards of a COCO layout and their label map."""
     shards = write_coco_tfrecords(write_shapes_coco(tmp_path / "coco"), tmp_path / "tfr")
     return init_args("data", train_files=shards["train_files"], val_files=shards["val_files"],
                      label_map=shards["label_map"], image_size=64)
 
 
 def figures(tmp_path: Path) -> list[str]:
+    """COCO person-keypoints layout (13-keypoint stick figures)."""
     root = tmp_path / "figures"
     write_figures_coco(root, {"train2017": (4, 0), "val2017": (2, 1)}, image_size=64)
     # 13 keypoints, not COCO's 17: a keypoint dataset of its own gives its OKS sigmas (the config's comment)
