@@ -40,6 +40,16 @@ class BaseDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.datasets: dict[str, Dataset] = {}
 
+    def record_resolved(self, **values: Any) -> None:
+        """Record ``values`` (sizes resolved from the data) in ``hparams`` and ``hparams_initial``, after
+        ``save_hyperparameters()``.
+
+        Under LightningCLI ``save_hyperparameters()`` records the parsed arguments (``num_classes: null``), not the
+        resolved value the CLI links into the task, and Lightning refuses to log hyperparameters that differ between
+        the task and the DataModule. ``save_hyperparameters`` given a dict stores exactly that dict.
+        """
+        self.save_hyperparameters({**self.hparams, **values})
+
     def build_dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         raise NotImplementedError

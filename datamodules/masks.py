@@ -421,8 +421,8 @@ class VOCSegmentationDataModule(MaskDataModule):
             color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory,
         )
-        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
+        self.record_resolved(num_classes=self.num_classes)  # what the CLI links, not the argument (None)
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.mask_dir = mask_dir
@@ -489,8 +489,8 @@ class FolderSegmentationDataModule(MaskDataModule):
             color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory,
         )
-        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
+        self.record_resolved(num_classes=self.num_classes)  # what the CLI links, not the argument (None)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root = root_path

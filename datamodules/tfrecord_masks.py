@@ -172,8 +172,8 @@ class TFRecordMaskDataModule(MaskDataModule):
             color_jitter=color_jitter, predict_dir=predict_dir, batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory,
         )
-        num_classes = self.num_classes  # saved resolved: it must equal what the CLI links into the task
         self.save_hyperparameters()
+        self.record_resolved(num_classes=self.num_classes)  # what the CLI links, not the argument (None)
         self.files: dict[str, str | Sequence[str]] = {"train": train_files, "val": val_files,
                                                       "test": test_files or val_files}
         self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt

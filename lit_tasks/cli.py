@@ -3,12 +3,13 @@
 A config names the task and the DataModule by class path (``model.class_path: lit_tasks.DetectionTask``,
 ``data.class_path: datamodules.COCODetectionDataModule``); ``lit-tasks fit --config X.yaml --help`` lists
 every option of the classes it names, ``--model.help CLASS`` those of any class. Sizes the data
-determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``, the face
-``verification_sets`` names; for pose also ``keypoint_names``, ``flip_index``, ``skeleton``, ``oks_sigmas``,
-``input_size``; for online action detection ``feature_dim``, ``background_index``, ``ambiguous_index`` and the
-window sizes ``window`` / ``num_future`` the DataModule cuts) are
-linked from the DataModule into the task at instantiation; a different value given for the task (on the
-command line, in a config or from a checkpoint) is an error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
+determines (``num_classes``, ``num_identities``, ``num_keypoints``, ``class_names``, ``ignore_index``; for face
+recognition the ``verification_sets`` names and the ``image_size`` the network is built for; for pose also
+``keypoint_names``, ``flip_index``, ``skeleton``, ``oks_sigmas``, ``input_size``; for online action detection
+``feature_dim``, ``background_index``, ``ambiguous_index`` and the window sizes ``window`` / ``num_future`` the
+DataModule cuts) are linked from the DataModule into the task at instantiation, so a config states them once, for
+the data; a different value given for the task (on the command line, in a config or from a checkpoint) is an
+error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
 
 Every run also writes checkpoints crash-safely (:class:`~lit_tasks.callbacks.checkpoint_io.AtomicCheckpointIO`) and
@@ -43,6 +44,8 @@ from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
 from lit_tasks.callbacks.resume import ExactResume
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
+                # face recognition: the side of the square images the network is built for
+                "image_size",
                 # pose: the keypoint set and the crop size the data gives
                 "keypoint_names", "flip_index", "skeleton", "oks_sigmas", "input_size",
                 # online action detection: the feature width, the special classes and the windows the data cuts
@@ -281,7 +284,7 @@ def check_linked_values(given: dict[str, Any], model: pl.LightningModule, datamo
             raise ValueError(
                 f"model {name}={shown(value)!r} (from the command line, a config or the checkpoint) differs from the "
                 f"DataModule's {name}={shown(linked)!r}: {name} is linked from the data (--data.{name}); a model "
-                f"trained with other labels cannot be used on this data as it is")
+                f"built for other data (labels, sizes) cannot be used on this data as it is")
 
 
 def command_line_model_options(argv: list[str]) -> list[str]:

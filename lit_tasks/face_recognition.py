@@ -59,7 +59,7 @@ class FaceRecognitionTask(BaseTask):
             ``mbf`` are built from insightface's definitions; every other name is a timm model
             (``features_only``; its last stage feeds insightface's embedding head). One rule, no registry:
             :func:`lit_tasks.models.embedding.build_face_network`.
-        image_size: input side S (112 for aligned faces); the FC is sized for it.
+        image_size: input side S (112 for aligned faces); the FC is sized for it. Linked from the DataModule.
         output_stride: timm backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet (the
             insightface networks have stride 16 by construction).
         embedding_size: D (512 in insightface).

@@ -81,6 +81,19 @@ def test_cli_fast_dev_run(config: Path, tmp_path, monkeypatch) -> None:
     assert 0.0 <= cli.trainer.callback_metrics["val/verification_accuracy"].item() <= 1.0
 
 
+def test_image_size_is_linked_from_the_datamodule_and_a_different_one_refused(tmp_path) -> None:
+    """The face configs state the image size once, for the data; the task is built for it. A task value that
+    differs would build the embedding FC for another size."""
+    config = ["fit", "--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), "--trainer.fast_dev_run=true",
+              f"--trainer.default_root_dir={tmp_path}", "--model.embedding_size=16", *SMALL_SYNTHETIC]
+    for path in (ROOT / "configs" / "face").glob("*.yaml"):
+        assert "image_size" not in yaml.safe_load(path.read_text())["model"]["init_args"], f"{path}: model.init_args.image_size (the CLI links it from data)"
+    cli = cli_main([*config, "--data.image_size=32"])
+    assert cli.datamodule.image_size == cli.model.hparams.image_size == cli.model.model.image_size == 32
+    with pytest.raises(ValueError, match=r"model image_size=48 .* differs from the DataModule's image_size=32"):
+        cli_main([*config, "--data.image_size=32", "--model.image_size=48"])
+
+
 @pytest.fixture(scope="module")
 def trained_cli_run(tmp_path_factory) -> Path:
     """`lit-tasks fit` of the synthetic config for 2 steps; returns the run folder (cwd of the run)."""

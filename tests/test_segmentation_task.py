@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from layouts import write_voc  # other test files import it from here
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.masks import FolderSegmentationDataModule
@@ -237,20 +238,6 @@ def cli_overrides(tmp_path: Path) -> list[str]:
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
     ]
-
-
-def write_voc(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
-        mask = rng.integers(0, 21, size=(40, 48), dtype=np.uint8)
-        im = Image.frombytes("P", (48, 40), mask.tobytes())
-        im.putpalette(sum(class_palette(256), ()))
-        im.save(root / "SegmentationClass" / f"{i}.png")
-    (root / "ImageSets/Segmentation/train.txt").write_text("0\n1\n2\n")
-    (root / "ImageSets/Segmentation/val.txt").write_text("3\n")
 
 
 @pytest.mark.parametrize("config", ["deeplabv3plus_shapes.yaml", "deeplabv3plus_voc.yaml", "deeplabv3plus_folder.yaml"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from layouts import make_tfrecords, write_coco_tfrecords  # other test files import make_tfrecords from here
 
 from datamodules import COCODetectionDataModule, TFRecordDetectionDataModule
 from datamodules.tfrecord import read_examples, read_label_map, write_label_map
@@ -20,29 +20,10 @@ from lit_tasks import DetectionTask
 # Lightning warns about any IterableDataset with __len__; ours splits workers itself, so the length is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_tfrecords.py"
-
-
-def make_tfrecords(*argv: str) -> list[str]:
-    spec = importlib.util.spec_from_file_location("make_tfrecords", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([*argv, "--no-progress"])
-
 
 @pytest.fixture()
 def converted(shapes_coco_root: Path, tmp_path: Path) -> dict:
-    out = tmp_path / "tfr"
-    for split, compression in (("train2017", "none"), ("val2017", "gzip")):
-        make_tfrecords("coco", "--images", str(shapes_coco_root / split),
-                       "--annotations", str(shapes_coco_root / "annotations" / f"instances_{split}.json"),
-                       "--out", str(out / split), "--num-shards", "3", "--compression", compression)
-    return {
-        "root": shapes_coco_root,
-        "train_files": str(out / "train2017-*.tfrecord"),
-        "val_files": str(out / "val2017-*.tfrecord.gz"),
-        "label_map": str(out / "train2017.label_map.pbtxt"),
-    }
+    return write_coco_tfrecords(shapes_coco_root, tmp_path / "tfr")
 
 
 def samples_by_image(dataset) -> dict[int, tuple]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from test_tfrecord_detection import make_tfrecords  # the converter tool, run in-process
+from layouts import write_face_dataset
 
 from datamodules import IdentityFolderDataModule, TFRecordIdentityDataModule
 from datamodules.faces import face_transform
@@ -29,25 +30,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__le
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Identity -> image extensions: JPEG and PNG, colour and greyscale, of different sizes.
-LAYOUT = {"alice": [".jpg", ".png", ".png"], "bob": [".png", ".jpg"], "carol": [".png", ".png"]}
-PAIRS = "alice 1 2\nalice 1 bob 2\nbob 1 2\ncarol 1 alice 3\n"
-
 
 @pytest.fixture()
 def faces(tmp_path: Path) -> dict:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "faces"
-    for name, extensions in LAYOUT.items():
-        (root / name).mkdir(parents=True)
-        for k, ext in enumerate(extensions, start=1):
-            shape = (18 + k, 20 - k) if (name, k) == ("carol", 2) else (18 + k, 20 - k, 3)  # carol 2 is greyscale
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name / f"{name}_{k:04d}{ext}")
-    (root / "pairs.txt").write_text(PAIRS)
-    out = tmp_path / "tfr" / "faces"
-    make_tfrecords("folder", "--root", str(root), "--out", str(out), "--num-shards", "2", "--compression", "gzip")
-    return {"root": root, "pairs": str(root / "pairs.txt"), "train_files": f"{out}-*.tfrecord.gz",
-            "label_map": f"{out}.label_map.pbtxt"}
+    return write_face_dataset(tmp_path)
 
 
 def keyed(samples) -> list[tuple[int, tuple[int, ...], bytes]]:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from test_tfrecord_detection import make_tfrecords  # the converter tool, run in-process
 from test_tfrecord_faces import damage_record, run_config
+from layouts import CLASSES, IGNORE, write_mask_dataset
+from layouts import MASK_FILES as FILES
 
 from datamodules import FolderSegmentationDataModule, TFRecordMaskDataModule
 from datamodules.tfrecord import CorruptRecordError, TFRecordWriter, build_example, load_index
@@ -19,44 +21,9 @@ from datamodules.tfrecord import CorruptRecordError, TFRecordWriter, build_examp
 # Lightning warns about any IterableDataset with __len__; ours splits workers itself, so the length is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
 
-IGNORE = 255
-CLASSES = ["sky", "road", "car"]
-# (stem, (h, w), image format, mask mode): JPEG and PNG images, grey and palette masks, different sizes.
-FILES = {
-    "train": [("a", (9, 12), "jpg", "L"), ("b", (12, 7), "png", "P"), ("c", (10, 10), "png", "L"),
-              ("d", (8, 11), "jpg", "P")],
-    "val": [("e", (11, 9), "png", "P"), ("f", (7, 13), "jpg", "L"), ("g", (12, 12), "png", "L")],
-}
-
-
-def save_mask(ids: np.ndarray, path: Path, mode: str) -> None:
-    image = Image.fromarray(ids.astype(np.uint8))
-    if mode == "P":  # a palette PNG whose colours differ from the indices, as VOC ships them
-        image = image.convert("P")
-        image.putpalette(np.random.default_rng(1).integers(0, 256, 768).tolist())
-    image.save(path)
-
-
 @pytest.fixture()
 def seg(tmp_path: Path) -> dict:
-    rng = np.random.default_rng(0)
-    root = tmp_path / "seg"
-    for split, files in FILES.items():
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        for stem, (h, w), fmt, mode in files:
-            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(image).save(root / "images" / split / f"{stem}.{fmt}")
-            ids = rng.integers(0, len(CLASSES), (h, w))
-            ids[0, : w // 2] = IGNORE  # unlabelled pixels travel too
-            save_mask(ids, root / "masks" / split / f"{stem}.png", mode)
-    (root / "classes.yaml").write_text("".join(f"- {name}\n" for name in CLASSES))
-    out = tmp_path / "tfr"
-    for split, shards, compression in (("train", "2", "gzip"), ("val", "1", "none")):
-        make_tfrecords("masks", "--images", str(root / "images" / split), "--masks", str(root / "masks" / split),
-                       "--out", str(out / split), "--num-shards", shards, "--compression", compression)
-    return {"root": root, "classes": str(root / "classes.yaml"), "train_files": str(out / "train-*.tfrecord.gz"),
-            "val_files": str(out / "val-*.tfrecord")}
+    return write_mask_dataset(tmp_path)
 
 
 def by_name(dataset) -> dict[str, dict]:
