@@ -12,13 +12,17 @@ The format (dmlc-core ``recordio.h``, MXNet ``python/mxnet/recordio.py``), all l
   ``id``, ``id2``), then, if ``flag > 0``, ``flag`` float32 values that are the label (the header's
   ``label`` field is then unused), then the encoded image.
 
-Two layouts, told apart as insightface's ``arcface_torch/dataset.py`` ``MXFaceDataset`` does:
+Two layouts, told apart by record 0:
 
 * with a header record (MS1M / Glint360K, insightface's ``RecBuilder`` / ``face2rec2.py``): record 0 has
-  ``flag > 0`` and label ``[first identity record, one past the last record]``; the images are keys
-  ``1 .. label[0] - 1``; keys ``label[0] .. label[1] - 1`` are one record per identity whose label is the
-  ``[start, end)`` range of that identity's image keys (so ``num_identities = label[1] - label[0]``);
-* without (``im2rec`` style): every key of the ``.idx`` is an image, in ``.idx`` order.
+  ``flag > 0``, label ``[first identity record, one past the last record]`` and no image (nothing after the
+  labels); the images are keys ``1 .. label[0] - 1``; keys ``label[0] .. label[1] - 1`` are one record per
+  identity whose label is the ``[start, end)`` range of that identity's image keys (so
+  ``num_identities = label[1] - label[0]``);
+* without (``im2rec`` style): every key of the ``.idx`` is an image, in ``.idx`` order. Key 0 may be an image
+  with an array label (``flag > 0``: ``im2rec --pack-label``, face2rec2's ``[label, aligned]``); it carries image
+  bytes, so it is no header record. insightface's ``arcface_torch/dataset.py`` ``MXFaceDataset`` looks at
+  ``flag`` alone and takes such an image for the header: the pack then opens empty or with the wrong keys.
 
 Reading is random access through the ``.idx`` offsets with ``os.pread`` on a descriptor opened lazily in
 each process (a DataLoader worker forked from the main process opens its own), never the whole file in
@@ -438,8 +442,10 @@ class RecordIODataset:
     channels); a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's.
 
     Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
-    ``.idx`` order, exactly as insightface's ``MXFaceDataset``. Where the reference would fail (no record 0: MXNet
-    raises ``KeyError``), every key is an image here.
+    ``.idx`` order, as insightface's ``MXFaceDataset``. Record 0 is the header record when its ``flag > 0`` and it
+    holds no image bytes after its labels (``MXFaceDataset`` checks the ``flag`` only, and so takes an ``im2rec``
+    image with an array label at key 0 for a header); where the reference would fail (no record 0: MXNet raises
+    ``KeyError``), every key is an image here.
 
     Args:
         rec_path: ``train.rec``.
@@ -448,14 +454,15 @@ class RecordIODataset:
             or tensor); ``None`` returns the array.
 
     Attributes:
-        header0: ``(first identity key, one past the last key)`` from record 0's label, or ``None`` without a header.
+        header0: ``(first identity key, one past the last key)`` from the header record's label, or ``None``
+            without one.
         image_keys: ``(N,)`` int64 keys of the images, item order.
         num_identities: ``header0[1] - header0[0]`` with a header record; else the ``property`` file's count if there
             is one beside the ``.rec``; else ``None`` (count the classes with :meth:`labels`).
 
     Raises:
-        RecordIOError: the header layout lists an image or identity key that is not in the ``.idx``, or record 0 is
-            damaged.
+        RecordIOError: the header layout lists an image or identity key that is not in the ``.idx``, a header record's
+            label is not a key range, or record 0 is damaged.
     """
 
     def __init__(
@@ -469,12 +476,13 @@ class RecordIODataset:
         self.header0: tuple[int, int] | None = None
         records = self.records
         zero = records.position(0, missing_ok=True)
-        header = records.header_at(zero) if zero is not None else None
-        if header is not None and header.flag > 0:
+        header, data = records.unpack_at(zero) if zero is not None else (None, b"")
+        if header is not None and header.flag > 0 and len(data) == 0:  # labels and no image: the header record
             label = np.atleast_1d(header.label)
             if label.size < 2 or not 1 <= label[0] <= label[1]:
-                raise RecordIOError(records.rec_path, 0, int(records.offsets[zero]), f"header record label {label.tolist()} "
-                                    "is not [first identity key, one past the last key]")
+                raise RecordIOError(records.rec_path, 0, int(records.offsets[zero]), f"record 0 holds labels and no "
+                                    f"image, so it is the header record, but its label {label.tolist()} is not "
+                                    "[first identity key, one past the last key]")
             self.header0 = (int(label[0]), int(label[1]))
             self.image_keys = np.arange(1, self.header0[0], dtype=np.int64)
             rows = records.positions(np.arange(1, self.header0[1], dtype=np.int64))

@@ -61,7 +61,8 @@ class RecordIOFaceDataModule(FaceDataModule):
     its stem (``val/lfw/accuracy``, ...).
 
     Both layouts insightface reads (``MXFaceDataset``): with a header record 0 (MS1M, Glint360K: images are keys
-    ``1 .. header[0] - 1``) and without (every key is an image). ``num_identities`` comes from the header record
+    ``1 .. header[0] - 1``) and without (every key is an image; a key 0 that holds an image is one, whatever its
+    label, see :class:`~datamodules.recordio.RecordIODataset`). ``num_identities`` comes from the header record
     (``header[1] - header[0]`` identity records), else from the ``property`` file beside the ``.rec``
     (``num_classes,height,width``), else from the labels (largest + 1, reading the first bytes of every record).
 

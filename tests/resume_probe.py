@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import timer as timer_module
 
 
 class LossRecorder(pl.Callback):
@@ -42,6 +43,35 @@ class LossRecorder(pl.Callback):
         if not trainer.sanity_checking:
             values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
             self._write({"step": trainer.global_step, "rank": trainer.global_rank, "val": values})
+
+
+class StepClock(pl.Callback):
+    """A fake clock for Lightning's own Timer (``--trainer.max_time``): ``seconds_per_step`` pass per optimizer step.
+
+    From ``setup`` to ``teardown`` of the run the Timer's ``time.monotonic()`` reads ``seconds_per_step *
+    trainer.global_step``, so a ``max_time`` stop comes after a known step whatever the machine's speed, through the
+    real Timer (its checks after every step, its broadcast, its saved elapsed time). With 60 s per step and
+    ``max_time`` 5 min 30 s, the Timer stops the fit after step 6.
+    """
+
+    def __init__(self, seconds_per_step: float = 60.0) -> None:
+        self.seconds_per_step = seconds_per_step
+        self._real_time: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._real_time = timer_module.time
+        timer_module.time = type("StepTime", (), {"monotonic": staticmethod(
+            lambda: self.seconds_per_step * trainer.global_step)})
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._real_time is not None:
+            timer_module.time, self._real_time = self._real_time, None
+
+
+def step_clock_args(seconds_per_step: float = 60.0) -> list[str]:
+    """Command-line arguments that add a :class:`StepClock` to ``trainer.callbacks``."""
+    return ["--trainer.callbacks+=" + json.dumps({"class_path": "resume_probe.StepClock",
+                                                  "init_args": {"seconds_per_step": seconds_per_step}})]
 
 
 def recorder_args(path: str | Path, kill_at_step: int | None = None) -> list[str]:

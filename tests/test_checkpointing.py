@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Timer
 from datamodules.synthetic.identities import SyntheticFacesDataModule
 from lit_tasks.callbacks import checkpoint_io
 from lit_tasks.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, temporary_name_pattern
-from lit_tasks.callbacks.defaults import TaskCheckpoint
+from lit_tasks.callbacks.defaults import TaskCheckpoint, step_end_outlook
 from lit_tasks.callbacks.resume import ExactResume
 from lit_tasks.cli import run_cli
 from lit_tasks.face_recognition import FaceRecognitionTask
@@ -209,6 +209,16 @@ def test_max_time_between_validations_leaves_the_final_weights_in_last_ckpt(tmp_
     trainer, task, _ = fit(tmp_path, max_steps=10, max_time={"hours": 1}, callbacks=[TrainerHolder(holder)])
     assert trainer.global_step == 3
     assert_last_holds(tmp_path, task, 3)
+
+
+def test_the_loop_seam_names_the_lightning_version_when_its_members_are_gone() -> None:
+    """What TaskCheckpoint asks Lightning's training loop (private members, no public API) fails loudly, naming the
+    installed Lightning, when a Lightning release renames them: no silent guess. (The mid-epoch stop tests in
+    test_resume.py fail when the members exist but mean something else.)"""
+    trainer = type("OtherLightningTrainer", (), {"fit_loop": type("Loop", (), {"epoch_loop": object()})(),
+                                                  "should_stop": False, "max_steps": -1, "global_step": 0})()
+    with pytest.raises(RuntimeError, match=rf"installed Lightning {pl.__version__} lacks .*_should_check_val_fx"):
+        step_end_outlook(trainer)
 
 
 @pytest.mark.parametrize("hook", ["on_train_batch_end", "sigint"])

@@ -347,6 +347,50 @@ def test_without_key_zero_every_key_is_an_image_in_index_order(tmp_path):
     assert 3 in ds.records and 4 not in ds.records
 
 
+def im2rec_array_label_pack(path: Path, classes: list[int], aligned: float = 1.0) -> list[bytes]:
+    """An ``im2rec``-style pack (keys 0, 1, ... every one an image, no header record) whose labels are arrays: every
+    record has ``flag 2`` and the label ``[class, aligned]`` (face2rec2's ``--pack-label`` layout), key 0 included.
+    Returns the JPEGs in key order."""
+    images = [jpeg(20 + k) for k in range(len(classes))]
+    write_recordio(path, [(k, pack_record(IRHeader(2, [float(c), aligned], k, 0), images[k]))
+                          for k, c in enumerate(classes)])
+    return images
+
+
+@pytest.mark.parametrize("first_class", [0, 1, 4])
+def test_key_zero_with_array_label_and_an_image_is_an_image_not_the_header(tmp_path, first_class):
+    """A header record carries no image; key 0 here is a JPEG with an array label (``flag > 0``), so the pack has no
+    header and every key is an image. Taken as the header (insightface's ``MXFaceDataset`` does), its label
+    ``[class, 1.0]`` made the pack fail to open (class 0 or 4: not ``[first identity key, end]``) or open empty
+    (class 1: images ``1..0``)."""
+    classes = [first_class, 1, 0, 2, 1]
+    images = im2rec_array_label_pack(tmp_path / "im2rec.rec", classes)
+    ds = RecordIODataset(tmp_path / "im2rec.rec")
+    assert ds.header0 is None and ds.num_identities is None
+    assert ds.image_keys.tolist() == [0, 1, 2, 3, 4] and len(ds) == 5
+    assert ds.labels().tolist() == classes
+    for k, expected in enumerate(images):
+        image, label = ds[k]
+        assert label == classes[k] and np.array_equal(image, decode_image(expected)), k
+    with pytest.raises(ValueError, match="no header record"):
+        ds.identity_ranges()
+
+
+def test_a_header_record_is_still_recognised_by_its_empty_payload(tmp_path):
+    """insightface's header record (key 0, ``flag 2``, label ``[first identity key, end]``, no image), written first
+    or last, beside images whose labels are arrays too."""
+    images = [jpeg(30 + k) for k in range(3)]
+    records = [(k + 1, pack_record(IRHeader(2, [float(c), 1.0], k + 1, 0), images[k])) for k, c in enumerate([0, 0, 1])]
+    records += [(4, pack_record(IRHeader(2, [1.0, 3.0], 4, 0))), (5, pack_record(IRHeader(2, [3.0, 4.0], 5, 0)))]
+    header = (0, pack_record(IRHeader(2, [4.0, 6.0], 0, 1)))
+    for name, ordered in (("last", records + [header]), ("first", [header] + records)):
+        write_recordio(tmp_path / f"{name}.rec", ordered)
+        ds = RecordIODataset(tmp_path / f"{name}.rec")
+        assert ds.header0 == (4, 6) and ds.num_identities == 2 and ds.image_keys.tolist() == [1, 2, 3]
+        assert [ds[i][1] for i in range(3)] == [0, 0, 1] and np.array_equal(ds[2][0], decode_image(images[2]))
+        assert ds.identity_ranges().tolist() == [[1, 3], [3, 4]]
+
+
 def test_chunking_round_trip_with_magic_at_every_position(tmp_path):
     """Payloads with the magic word at aligned (escaped) and unaligned (kept) offsets, at the start and the end."""
     rng = np.random.default_rng(3)

@@ -117,6 +117,20 @@ def test_num_identities_from_the_property_file_or_the_labels(tmp_path: Path) -> 
         dm.train_set[2]
 
 
+def test_an_im2rec_pack_with_array_labels_from_key_0_trains(tmp_path: Path) -> None:
+    """Key 0 of an im2rec pack with array labels is an image (``flag 2``, ``[class, aligned]``), not a header
+    record: the DataModule sees all 5 images and counts 3 identities from the labels."""
+    from test_recordio import im2rec_array_label_pack
+
+    images = im2rec_array_label_pack(tmp_path / "train.rec", [2, 1, 0, 2, 1])
+    dm = RecordIOFaceDataModule(rec=str(tmp_path / "train.rec"), val_bins=[str(GOLDEN / "lfw.bin")], augment=False,
+                                image_size=16, num_workers=0)
+    assert dm.num_identities == 3
+    dm.setup("fit")
+    assert len(dm.train_set) == 5 and [int(dm.train_set[i][1]) for i in range(5)] == [2, 1, 0, 2, 1]
+    assert np.array_equal(pixels(dm.train_set[0][0]), decode_image(images[0]))
+
+
 def test_two_workers_read_the_same_samples_as_the_main_process() -> None:
     dm = golden_dm()
     dm.setup("fit")

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lit_tasks.cli import run_cli
-from resume_probe import read_losses, recorder_args, steps_in_order
+from resume_probe import read_losses, read_validations, recorder_args, step_clock_args, steps_in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +151,54 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_exactly(name: str, tmp_
         assert final["MixedPrecision"]["scale"] < 65536.0  # the scale the resumed run had to restore had moved
         # the centres' own AdamW state (the config's optimizer) was restored: moments and per-row step counts
         assert final["state_dict"]["head.exp_avg"].abs().sum() > 0 and final["state_dict"]["head.row_steps"].sum() > 0
+
+
+# -- a fit stopped in the middle of an epoch (max_time, max_steps), then resumed without the limit -------------------
+# Lightning's own Timer on a fake clock of 60 s per step (resume_probe.StepClock): time is up after step 6
+MAX_TIME_AFTER_STEP_6 = [*step_clock_args(60.0), '--trainer.max_time={"minutes": 5, "seconds": 30}']
+MID_EPOCH_STOPS = {  # (arguments of every run, arguments of the stopped run only)
+    "max_time": ([], MAX_TIME_AFTER_STEP_6),
+    "max_steps": ([], ["--trainer.max_steps=6"]),
+    # a validation after every step (one is due at step 6 itself; last.ckpt follows it), which also makes Lightning's
+    # ModelCheckpoint save at epoch ends (val_check_interval == 1), where the cut epoch counts as finished
+    "max_time_at_a_validation": (["--trainer.val_check_interval=1"], MAX_TIME_AFTER_STEP_6),
+}
+
+
+@pytest.mark.parametrize("stop", list(MID_EPOCH_STOPS))
+def test_a_fit_stopped_mid_epoch_then_ckpt_path_last_finishes_that_epoch_exactly(stop: str, tmp_path, monkeypatch,
+                                                                                 one_thread) -> None:
+    """Two epochs of 4 steps; the first fit stops after step 6, in the middle of the last epoch, and ``fit
+    --ckpt_path last`` without the limit trains steps 7 and 8 and ends where a fit that never stopped ends: the
+    same losses, validations, weights, optimizer and schedule, bit for bit. Lightning marks an epoch cut by a stop
+    as finished, so before the fix the resumed fit ended at once (``max_epochs=2`` reached).
+
+    The stop's own validation (Lightning validates when a fit is stopped) draws from the random generators (the
+    validation loader's seed): the checkpoint must hold the state of the step boundary, not of after that validation,
+    or the resumed dropout masks differ; a validation that is due at that step anyway comes first. No periodic
+    checkpoints: the end of the stopped fit writes last.ckpt."""
+    every_run, stop_args = MID_EPOCH_STOPS[stop]
+    args = ["fit", "--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), *FACE, *COMMON, *every_run,
+            "--trainer.max_epochs=2", "--trainer.max_steps=-1", "--trainer.max_time=null"]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    reference_dir.mkdir(), run_dir.mkdir()
+    monkeypatch.chdir(reference_dir)
+    reference_cli = run_cli([*args, *recorder_args(reference_dir / "losses.jsonl")])
+    assert reference_cli.trainer.num_training_batches == 4 and reference_cli.trainer.global_step == 8
+
+    monkeypatch.chdir(run_dir)
+    records = run_dir / "losses.jsonl"
+    stopped = run_cli([*args, *recorder_args(records), *stop_args])
+    assert stopped.trainer.global_step == 6 and load_last(run_dir)["global_step"] == 6
+    resumed = run_cli([*args, *recorder_args(records), "--ckpt_path", "last"])
+    assert steps_in_order(records) == list(range(1, 9))
+    assert resumed.trainer.global_step == 8 and resumed.trainer.current_epoch == 2
+    assert read_losses(records) == read_losses(reference_dir / "losses.jsonl")
+    # the validations after step 6 equal the uninterrupted run's (the one at step 6 came before the stop)
+    expected_validations = [v for v in read_validations(reference_dir / "losses.jsonl") if v[0] > 6]
+    assert expected_validations and read_validations(records)[-len(expected_validations):] == expected_validations
+
+    final, expected = load_last(run_dir), load_last(reference_dir)
+    assert final["global_step"] == expected["global_step"] == 8
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "epoch"):
+        assert_same_state(final[key], expected[key], key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +25,13 @@ class TaskCheckpoint(ModelCheckpoint):
     * every validation (and every epoch end when there is no validation);
     * every ``every_n_train_steps`` optimizer steps, so a killed run loses at most that many steps
       (``last.ckpt`` only: best checkpoints still follow validations);
-    * the end of ``fit``, whatever ended it: ``max_steps``, ``max_epochs``, ``max_time``, early stopping;
+    * the end of ``fit``, whatever ended it: ``max_steps``, ``max_epochs``, ``max_time``, early stopping. A fit that
+      stops in the middle of an epoch (``max_time``'s Timer or another callback setting ``trainer.should_stop``,
+      ``max_steps``) keeps in ``last.ckpt`` the state of the step boundary where it stopped, as a periodic checkpoint
+      there would hold it, and not the state after the epoch-end hooks Lightning then runs (which count the cut epoch
+      as finished, so ``fit --ckpt_path last`` would skip the rest of it, or end at once when it was the last) nor
+      after the validation Lightning runs at a stop (it draws from the random generators): the resumed fit trains
+      the rest of the epoch as a fit that never stopped would;
     * an interruption: the first Ctrl-C (SIGINT) stops the run at the end of the current step and saves
       (every process of a multi-process run stops at the same step); a second Ctrl-C stops at once and
       saves only if the interruption came at a step boundary (in one process). A ``KeyboardInterrupt`` or
@@ -60,6 +66,8 @@ class TaskCheckpoint(ModelCheckpoint):
         self._interrupt_requested = False
         self._interrupt_at_boundary = False
         self._stop_after_save = False
+        self._held_step = -1  # a fit stopped mid-epoch: the step whose boundary state last.ckpt keeps to the end
+        self._hold_after_validation = False  # ... once the scheduled validation of that step is done
         self._previous_sigint: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -75,6 +83,7 @@ class TaskCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._step_in_last = trainer.global_step  # a resumed run starts from a saved state: nothing new to write
         self._interrupt_requested = self._interrupt_at_boundary = self._stop_after_save = False
+        self._held_step, self._hold_after_validation = -1, False
         self._install_sigint_handler()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -82,7 +91,10 @@ class TaskCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # A validation due after this step saves last.ckpt once it is done: a checkpoint written before it would make
         # Lightning skip that validation on resume (it fast-forwards the validation of a batch-end checkpoint).
-        validation_follows = self._validation_follows(trainer)
+        step_end = step_end_outlook(trainer)
+        validation_follows = step_end.validates
+        if step_end.stops_mid_epoch and self.save_last and self._may_write(trainer):
+            self._keep_stop_boundary(trainer, step_end)
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0 and not validation_follows:
             self._refresh_last(trainer)
@@ -104,21 +116,30 @@ class TaskCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        after_stop = self._hold_after_validation and not trainer.sanity_checking
+        if after_stop or not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+            if after_stop:
+                self._held_step, self._hold_after_validation = trainer.global_step, False
             if self._stop_after_save:
                 self._stop_at_boundary(trainer)
+
+    def _keep_stop_boundary(self, trainer: pl.Trainer, step_end: "StepEnd") -> None:
+        """The fit stops after this step inside its epoch: write last.ckpt at this boundary (after the step's
+        scheduled validation, if one is due, as a periodic save does) and keep it for the rest of the fit."""
+        if step_end.between_micro_batches:
+            rank_zero_warn(f"the fit stops after batch {trainer.fit_loop.epoch_loop.batch_idx + 1} of the epoch, "
+                           "between the micro-batches of an accumulated step: a fit resumed from last.ckpt continues "
+                           "the epoch, but the gradients accumulated since the last optimizer step are not in it")
+        if step_end.validates:
+            self._hold_after_validation = True
+            return
+        self._refresh_last(trainer)
+        self._held_step = trainer.global_step
 
     def _stop_at_boundary(self, trainer: pl.Trainer) -> None:
         self._interrupt_at_boundary, self._stop_after_save = True, False
         raise KeyboardInterrupt(f"stopped by Ctrl-C after step {trainer.global_step}")
-
-    def _validation_follows(self, trainer: pl.Trainer) -> bool:
-        """Whether Lightning validates right after the current training step (its own rule, asked in advance)."""
-        try:
-            return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-        except Exception:  # noqa: BLE001  (another Lightning version: save as if no validation came)
-            return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint_handler()
@@ -147,6 +168,9 @@ class TaskCheckpoint(ModelCheckpoint):
         super().teardown(trainer, pl_module, stage)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self._held_step == trainer.global_step:
+            return  # the fit stopped mid-epoch: last.ckpt keeps that step's boundary (Lightning's epoch end would
+            # follow, with its validation and the cut epoch counted as finished)
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._step_in_last = trainer.global_step
@@ -208,6 +232,54 @@ class TaskCheckpoint(ModelCheckpoint):
         self._interrupt_requested = True
         print("\nCtrl-C: stopping at the end of this training step and saving last.ckpt (Ctrl-C again to stop now)",
               file=sys.stderr, flush=True)
+
+
+class StepEnd(NamedTuple):
+    """What Lightning does after the training step that just ended (:func:`step_end_outlook`)."""
+
+    validates: bool  # a validation on its schedule follows (the one Lightning adds when a fit stops does not count)
+    stops_mid_epoch: bool  # the fit stops after this step although batches of the epoch remain
+    between_micro_batches: bool  # this batch did not end an optimizer step (gradient accumulation)
+
+
+def step_end_outlook(trainer: pl.Trainer) -> StepEnd:
+    """Ask Lightning, at ``on_train_batch_end``, what follows the step that just ended, by its own rules.
+
+    * ``validates``: Lightning's validation schedule (``val_check_interval``, ``check_val_every_n_epoch``) has a
+      validation after this step. A stop request also makes Lightning validate; that validation is not counted: a
+      resumed fit (no stop request) would not run it either.
+    * ``stops_mid_epoch``: the fit stops after this step (``trainer.should_stop`` set, by ``max_time``'s Timer or
+      another callback, and ``min_epochs`` / ``min_steps`` met; or ``max_steps`` reached) though the epoch has
+      batches left. Lightning then still runs the epoch-end hooks and counts the epoch as finished.
+    * ``between_micro_batches``: this batch only accumulated gradients (no optimizer step).
+
+    No public API tells these: the answer comes from private members of Lightning's loops (the ones its own loop
+    calls). When they are missing (another Lightning than the range pinned in ``pyproject.toml``) this raises
+    RuntimeError naming the installed version rather than guess. ``callbacks`` that set ``should_stop`` run before
+    the checkpoint callbacks (Lightning orders them last), so a stop requested at this step is seen; a
+    LightningModule's own ``on_train_batch_end`` runs after every callback and is not.
+    """
+    fit_loop = trainer.fit_loop
+    loop = fit_loop.epoch_loop
+    try:
+        check_val, fetcher = loop._should_check_val_fx, fit_loop._data_fetcher
+        epoch_ends = bool(loop._num_ready_batches_reached())
+        can_stop_early = bool(fit_loop._can_stop_early)
+        accumulating = bool(loop._should_accumulate())
+    except AttributeError as error:
+        raise RuntimeError(
+            f"lit-tasks reads Lightning's training loop to checkpoint a fit that stops mid-epoch, and the installed "
+            f"Lightning {pl.__version__} lacks what it reads ({error}); install the version range pyproject.toml "
+            "pins") from error
+    stop_requested = trainer.should_stop
+    trainer.should_stop = False  # ask the schedule alone (a stop request makes _should_check_val_fx say True)
+    try:
+        validates = bool(check_val(fetcher))
+    finally:
+        trainer.should_stop = stop_requested
+    max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+    stops = max_steps_reached or (stop_requested and can_stop_early)
+    return StepEnd(validates=validates, stops_mid_epoch=stops and not epoch_ends, between_micro_batches=accumulating)
 
 
 class LRMonitor(LearningRateMonitor):
