@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datamodules.masks import FolderSegmentationDataModule
+from datamodules.segmentation.masks import FolderSegmentationDataModule
 from datamodules.synthetic.shapes_segmentation import ShapesSegmentationDataModule
 from lit_tasks.callbacks.segmentation_images import class_palette, overlay_mask
 from lit_tasks.callbacks.segmentation_writer import SegmentationPredictionWriter

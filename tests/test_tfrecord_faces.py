@@ -14,7 +14,7 @@ from PIL import Image
 from test_tfrecord_detection import make_tfrecords  # the converter tool, run in-process
 
 from datamodules import IdentityFolderDataModule, TFRecordIdentityDataModule
-from datamodules.faces import face_transform
+from datamodules.faces.identities import face_transform
 from datamodules.tfrecord import (
     CorruptRecordError,
     TFRecordWriter,
