@@ -55,7 +55,7 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lit_tasks.models.oadtr import OadTR, StreamingOadTR, class_probabilities  # noqa: E402
+from lit_tasks.models.action.oadtr import OadTR, StreamingOadTR, class_probabilities  # noqa: E402
 
 PAPER = dict(in_dim=3072, num_classes=22, window=64, embed_dim=1024)
 FEATURE_RATE = 4.0  # THUMOS features per second (one per 6 frames at 24 fps, REFERENCE §9.1)

@@ -91,7 +91,7 @@ def faces(count: int, seed: int = 0) -> list[tuple[int, bytes]]:
 def write_all(folder: Path, images: list[tuple[int, bytes]]) -> dict[str, str]:
     """The same JPEGs as an identity folder, an insightface RecordIO pack and TFRecord shards."""
     from datamodules.tfrecord import write_label_map, write_sharded
-    from datamodules.tfrecord_faces import folder_classes, folder_examples
+    from datamodules.faces.tfrecord import folder_classes, folder_examples
 
     root = folder / "faces"
     for n, (identity, data) in enumerate(images):

@@ -179,10 +179,10 @@ def detection_end_to_end(images: int, size: int, repeats: int, directory: str | 
     import json as json_module
 
     from datamodules import COCODetectionDataModule, TFRecordDetectionDataModule
-    from datamodules.coco import COCODetectionSource
+    from datamodules.detection.coco import COCODetectionSource
     from datamodules.synthetic import SHAPE_CLASSES, render_shapes
     from datamodules.tfrecord import write_label_map, write_sharded
-    from datamodules.tfrecord_detection import coco_examples
+    from datamodules.detection.tfrecord import coco_examples
 
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         os.makedirs(os.path.join(tmp, "train2017"))

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .loaders import ResumableDataLoader, TransferDataLoader
-from .transfer import PackSmall
+from datamodules.loaders import ResumableDataLoader, TransferDataLoader
+from datamodules.transfer import PackSmall
 
 
 # Splits each Trainer stage reads; predict runs on the validation split.

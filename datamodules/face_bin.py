@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .images import decode_image
+from datamodules.images import decode_image
 
 
 class RefusedPickleError(pickle.UnpicklingError):

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .transfer import PackSmall, unpack_small
+from datamodules.transfer import PackSmall, unpack_small
 
 
 class _SkipFirst:

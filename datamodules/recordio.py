@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from .images import decode_image
+from datamodules.images import decode_image
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)

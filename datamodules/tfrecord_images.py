@@ -4,8 +4,8 @@ Keys follow TensorFlow's conventions so shards read in TensorFlow and TensorFlow
 ``image/encoded`` (the original file bytes, never re-encoded), ``image/format``, ``image/filename``,
 ``image/source_id``, ``image/height`` and ``image/width`` (of the image as displayed: EXIF orientation
 applied, the frame boxes and masks refer to). The families add their own keys: detection in
-:mod:`datamodules.tfrecord_detection`, identities in :mod:`datamodules.tfrecord_faces`, masks in
-:mod:`datamodules.tfrecord_masks`.
+:mod:`datamodules.detection.tfrecord`, identities in :mod:`datamodules.faces.tfrecord`, masks in
+:mod:`datamodules.segmentation.tfrecord`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .images import decode_image, image_header
-from .tfrecord import FixedLen, bytes_feature, int64_feature
-from .tfrecord.example_pb2 import Feature
+from datamodules.images import decode_image, image_header
+from datamodules.tfrecord import FixedLen, bytes_feature, int64_feature
+from datamodules.tfrecord.example_pb2 import Feature
 
 IMAGE_FEATURES = {
     "image/encoded": FixedLen((), "bytes"),

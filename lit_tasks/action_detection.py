@@ -3,7 +3,7 @@
 Method (OadTR, Wang et al. ICCV 2021, REFERENCE §9), on pre-extracted per-frame features:
 
 1. The window of the last T = 64 frame features (the current frame last) goes through OadTR
-   (:mod:`lit_tasks.models.oadtr`): an encoder over the window and a task token, and a decoder whose
+   (:mod:`lit_tasks.models.action.oadtr`): an encoder over the window and a task token, and a decoder whose
    Q = 8 causal queries anticipate frames t + 1 .. t + Q.
 2. Loss (§9.3, :class:`~lit_tasks.losses.soft_cross_entropy.OadTRCriterion`): soft-target cross entropy
    over the non-ambiguous classes, current frame weight 1.0, anticipated frames 0.5; rows whose frame is
@@ -20,7 +20,7 @@ Model selection: the checkpoint callback follows ``val/mAP`` on VALIDATION sessi
 DataModules take out of the training sessions (a seeded split unless ``val_sessions`` names them). The
 released OadTR evaluates on the test set after every epoch, so its reported checkpoint is chosen on test.
 
-Batches (``datamodules.features.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
+Batches (``datamodules.features.streams.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
 ``target`` ``(B, C)``, ``future_target`` ``(B, Q, C)`` (all-zero rows past the end of a video), ``session``
 ``(B,)`` and ``frame`` ``(B,)`` int64 (the current frame's session index and frame number).
 
@@ -44,7 +44,7 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.action_timelines import ActionTimelineLogger
 from lit_tasks.losses.soft_cross_entropy import OadTRCriterion
 from lit_tasks.metrics.action import FrameLevelMAP, format_ap_table
-from lit_tasks.models.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
+from lit_tasks.models.action.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
                                     class_probabilities)
 from lit_tasks.schedules import warmup_multistep
 

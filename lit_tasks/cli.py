@@ -12,9 +12,9 @@ the data; a different value given for the task (on the command line, in a config
 error, not silently replaced. Defaults: TensorBoard logging to ``lightning_logs/``, a checkpoint of the
 best epoch on the task's ``monitor`` metric plus ``last.ckpt``, and an LR monitor.
 
-Every run also writes checkpoints crash-safely (:class:`~lit_tasks.callbacks.checkpoint_io.AtomicCheckpointIO`) and
+Every run also writes checkpoints crash-safely (:class:`~lit_tasks.run.checkpoint_io.AtomicCheckpointIO`) and
 restores on resume what Lightning does not: random generators and the training data position
-(:class:`~lit_tasks.callbacks.resume.ExactResume`). ``fit --ckpt_path last`` resumes from the newest ``last.ckpt`` of
+(:class:`~lit_tasks.run.resume.ExactResume`). ``fit --ckpt_path last`` resumes from the newest ``last.ckpt`` of
 the run's versions (in the logger's folder, or ``--checkpoint.dirpath``) and goes on logging in that version's
 folder; when there is none it says where it looked and starts from the beginning.
 """
@@ -39,9 +39,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_tasks.callbacks.checkpoint_io import TEMP_SUFFIX, install_atomic_checkpoint_io
-from lit_tasks.callbacks.defaults import LRMonitor, TaskCheckpoint
-from lit_tasks.callbacks.resume import ExactResume
+from lit_tasks.run.checkpoint_io import TEMP_SUFFIX, install_atomic_checkpoint_io
+from lit_tasks.run.callbacks import LRMonitor, TaskCheckpoint
+from lit_tasks.run.resume import ExactResume
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
                 # face recognition: the side of the square images the network is built for

@@ -3,10 +3,10 @@
 Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/<name>.py``) as three modules:
 ``self.model(images, image_sizes) -> outputs``, ``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already
 weighted; the task sums them) and ``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
-``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.fcos`),
+``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.detection.fcos`),
 ``model="vfnet"`` (VarifocalNet: ATSS, star-shaped deformable refinement, varifocal loss,
-:mod:`lit_tasks.models.vfnet`) and ``model="detr"`` (DETR: set prediction with Hungarian matching,
-:mod:`lit_tasks.models.detr`, loadable from the published weights).
+:mod:`lit_tasks.models.detection.vfnet`) and ``model="detr"`` (DETR: set prediction with Hungarian matching,
+:mod:`lit_tasks.models.detection.detr`, loadable from the published weights).
 
 Batches (torchvision's detection convention): images ``(B, 3, H, W)`` float in [0, 1], zero-padded;
 targets a list of dicts with ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,) int64 in [0, num_classes)
@@ -31,10 +31,10 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
-from lit_tasks.models.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
-from lit_tasks.models.detr_convert import load_pretrained_detr
-from lit_tasks.models.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
-from lit_tasks.models.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
+from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
+from lit_tasks.models.detection.detr_convert import load_pretrained_detr
+from lit_tasks.models.detection.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
+from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
@@ -500,7 +500,7 @@ def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) 
 
 def check_options(options: dict[str, Any]) -> None:
     """Fail early on DetectionTask options that cannot work, naming the option (DETR's architecture values are
-    checked by :func:`lit_tasks.models.detr.check_detr_args` when it is built)."""
+    checked by :func:`lit_tasks.models.detection.detr.check_detr_args` when it is built)."""
     o = options
     if o["model"] not in MODELS:
         raise ValueError(f"DetectionTask: unknown model {o['model']!r}; choose one of {list(MODELS)}")

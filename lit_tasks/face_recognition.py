@@ -45,7 +45,7 @@ from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
-from lit_tasks.models.embedding import NormalisedEmbedder, build_face_network
+from lit_tasks.models.face.embedding import NormalisedEmbedder, build_face_network
 from lit_tasks.schedules import warmup_poly
 
 
@@ -58,7 +58,7 @@ class FaceRecognitionTask(BaseTask):
             arcface_torch numbers), ``mbf`` / ``mbf_large`` (MobileFaceNet): names starting with ``iresnet`` or
             ``mbf`` are built from insightface's definitions; every other name is a timm model
             (``features_only``; its last stage feeds insightface's embedding head). One rule, no registry:
-            :func:`lit_tasks.models.embedding.build_face_network`.
+            :func:`lit_tasks.models.face.embedding.build_face_network`.
         image_size: input side S (112 for aligned faces); the FC is sized for it. Linked from the DataModule.
         output_stride: timm backbone stride; 16 gives insightface's 7x7 map at 112 px with a ResNet (the
             insightface networks have stride 16 by construction).

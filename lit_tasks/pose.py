@@ -3,7 +3,7 @@
 Method (REFERENCE.md §8):
 
 1. A person crop ``(B, 3, H, W)`` in [0, 1] goes through a timm backbone, global average pooling and two
-   linear heads (:class:`~lit_tasks.models.rle.RLERegressor`, the official ``RegressFlow``): per keypoint a
+   linear heads (:class:`~lit_tasks.models.pose.rle.RLERegressor`, the official ``RegressFlow``): per keypoint a
    location ``mu_hat`` normalised to the crop (``x / W - 0.5``, ``y / H - 0.5``) and a scale ``sigma_hat`` in
    (0, 1) (sigmoid).
 2. Training maximises the likelihood of the ground truth under ``1 / sigma * G_phi(mu_bar) * Q(mu_bar)``, ``mu_bar
@@ -26,7 +26,7 @@ Instance score (COCO results and AP ranking): ``box_score + mean_k(score_k) + ma
 the official GT-box validation leaves it out, a constant that does not change the ranking). mmpose's default
 ``bbox_keypoint`` mode (box score x mean of the scores above 0.2) is *not* what RLE's configs use.
 
-Batches: see :mod:`datamodules.coco_keypoints` (``image``, ``keypoints`` crop pixels, ``keypoints_image``,
+Batches: see :mod:`datamodules.keypoints.coco` (``image``, ``keypoints`` crop pixels, ``keypoints_image``,
 ``matrix_inv``, ``box``, ``box_score``, ``image_id``, ``id``, ``category_id``, ``area``, ``crop_area``,
 ``from_detector``, ``gt``); training reads ``image`` and ``keypoints`` only.
 """
@@ -46,7 +46,7 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.pose_images import PoseImageLogger
 from lit_tasks.losses.rle import Q_DISTRIBUTIONS, CoordinateL1Loss, RLELoss
 from lit_tasks.metrics.pose import EPE, PCK, PCKAUC, KeypointAP, format_keypoint_table
-from lit_tasks.models.rle import (
+from lit_tasks.models.pose.rle import (
     KeypointPredictor,
     RLERegressor,
     keypoint_scores,

@@ -1,6 +1,6 @@
 """Semantic segmentation with dilated-convolution networks: DeepLabV3 / DeepLabV3+, PSPNet and FCN.
 
-The network (:class:`lit_tasks.models.segmenter.Segmenter`) is a dilated backbone + context head with logits
+The network (:class:`lit_tasks.models.segmentation.segmenter.Segmenter`) is a dilated backbone + context head with logits
 at the input size. Training minimises per-pixel cross entropy over the labelled pixels, plus 0.4 x the loss
 of an auxiliary FCN head on stage 3 (PSPNet §3.3, as mmsegmentation's recipes do). Metrics come from one
 dataset-wide confusion matrix (PA, MPA, mIoU, FWIoU; REFERENCE.md §7.1).
@@ -26,7 +26,7 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.segmentation_images import SegmentationImageLogger
 from lit_tasks.losses.cross_entropy import masked_cross_entropy
 from lit_tasks.metrics.segmentation import SegmentationMetrics, format_class_table
-from lit_tasks.models.segmenter import Segmenter, SegmenterName
+from lit_tasks.models.segmentation.segmenter import Segmenter, SegmenterName
 from lit_tasks.ops.images import group_by_size, sliding_windows
 from lit_tasks.schedules import warmup_poly
 
@@ -106,7 +106,7 @@ class SemanticSegmentationTask(BaseTask):
             raise ValueError(f"class_weights has {len(class_weights)} entries for num_classes={num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.masks.check_ignore_index)
+        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.masks.check_ignore_index)
             raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
                              "can hold a negative value; use an id >= num_classes, e.g. 255")
         if ignore_index < num_classes:

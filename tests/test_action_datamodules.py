@@ -14,10 +14,10 @@ import torch
 
 from datamodules import (LSTRFeatureDataModule, OadTRFeatureDataModule, SyntheticStreamsDataModule,
                          TFRecordFeatureDataModule)
-from datamodules.features import FeatureSession, FeatureSet, holdout_sessions
+from datamodules.features.streams import FeatureSession, FeatureSet, holdout_sessions
 from datamodules.synthetic.streams import make_feature_streams
 from datamodules.tfrecord import TFRecordWriter, build_sequence_example, write_sharded
-from datamodules.tfrecord_features import read_feature_records, session_examples
+from datamodules.features.tfrecord import read_feature_records, session_examples
 from golden import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]

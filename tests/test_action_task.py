@@ -17,7 +17,7 @@ from datamodules import SyntheticStreamsDataModule
 from lit_tasks import ActionDetectionTask
 from lit_tasks.cli import run_cli
 from lit_tasks.metrics.action import FrameLevelMAP
-from lit_tasks.models.oadtr import class_probabilities
+from lit_tasks.models.action.oadtr import class_probabilities
 from golden import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]

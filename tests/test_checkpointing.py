@@ -15,10 +15,10 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from datamodules.synthetic.identities import SyntheticFacesDataModule
-from lit_tasks.callbacks import checkpoint_io
-from lit_tasks.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, temporary_name_pattern
-from lit_tasks.callbacks.defaults import TaskCheckpoint, step_end_outlook
-from lit_tasks.callbacks.resume import ExactResume
+from lit_tasks.run import checkpoint_io
+from lit_tasks.run.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, temporary_name_pattern
+from lit_tasks.run.callbacks import TaskCheckpoint, step_end_outlook
+from lit_tasks.run.resume import ExactResume
 from lit_tasks.cli import run_cli
 from lit_tasks.face_recognition import FaceRecognitionTask
 from resume_probe import read_losses, recorder_args

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datamodules import COCOKeypointDataModule, FiguresKeypointDataModule
-from datamodules.keypoints import transform_points
+from datamodules.keypoints.geometry import transform_points
 from datamodules.synthetic.figures import FIGURE_KEYPOINT_NAMES, FIGURE_OKS_SIGMAS, write_figures_coco
 
 K = 13

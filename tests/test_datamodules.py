@@ -38,10 +38,10 @@ def test_the_tfrecord_format_imports_neither_lightning_nor_albumentations() -> N
 
 
 def test_datamodules_names_resolve_on_first_use() -> None:
-    assert datamodules.TFRecordMaskDataModule.__module__ == "datamodules.tfrecord_masks"
+    assert datamodules.TFRecordMaskDataModule.__module__ == "datamodules.segmentation.tfrecord"
     from datamodules import COCODetectionDataModule
 
-    assert COCODetectionDataModule.__module__ == "datamodules.coco"
+    assert COCODetectionDataModule.__module__ == "datamodules.detection.coco"
     assert all(hasattr(datamodules, name) for name in datamodules.__all__)
     assert set(datamodules.__all__) <= set(dir(datamodules))
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchDataModule'"):

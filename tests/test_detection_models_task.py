@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from datamodules import ShapesDetectionDataModule
-from datamodules.detection import DetectionDataset
+from datamodules.detection.samples import DetectionDataset
 from datamodules.synthetic.shapes_detection import ShapesSource, split_seed
 from lit_tasks import DetectionTask
 from lit_tasks.cli import run_cli as cli_main

@@ -1,4 +1,4 @@
-"""DETR network, post-processing and a tiny training run (lit_tasks/models/detr.py and its parts)."""
+"""DETR network, post-processing and a tiny training run (lit_tasks/models/detection/detr.py and its parts)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lit_tasks.models.detr import DETROutput, build_detr, check_image_sizes
-from lit_tasks.models.detr_convert import _split_in_proj
-from lit_tasks.models.detr_transformer import MultiheadAttention
-from lit_tasks.models.position_encoding import LearnedPositionEmbedding, sine_position_embedding
+from lit_tasks.models.detection.detr import DETROutput, build_detr, check_image_sizes
+from lit_tasks.models.detection.detr_convert import _split_in_proj
+from lit_tasks.models.detection.detr_transformer import MultiheadAttention
+from lit_tasks.models.detection.position_encoding import LearnedPositionEmbedding, sine_position_embedding
 
 BACKBONE = "test_resnet.r160_in1k"  # timm's smallest ResNet: C5 has 96 channels, stride 32
 TINY = dict(backbone=BACKBONE, d_model=32, nheads=4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,

@@ -1,4 +1,4 @@
-"""DETR weight conversion (lit_tasks/models/detr_convert.py, tools/convert_detr.py) without transformers.
+"""DETR weight conversion (lit_tasks/models/detection/detr_convert.py, tools/convert_detr.py) without transformers.
 
 Hugging Face layouts are checked against the real DetrForObjectDetection in test_detr_hf_parity.py.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lit_tasks.models.detr import build_detr
-from lit_tasks.models.detr_convert import (
+from lit_tasks.models.detection.detr import build_detr
+from lit_tasks.models.detection.detr_convert import (
     convert_detr_state_dict,
     detect_layout,
     infer_detr_config,

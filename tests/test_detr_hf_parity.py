@@ -21,8 +21,8 @@ hf_loss = pytest.importorskip("transformers.loss.loss_for_object_detection")
 
 from lit_tasks.losses.set_criterion import SetCriterion  # noqa: E402
 from lit_tasks.models.backbone import Normalize, build_backbone  # noqa: E402
-from lit_tasks.models.detr import DETROutput, build_detr  # noqa: E402
-from lit_tasks.models.detr_convert import load_detr_weights  # noqa: E402
+from lit_tasks.models.detection.detr import DETROutput, build_detr  # noqa: E402
+from lit_tasks.models.detection.detr_convert import load_detr_weights  # noqa: E402
 from lit_tasks.ops.box_ops import box_xyxy_to_cxcywh  # noqa: E402
 
 NUM_CLASSES = 3

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from datamodules.face_align import (
+from datamodules.faces.align import (
     ARCFACE_TEMPLATE,
     FaceAlign,
     alignment_matrix,

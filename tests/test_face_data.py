@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.faces import IdentityFolderDataModule, parse_pairs, scan_identity_folders
+from datamodules.faces.identities import IdentityFolderDataModule, parse_pairs, scan_identity_folders
 from datamodules.synthetic.identities import (
     SyntheticFacesDataModule,
     identity_params,

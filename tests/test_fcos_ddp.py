@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddp_helpers import run_processes
-from lit_tasks.models.fcos import build_fcos
+from lit_tasks.models.detection.fcos import build_fcos
 
 
 def _batches() -> tuple[torch.Tensor, list[dict], torch.Tensor, list[dict]]:

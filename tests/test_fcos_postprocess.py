@@ -2,7 +2,7 @@
 
 import torch
 
-from lit_tasks.models.fcos import FCOSOutput, FCOSPostprocess
+from lit_tasks.models.detection.fcos import FCOSOutput, FCOSPostprocess
 from lit_tasks.ops.assigners import grid_points
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.features import (FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set, load_pickle,
+from datamodules.features.streams import (FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set, load_pickle,
                                   read_lstr_features, read_oadtr_pickles)
 from golden import shared_dir
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_tasks.models.iresnet import IRESNET_LAYERS, IResNet, build_iresnet
-from lit_tasks.models.mobilefacenet import build_mobilefacenet
+from lit_tasks.models.face.iresnet import IRESNET_LAYERS, IResNet, build_iresnet
+from lit_tasks.models.face.mobilefacenet import build_mobilefacenet
 
 
 # ------------------------------------------------------------------ the reference, re-stated from arcface_torch
@@ -270,7 +270,7 @@ def test_fp16_flag_runs_the_body_in_float16_and_the_head_in_float32(build):
 def test_traces_and_exports_to_onnx_like_the_timm_embedding_network(build, tmp_path):
     """The face task exports ``NormalisedEmbedder(network)`` by tracing (TorchScript) and to ONNX: both must hold."""
     ort = pytest.importorskip("onnxruntime")
-    from lit_tasks.models.embedding import NormalisedEmbedder
+    from lit_tasks.models.face.embedding import NormalisedEmbedder
 
     model = build()
     randomise_(model, 9)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from datamodules.keypoints import (
+from datamodules.keypoints.geometry import (
     COCO_KEYPOINT_NAMES,
     COCO_UPPER_BODY_IDS,
     TopDownAffine,

@@ -165,7 +165,7 @@ def fit_recording(make_loader, max_steps: int, ckpt_path: Path | None = None, sa
     the loader up before it loads a checkpoint, and :class:`ExactResume` must hand the saved position over."""
     import lightning.pytorch as pl
 
-    from lit_tasks.callbacks.resume import ExactResume
+    from lit_tasks.run.resume import ExactResume
 
     class Recorder(pl.LightningModule):
         def __init__(self) -> None:

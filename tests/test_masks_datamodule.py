@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.masks import (
+from datamodules.segmentation.masks import (
     FolderSegmentationDataModule,
     SegmentationDataset,
     VOCSegmentationDataModule,

@@ -1,11 +1,11 @@
-"""OadTR model (lit_tasks.models.oadtr): shapes, size, causal decoder, streaming == offline windows, bf16."""
+"""OadTR model (lit_tasks.models.action.oadtr): shapes, size, causal decoder, streaming == offline windows, bf16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lit_tasks.models.oadtr import OadTR, StreamingOadTR, class_probabilities
+from lit_tasks.models.action.oadtr import OadTR, StreamingOadTR, class_probabilities
 
 TINY = dict(in_dim=12, num_classes=6, window=8, embed_dim=32, enc_layers=2, enc_heads=4, enc_mlp_dim=48,
             dec_layers=2, dec_heads=2, dec_ffn_dim=40, num_queries=4)
@@ -166,8 +166,8 @@ def test_class_probabilities_drop_the_ambiguous_column() -> None:
 
 @pytest.mark.parametrize("pad", ["replicate", "zeros"])
 def test_streaming_equals_the_window_dataset(pad: str) -> None:
-    """The DataModule's windows (datamodules.features) and the streaming detector share one padding rule."""
-    from datamodules.features import FeatureWindowDataset
+    """The DataModule's windows (datamodules.features.streams) and the streaming detector share one padding rule."""
+    from datamodules.features.streams import FeatureWindowDataset
     from datamodules.synthetic.streams import make_feature_streams
 
     data = make_feature_streams(num_sessions=2, num_actions=4, feature_dim=12, min_frames=20, max_frames=30, seed=3)
@@ -188,7 +188,7 @@ def test_folded_cross_attention_equals_the_unfolded_one() -> None:
     """Keys / values folded into the queries: the same attention, in eval and with attention dropout."""
     import torch.nn.functional as F
 
-    from lit_tasks.models.oadtr import DecoderAttention
+    from lit_tasks.models.action.oadtr import DecoderAttention
 
     torch.manual_seed(0)
     attn = DecoderAttention(32, 4, attn_dropout=0.5)

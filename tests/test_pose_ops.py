@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.keypoints import TopDownAffine, box_xywh_to_center_scale, get_affine_transform, invert_affine, \
+from datamodules.keypoints.geometry import TopDownAffine, box_xywh_to_center_scale, get_affine_transform, invert_affine, \
     transform_points
 from lit_tasks.ops.keypoints import COCO_FLIP_INDEX, affine_points, box_xywh_to_crop_inverse, crop_to_image
 from lit_tasks.ops.oks import oks_nms, oks_nms_per_image
@@ -84,7 +84,7 @@ def test_errors() -> None:
 
 
 def test_coco_flip_index_is_the_names_permutation() -> None:
-    from datamodules.keypoints import COCO_KEYPOINT_NAMES, flip_index_from_names
+    from datamodules.keypoints.geometry import COCO_KEYPOINT_NAMES, flip_index_from_names
 
     assert list(COCO_FLIP_INDEX) == flip_index_from_names(COCO_KEYPOINT_NAMES)
 

@@ -21,7 +21,7 @@ from datamodules import COCOKeypointDataModule, FiguresKeypointDataModule
 from datamodules.synthetic.figures import FIGURE_OKS_SIGMAS, write_figures_coco
 from lit_tasks import PoseTask
 from lit_tasks.cli import run_cli
-from lit_tasks.models.rle import flip_back_normalized, pixels_to_normalized
+from lit_tasks.models.pose.rle import flip_back_normalized, pixels_to_normalized
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "pose"

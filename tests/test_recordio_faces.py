@@ -20,13 +20,13 @@ from PIL import Image
 from test_face_bin import _RunsAShellCommand
 from test_recordio import GOLDEN, VALUES, golden_copy, needs_golden, patch, sha
 
-from datamodules.face_align import ARCFACE_TEMPLATE, norm_crop, transform_points
+from datamodules.faces.align import ARCFACE_TEMPLATE, norm_crop, transform_points
 from datamodules.face_bin import RefusedPickleError
-from datamodules.faces import IdentityFolderDataModule, face_transform
+from datamodules.faces.identities import IdentityFolderDataModule, face_transform
 from datamodules.images import decode_image
 from datamodules.recordio import RecordIOError
-from datamodules.recordio_faces import RecordIOFaceDataModule
-from datamodules.tfrecord_faces import TFRecordIdentityDataModule
+from datamodules.faces.recordio import RecordIOFaceDataModule
+from datamodules.faces.tfrecord import TFRecordIdentityDataModule
 
 pytestmark = needs_golden
 
@@ -333,7 +333,7 @@ def golden_cli_args(*extra: str) -> list[str]:
 
 def test_arcface_ms1m_config_fast_dev_run_with_iresnet18_on_the_golden_pack() -> None:
     from lit_tasks.cli import run_cli
-    from lit_tasks.models.iresnet import IResNet
+    from lit_tasks.models.face.iresnet import IResNet
 
     cli = run_cli(["fit", *golden_cli_args("--model.backbone=iresnet18", "--data.batch_size=4",
                                            "--trainer.fast_dev_run=true")])
@@ -388,7 +388,7 @@ def test_rec_to_tfrecord_shards_give_the_same_samples_shuffled(tmp_path: Path, l
     from test_tfrecord_detection import make_tfrecords
 
     from datamodules.tfrecord import read_examples, read_label_map
-    from datamodules.tfrecord_faces import IDENTITY_FEATURES
+    from datamodules.faces.tfrecord import IDENTITY_FEATURES
 
     out = tmp_path / "shards" / "ms1m"
     paths = make_tfrecords("rec", "--rec", str(GOLDEN / f"{layout}.rec"), "--out", str(out), "--num-shards", "3",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_tasks.models.rle_flow import RealNVP
+from lit_tasks.losses.rle_flow import RealNVP
 
 
 def _grid(half_width: float, n: int) -> tuple[torch.Tensor, float]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_tasks.models.rle import (
+from lit_tasks.models.pose.rle import (
     FeatureNormLinear,
     RLERegressor,
     flip_back_normalized,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lit_tasks.models.aspp import ASPP, DeepLabV3PlusHead, ImagePooling, aspp_rates
-from lit_tasks.models.fcn import FCNHead, conv_bn_relu
-from lit_tasks.models.psp import PSPHead, PyramidPooling
+from lit_tasks.models.segmentation.aspp import ASPP, DeepLabV3PlusHead, ImagePooling, aspp_rates
+from lit_tasks.models.segmentation.fcn import FCNHead, conv_bn_relu
+from lit_tasks.models.segmentation.psp import PSPHead, PyramidPooling
 from lit_tasks.segmentation import SemanticSegmentationTask
 
 BACKBONE = "test_resnet"  # timm's smallest ResNet: 5 feature levels, dilation support

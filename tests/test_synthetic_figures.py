@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.keypoints import flip_pairs_from_names, validate_box_xywh, validate_keypoints
+from datamodules.keypoints.geometry import flip_pairs_from_names, validate_box_xywh, validate_keypoints
 from datamodules.synthetic.figures import (
     FIGURE_KEYPOINT_NAMES,
     FIGURE_OKS_SIGMAS,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.detection import DetectionDataset
+from datamodules.detection.samples import DetectionDataset
 from datamodules.transforms import detection_train_transforms, detection_val_transforms
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torchvision
 
 from lit_tasks.losses.varifocal import varifocal_loss
-from lit_tasks.models.vfnet import (
+from lit_tasks.models.detection.vfnet import (
     VFNET_STRIDES,
     DeformConv3x3,
     VFNetHead,
@@ -214,7 +214,7 @@ def test_criterion_without_any_object_gives_connected_zeros():
 
 
 def test_collectives_only_in_training(monkeypatch):
-    import lit_tasks.models.vfnet as vfnet
+    import lit_tasks.models.detection.vfnet as vfnet
 
     calls = []
     monkeypatch.setattr(vfnet, "reduce_mean", lambda x: calls.append(x.shape) or x.detach().float())

@@ -8,7 +8,7 @@
 Sizes (d_model, queries, layers, FFN width, classes, position embedding) are read from the checkpoint; the
 backbone is recognised for ResNet-50 / 101 (else give ``--backbone``); DC5 (``--dilation``) and the number of
 heads (``--nheads``, 8 in every published model) are not stored and must be given. The model is built, the
-weights are loaded strictly (every key matched both ways, see ``lit_tasks.models.detr_convert``) and saved as
+weights are loaded strictly (every key matched both ways, see ``lit_tasks.models.detection.detr_convert``) and saved as
 ``{"state_dict": ..., "build_detr": {...}}``: ``build_detr(**saved["build_detr"])`` rebuilds the network and
 ``load_state_dict(saved["state_dict"])`` fills it. Nothing is downloaded; an existing output is not overwritten
 without ``--overwrite``.
@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from lit_tasks.models.detr import build_detr
-from lit_tasks.models.detr_convert import convert_detr_state_dict, infer_detr_config, load_detr_weights, read_checkpoint
+from lit_tasks.models.detection.detr import build_detr
+from lit_tasks.models.detection.detr_convert import convert_detr_state_dict, infer_detr_config, load_detr_weights, read_checkpoint
 
 _RESNETS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 

@@ -13,8 +13,8 @@ Writes ``OUT-00000-of-000NN.tfrecord[.gz]`` (+ ``.index``), records dealt round-
 as stored, classes named by their number) write the images in a random order drawn from ``--seed``, so
 shards mix identities. ``features`` writes one ``tf.SequenceExample`` per video (per-frame features as a
 feature list, targets per frame) from the LSTR / TeSTra layout, OadTR's pickles or the synthetic streams.
-The encoders live beside their DataModules (``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``,
-``datamodules.tfrecord_masks``, ``datamodules.tfrecord_features``).
+The encoders live beside their DataModules (``datamodules.detection.tfrecord``, ``datamodules.faces.tfrecord``,
+``datamodules.segmentation.tfrecord``, ``datamodules.features.tfrecord``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def read_feature_sessions(args: argparse.Namespace):
         return make_feature_streams(args.num_sessions, seed=args.seed)
     if not args.root:
         raise SystemExit(f"--root is required for --layout {args.layout}")
-    from datamodules.features import read_lstr_features, read_oadtr_pickles
+    from datamodules.features.streams import read_lstr_features, read_oadtr_pickles
 
     if args.layout == "lstr":
         return read_lstr_features(args.root, args.split, data_info=args.data_info or "data_info.json",
@@ -91,34 +91,34 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     compression = None if args.compression == "none" else args.compression
 
     if args.format == "coco":
-        from datamodules.coco import COCODetectionSource
-        from datamodules.tfrecord_detection import coco_examples
+        from datamodules.detection.coco import COCODetectionSource
+        from datamodules.detection.tfrecord import coco_examples
 
         source = COCODetectionSource(args.annotations, args.images)
         examples, total = coco_examples(source), len(source)
         write_label_map(args.out + ".label_map.pbtxt", source.category_ids, source.class_names)
     elif args.format == "folder":
-        from datamodules.tfrecord_faces import folder_classes, folder_examples
+        from datamodules.faces.tfrecord import folder_classes, folder_examples
 
         classes, files = folder_classes(args.root)
         examples, total = folder_examples(args.root, classes, files, args.seed), sum(map(len, files))
         write_label_map(args.out + ".label_map.pbtxt", range(len(classes)), classes)
     elif args.format == "rec":
         from datamodules.recordio import RecordIODataset
-        from datamodules.recordio_faces import identity_count
-        from datamodules.tfrecord_faces import recordio_examples
+        from datamodules.faces.recordio import identity_count
+        from datamodules.faces.tfrecord import recordio_examples
 
         records = RecordIODataset(args.rec, args.idx)
         classes = identity_count(records)
         examples, total = recordio_examples(records, args.seed), len(records)
         write_label_map(args.out + ".label_map.pbtxt", range(classes), [str(k) for k in range(classes)])
     elif args.format == "features":
-        from datamodules.tfrecord_features import session_examples
+        from datamodules.features.tfrecord import session_examples
 
         data = read_feature_sessions(args)
         examples, total = session_examples(data), len(data.sessions)
     else:
-        from datamodules.tfrecord_masks import mask_examples, mask_pairs
+        from datamodules.segmentation.tfrecord import mask_examples, mask_pairs
 
         pairs = mask_pairs(args.images, args.masks, args.mask_suffix)
         examples, total = mask_examples(pairs), len(pairs)

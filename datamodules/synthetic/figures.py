@@ -16,7 +16,7 @@ textured background (:func:`datamodules.synthetic.shapes` backgrounds plus distr
   unlabelled, as COCO annotators often do; x = y = 0 then, as in COCO files).
 
 Pixel convention: a keypoint ``(x, y)`` is at the centre of pixel column ``x``, row ``y`` (OpenCV drawing and
-``warpAffine``, the convention of the top-down pipeline in :mod:`datamodules.keypoints`: a mirror maps
+``warpAffine``, the convention of the top-down pipeline in :mod:`datamodules.keypoints.geometry`: a mirror maps
 ``x -> w - 1 - x``); each box is the extent of the figure's visible pixels, ``[c0 - 0.5, r0 - 0.5, c1 - c0 + 1,
 r1 - r0 + 1]``, and ``area`` is its visible pixel count (COCO's segment area).
 
@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .shapes import _background
+from datamodules.synthetic.shapes import _background
 
 FIGURE_KEYPOINT_NAMES: tuple[str, ...] = (
     "head",

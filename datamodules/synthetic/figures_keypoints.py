@@ -2,7 +2,7 @@
 
 The figures (:mod:`datamodules.synthetic.figures`) are written once as a COCO keypoint layout under ``root``
 (``annotations/person_keypoints_{train,val}2017.json`` + PNGs; reused on later runs, never overwritten) and
-read back by :class:`~datamodules.coco_keypoints.COCOKeypointDataModule`: the same reader, checks, crops and
+read back by :class:`~datamodules.keypoints.coco.COCOKeypointDataModule`: the same reader, checks, crops and
 augmentation as COCO itself, only the source differs. The category (13 keypoints, names, skeleton), the
 OKS sigmas (:data:`FIGURE_OKS_SIGMAS`) and the upper body for half-body crops are known without reading the
 files, so the CLI can link them before anything is written.
@@ -10,8 +10,8 @@ files, so the CLI can link them before anything is written.
 
 from __future__ import annotations
 
-from ..coco_keypoints import COCOKeypointDataModule, COCOKeypointSource
-from .figures import FIGURE_KEYPOINT_NAMES, FIGURE_OKS_SIGMAS, FIGURE_SKELETON, FIGURE_UPPER_BODY_IDS, \
+from datamodules.keypoints.coco import COCOKeypointDataModule, COCOKeypointSource
+from datamodules.synthetic.figures import FIGURE_KEYPOINT_NAMES, FIGURE_OKS_SIGMAS, FIGURE_SKELETON, FIGURE_UPPER_BODY_IDS, \
     write_figures_coco
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..base import BaseDataModule
+from datamodules.base import BaseDataModule
 
 STREAM_IDENTITY, STREAM_SAMPLE, STREAM_PAIR = 1, 2, 3  # separate random streams per purpose
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..detection import DetectionDataModule, DetectionDataset, DetectionRecord
-from ..transforms import AugmentPreset
-from .shapes import SHAPE_CLASSES, SIZE_RANGE, render_shapes
+from datamodules.detection.samples import DetectionDataModule, DetectionDataset, DetectionRecord
+from datamodules.transforms import AugmentPreset
+from datamodules.synthetic.shapes import SHAPE_CLASSES, SIZE_RANGE, render_shapes
 
 
 def split_seed(seed: int, split: str) -> int:

@@ -12,16 +12,16 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from ..base import BaseDataModule
-from ..masks import (
+from datamodules.base import BaseDataModule
+from datamodules.segmentation.masks import (
     check_ignore_index,
     segmentation_collate,
     segmentation_eval_transforms,
     segmentation_sample,
     segmentation_train_transforms,
 )
-from .shapes import SHAPE_CLASSES, render_shapes
-from .shapes_detection import split_seed
+from datamodules.synthetic.shapes import SHAPE_CLASSES, render_shapes
+from datamodules.synthetic.shapes_detection import split_seed
 
 
 class ShapesSegmentationDataset(Dataset):

@@ -13,8 +13,8 @@ payloads, and TensorFlow's shards (plain, GZIP, ZLIB) read here.
 
 A format library: it knows no DataModule and imports nothing else of ``datamodules`` (nor Lightning or
 albumentations). What the records of a task hold, and the DataModules over them, live beside their
-on-disk siblings: ``datamodules.tfrecord_detection``, ``datamodules.tfrecord_faces``,
-``datamodules.tfrecord_masks``.
+on-disk siblings: ``datamodules.detection.tfrecord``, ``datamodules.faces.tfrecord``,
+``datamodules.segmentation.tfrecord``.
 """
 
 from .compression import detect_compression

@@ -4,7 +4,7 @@ Log-likelihood Estimation", §3.3 eq. 9-11), and the plain L1 coordinate loss it
 The network predicts, per keypoint and axis, a location ``mu_hat`` and a scale ``sigma_hat`` in (0, 1);
 the density of the ground truth ``mu_gt`` is modelled as ``P(mu_gt) = 1 / sigma_hat * G_phi(mu_bar) *
 Q(mu_bar)`` with ``mu_bar = (mu_hat - mu_gt) / sigma_hat``, where ``Q`` is a fixed simple density and
-``G_phi`` a learned RealNVP correction (:mod:`lit_tasks.models.rle_flow`, shared by all keypoints). The
+``G_phi`` a learned RealNVP correction (:mod:`lit_tasks.losses.rle_flow`, shared by all keypoints). The
 loss is the negative log of it. Per keypoint ``k`` and axis ``d`` (d = x, y), with ``Delta = mu_hat - mu_gt``:
 
 * official (Jeff-sjtu/res-loglikelihood-regression, ``rlepose/models/regression_nf.py`` + ``criterion.py``,
@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..models.rle_flow import RealNVP
+from lit_tasks.losses.rle_flow import RealNVP
 
 Q_DISTRIBUTIONS = ("official", "laplace", "gaussian")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

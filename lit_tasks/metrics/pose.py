@@ -32,8 +32,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ..ops.oks import COCO_KEYPOINT_SIGMAS, oks_nms_per_image
-from .coco import format_coco_table
+from lit_tasks.ops.oks import COCO_KEYPOINT_SIGMAS, oks_nms_per_image
+from lit_tasks.metrics.coco import format_coco_table
 
 # pycocotools COCOeval._summarizeKps, in order (maxDets = 20 for keypoints, no "small" area range).
 KEYPOINT_SUMMARY_ROWS = (

@@ -1,7 +1,7 @@
 """Top-down keypoints on the task side: crop pixels <-> original-image pixels (torch, batched, float64 inside).
 
 A top-down pose network sees a crop cut from the image by an affine map ``u = A x + t`` (person box ->
-``W x H`` crop, :mod:`datamodules.keypoints`). Its predictions are crop pixels; evaluation, OKS NMS and
+``W x H`` crop, :mod:`datamodules.keypoints.geometry`). Its predictions are crop pixels; evaluation, OKS NMS and
 COCO results need image pixels, i.e. the inverse map ``x = A^-1 u - A^-1 t``, carried in each batch as the
 ``(2, 3)`` matrix ``matrix_inv``. :func:`crop_to_image` rebuilds that inverse from the person box alone, for
 users who run ``PoseTask(crops)`` on crops they cut themselves with the standard rule (box widened to the

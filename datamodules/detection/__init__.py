@@ -1,0 +1,1 @@
+"""Detection data: the sample contract (samples), COCO json folders (coco) and TFRecord shards (tfrecord)."""

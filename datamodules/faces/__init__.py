@@ -1,0 +1,1 @@
+"""Face data: identity folders and verification sets (identities), alignment (align), RecordIO and TFRecord packs."""

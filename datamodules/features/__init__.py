@@ -1,0 +1,1 @@
+"""Feature streams for online action detection: LSTR / OadTR layouts (streams), SequenceExample shards (tfrecord)."""

@@ -1,0 +1,1 @@
+"""Pose data: top-down geometry (geometry), samples (topdown), COCO keypoints (coco)."""

@@ -1,0 +1,1 @@
+"""Segmentation data: image + mask folders, VOC (masks) and TFRecord shards (tfrecord)."""

@@ -1,0 +1,1 @@
+"""Online action detection: OadTR."""

@@ -1,0 +1,1 @@
+"""Detectors: FCOS, VarifocalNet, DETR (each `build_<name>` returns model, criterion, postprocess)."""

@@ -1,0 +1,1 @@
+"""Face embedding networks: IResNet, MobileFaceNet, timm backbones with an embedding head."""

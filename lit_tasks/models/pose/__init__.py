@@ -1,0 +1,1 @@
+"""Pose regression: the RLE regressor."""

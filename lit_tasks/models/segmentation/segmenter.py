@@ -1,0 +1,95 @@
+"""Semantic segmentation network: dilated timm backbone + context head (+ auxiliary FCN head), logits at input size.
+
+Method (Chen et al. 2017 "Rethinking Atrous Convolution", §3; Chen et al. 2018 "DeepLabV3+", §3; Zhao et al.
+2017 "PSPNet", §3): a classification backbone whose last stages trade striding for atrous (dilated)
+convolution, so features stay at 1/16 or 1/8 of the input (``output_stride``) with unchanged receptive
+fields; a context head on the last stage (ASPP with image pooling, pyramid pooling, or plain convs); for
+DeepLabV3+ a decoder that fuses the stride-4 features; bilinear upsampling of the logits to the input size.
+An auxiliary FCN head on stage 3 (PSPNet §3.3, mmsegmentation's recipes) is used in training only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_tasks.models.segmentation.aspp import DeepLabV3Head, DeepLabV3PlusHead, aspp_rates
+from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.segmentation.fcn import FCNHead
+from lit_tasks.models.segmentation.psp import PSPHead
+
+SegmenterName = Literal["deeplabv3plus", "deeplabv3", "pspnet", "fcn"]
+
+
+class Segmenter(nn.Module):
+    """``(B, 3, H, W)`` images in [0, 1] -> ``(B, C, H, W)`` class logits (ImageNet mean/std applied inside).
+
+    Args:
+        num_classes: output classes.
+        model: ``"deeplabv3plus"``, ``"deeplabv3"``, ``"pspnet"`` or ``"fcn"``.
+        backbone: any timm model with ``features_only`` and ``output_stride`` support.
+        pretrained: timm's ImageNet weights (downloads).
+        output_stride: 8 or 16 (dilated last stages), or 32 (no dilation).
+        feature_indices: timm feature indices of (stride-4 skip, stage feeding the auxiliary head, last stage).
+        rates: ASPP atrous rates; None = the paper's for ``output_stride``.
+        pool_scales: PSP pyramid bins.
+        head_channels: width of the ASPP / decoder / FCN convs (the PSP bottleneck uses twice this).
+        dropout: dropout before the classifiers.
+        aux_head: build the auxiliary FCN head on the middle feature level.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        model: SegmenterName = "deeplabv3plus",
+        backbone: str = "resnet50",
+        pretrained: bool = False,
+        output_stride: int = 16,
+        feature_indices: Sequence[int] = (1, 3, 4),
+        rates: Sequence[int] | None = None,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        head_channels: int = 256,
+        dropout: float = 0.1,
+        aux_head: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(feature_indices) != 3:
+            raise ValueError(f"feature_indices must name 3 feature levels (skip, aux, last), got {list(feature_indices)}")
+        self.normalize = Normalize()
+        self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=tuple(feature_indices),
+                                       output_stride=None if output_stride == 32 else output_stride)
+        low_ch, aux_ch, high_ch = self.backbone.feature_info.channels()
+        c, width = num_classes, head_channels
+        rates = tuple(rates) if rates else aspp_rates(output_stride)
+        match model:
+            case "deeplabv3plus":
+                self.head: nn.Module = DeepLabV3PlusHead(high_ch, low_ch, c, rates, width, dropout=dropout)
+            case "deeplabv3":
+                self.head = DeepLabV3Head(high_ch, c, rates, width, dropout)
+            case "pspnet":
+                self.head = PSPHead(high_ch, c, tuple(pool_scales), 2 * width, dropout)
+            case "fcn":
+                self.head = FCNHead(high_ch, c, width, num_convs=2, concat_input=True, dropout=dropout)
+            case _:
+                raise ValueError(f"model must be one of deeplabv3plus, deeplabv3, pspnet, fcn; got {model!r}")
+        self.uses_skip = isinstance(self.head, DeepLabV3PlusHead)  # the V3+ decoder also reads the stride-4 map
+        self.aux_head = FCNHead(aux_ch, c, width, num_convs=1, concat_input=False, dropout=dropout) if aux_head else None
+
+    def _logits(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
+        low, _, high = features
+        logits = self.head(high, low) if self.uses_skip else self.head(high)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self._logits(self.backbone(self.normalize(images)), images.shape[-2:])
+
+    def forward_with_aux(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and the auxiliary head's logits (None without one), both at the input size (training)."""
+        features = self.backbone(self.normalize(images))
+        size = images.shape[-2:]
+        aux = None
+        if self.aux_head is not None:
+            aux = F.interpolate(self.aux_head(features[1]), size=size, mode="bilinear", align_corners=False)
+        return self._logits(features, size), aux
