@@ -42,10 +42,15 @@ from lit_tasks.schedules import warmup_multistep
 
 MODELS = ("fcos", "vfnet", "detr")
 # Each paper's optimisation recipe: the value of an option left at None (see the DetectionTask docstring).
+# center_sampling_radius: mmdet FCOS center_sampling=True (radius 1.5); vfnet_r50_fpn_1x_coco.py L33
+# center_sampling=False (VFNetHead's default too) for its FCOS-target fallback; DETR: unused.
 RECIPES: dict[str, dict[str, Any]] = {
-    "fcos": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # mmdet fcos 1x
-    "vfnet": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # vfnet_r50_fpn_1x
-    "detr": dict(lr=1e-4, warmup_steps=0, backbone_lr_ratio=0.1, optimizer="adamw"),  # detr main.py
+    "fcos": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd",  # mmdet fcos 1x
+                 center_sampling_radius=1.5),
+    "vfnet": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd",  # vfnet_r50_fpn_1x
+                  center_sampling_radius=0.0),
+    "detr": dict(lr=1e-4, warmup_steps=0, backbone_lr_ratio=0.1, optimizer="adamw",  # detr main.py
+                 center_sampling_radius=0.0),
 }
 
 
@@ -87,7 +92,8 @@ class DetectionTask(BaseTask):
             large objects still reach the coarse levels. FCOS: the target assignment; VFNet: the scale of each
             level's initial box (the upper ends, the last twice the one before) and the targets with
             ``use_atss=False``.
-        center_sampling_radius: centre sampling radius in strides (1.5; 0 disables); VFNet: FCOS targets only.
+        center_sampling_radius: centre sampling radius in strides (0 disables); VFNet: FCOS targets only. None =
+            the model's: 1.5 for FCOS (mmdet ``center_sampling=True``), 0 for VFNet (``center_sampling=False``).
 
         FCOS:
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
@@ -155,7 +161,7 @@ class DetectionTask(BaseTask):
         fpn_channels: int = 256,
         head_convs: int | None = None,
         box_loss: str = "giou",
-        center_sampling_radius: float = 1.5,
+        center_sampling_radius: float | None = None,
         regress_ranges: list[list[float]] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -229,11 +235,11 @@ class DetectionTask(BaseTask):
                 self.model, self.criterion, self.postprocess = build_fcos(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs,
                     box_loss=hp.box_loss, focal_alpha=hp.focal_alpha, focal_gamma=hp.focal_gamma,
-                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius, **inference)
+                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"), **inference)
             case "vfnet":
                 self.model, self.criterion, self.postprocess = build_vfnet(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs, use_atss=hp.use_atss,
-                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius,
+                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"),
                     vfl_alpha=hp.vfl_alpha, vfl_gamma=hp.vfl_gamma, **inference)
             case "detr":
                 architecture = dict(backbone=hp.backbone, dilation=hp.dilation,
@@ -522,7 +528,8 @@ def check_options(options: dict[str, Any]) -> None:
          f"frozen_stages must be >= -1, got {o['frozen_stages']}")
     need(0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}")
     need(0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}")
-    need(o["center_sampling_radius"] >= 0, f"center_sampling_radius must be >= 0, got {o['center_sampling_radius']}")
+    need(o["center_sampling_radius"] is None or o["center_sampling_radius"] >= 0,
+         f"center_sampling_radius must be >= 0 or null, got {o['center_sampling_radius']}")
     need(0.0 <= o["focal_alpha"] <= 1.0, f"focal_alpha must be in [0, 1], got {o['focal_alpha']}")
     for name in ("focal_gamma", "vfl_alpha", "vfl_gamma", "weight_decay", "momentum"):
         need(o[name] >= 0, f"{name} must be >= 0, got {o[name]}")

@@ -55,6 +55,16 @@ def test_shapes_config_fast_dev_run(model, tmp_path):
         assert "train/num_pos" in metrics
 
 
+def test_centre_sampling_follows_the_model():
+    """FCOS samples the centre region (mmdet ``center_sampling=True``, radius 1.5); VFNet's FCOS-target fallback does
+    not (vfnet_r50_fpn_1x_coco.py ``center_sampling=False``), unless the option says so."""
+    tiny = dict(num_classes=3, backbone="resnet10t", fpn_channels=16, head_convs=1, num_log_images=0)
+    assert DetectionTask(model="vfnet", use_atss=False, **tiny).criterion.center_sampling_radius == 0.0
+    assert DetectionTask(model="fcos", **tiny).criterion.center_sampling_radius == 1.5
+    assert DetectionTask(model="vfnet", use_atss=False, center_sampling_radius=1.5,
+                         **tiny).criterion.center_sampling_radius == 1.5
+
+
 @pytest.mark.parametrize("model", ["vfnet", "detr"])
 def test_coco_config_fast_dev_run(model, shapes_coco_root):
     cli = cli_main(["fit", f"--config={CONFIGS / f'{model}_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",

@@ -264,14 +264,14 @@ class VFNetCriterion(nn.Module):
         num_classes: foreground classes.
         use_atss: ATSS assignment (paper); False: FCOS targets (regress ranges, centre sampling).
         topk: ATSS candidates per level and box; anchor_scale: ATSS anchor side in strides.
-        regress_ranges, center_sampling_radius: FCOS targets only (mmdet's VFNetHead defaults to no centre
-            sampling there; 0 switches it off).
+        regress_ranges, center_sampling_radius: FCOS targets only; radius 0 (default): no centre sampling, as mmdet's
+            VFNetHead (``center_sampling=False``, its default and vfnet_r50_fpn_1x_coco.py's).
         vfl_alpha, vfl_gamma: varifocal loss parameters; loss_*_weight: the weights of the three losses.
     """
 
     def __init__(self, num_classes: int, use_atss: bool = True, topk: int = 9, anchor_scale: float = 8.0,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES,
-                 center_sampling_radius: float = 1.5, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
+                 center_sampling_radius: float = 0.0, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
                  loss_cls_weight: float = 1.0, loss_box_weight: float = 1.5,
                  loss_box_refine_weight: float = 2.0) -> None:
         super().__init__()
@@ -397,7 +397,7 @@ def build_vfnet(
     head_convs: int = 3,
     use_atss: bool = True,
     regress_ranges: Sequence[Sequence[float]] | None = None,
-    center_sampling_radius: float = 1.5,
+    center_sampling_radius: float = 0.0,
     vfl_alpha: float = 0.75,
     vfl_gamma: float = 2.0,
     loss_cls_weight: float = 1.0,
@@ -420,7 +420,7 @@ def build_vfnet(
         use_atss: ATSS assignment with 8*stride anchors (paper); False: FCOS targets.
         regress_ranges: per-level (lo, hi) of max(l, t, r, b); they set the initial boxes' scales (always)
             and the FCOS targets (``use_atss=False``). None: FCOS's (-1, 64), ..., (512, inf).
-        center_sampling_radius: FCOS targets only.
+        center_sampling_radius: FCOS targets only (0: none, mmdet's ``center_sampling=False``).
         vfl_alpha, vfl_gamma, loss_*_weight: see :class:`VFNetCriterion`.
         score_threshold, pre_nms_top_k, nms_threshold, max_detections: see :class:`VFNetPostprocess`.
     """
