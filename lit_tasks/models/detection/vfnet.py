@@ -30,7 +30,7 @@ from torchvision.ops import batched_nms, deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
-from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import (
     FCOS_REGRESS_RANGES,
@@ -214,7 +214,7 @@ class VFNet(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, head_convs: int = 3,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES, center_offset: float = 0.0,
-                 frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 frozen_stages: int = -1, frozen_bn: FrozenBN = False) -> None:
         super().__init__()
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
@@ -408,7 +408,7 @@ def build_vfnet(
     nms_threshold: float = 0.6,
     max_detections: int = 100,
     frozen_stages: int = -1,
-    frozen_bn: bool = False,
+    frozen_bn: FrozenBN = False,
 ) -> tuple[VFNet, VFNetCriterion, VFNetPostprocess]:
     """VarifocalNet as ``(model, criterion, postprocess)`` with the paper's defaults (vfnet_r50_fpn_1x_coco).
 
