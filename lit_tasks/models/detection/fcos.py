@@ -19,7 +19,7 @@ from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
@@ -94,7 +94,8 @@ class FCOS(nn.Module):
     strides = (8, 16, 32, 64, 128)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
-                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1,
+                 frozen_bn: FrozenBN = False) -> None:
         super().__init__()
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
@@ -235,7 +236,7 @@ def build_fcos(
     fpn_channels: int = 256,
     head_convs: int = 4,
     frozen_stages: int = -1,
-    frozen_bn: bool = False,
+    frozen_bn: FrozenBN = False,
     box_loss: str = "giou",
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,

@@ -30,7 +30,7 @@ from torchvision.ops import batched_nms, deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
-from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import (
     FCOS_REGRESS_RANGES,
@@ -214,7 +214,7 @@ class VFNet(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, head_convs: int = 3,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES, center_offset: float = 0.0,
-                 frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 frozen_stages: int = -1, frozen_bn: FrozenBN = False) -> None:
         super().__init__()
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
@@ -264,14 +264,14 @@ class VFNetCriterion(nn.Module):
         num_classes: foreground classes.
         use_atss: ATSS assignment (paper); False: FCOS targets (regress ranges, centre sampling).
         topk: ATSS candidates per level and box; anchor_scale: ATSS anchor side in strides.
-        regress_ranges, center_sampling_radius: FCOS targets only (mmdet's VFNetHead defaults to no centre
-            sampling there; 0 switches it off).
+        regress_ranges, center_sampling_radius: FCOS targets only; radius 0 (default): no centre sampling, as mmdet's
+            VFNetHead (``center_sampling=False``, its default and vfnet_r50_fpn_1x_coco.py's).
         vfl_alpha, vfl_gamma: varifocal loss parameters; loss_*_weight: the weights of the three losses.
     """
 
     def __init__(self, num_classes: int, use_atss: bool = True, topk: int = 9, anchor_scale: float = 8.0,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES,
-                 center_sampling_radius: float = 1.5, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
+                 center_sampling_radius: float = 0.0, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
                  loss_cls_weight: float = 1.0, loss_box_weight: float = 1.5,
                  loss_box_refine_weight: float = 2.0) -> None:
         super().__init__()
@@ -397,7 +397,7 @@ def build_vfnet(
     head_convs: int = 3,
     use_atss: bool = True,
     regress_ranges: Sequence[Sequence[float]] | None = None,
-    center_sampling_radius: float = 1.5,
+    center_sampling_radius: float = 0.0,
     vfl_alpha: float = 0.75,
     vfl_gamma: float = 2.0,
     loss_cls_weight: float = 1.0,
@@ -408,7 +408,7 @@ def build_vfnet(
     nms_threshold: float = 0.6,
     max_detections: int = 100,
     frozen_stages: int = -1,
-    frozen_bn: bool = False,
+    frozen_bn: FrozenBN = False,
 ) -> tuple[VFNet, VFNetCriterion, VFNetPostprocess]:
     """VarifocalNet as ``(model, criterion, postprocess)`` with the paper's defaults (vfnet_r50_fpn_1x_coco).
 
@@ -420,7 +420,7 @@ def build_vfnet(
         use_atss: ATSS assignment with 8*stride anchors (paper); False: FCOS targets.
         regress_ranges: per-level (lo, hi) of max(l, t, r, b); they set the initial boxes' scales (always)
             and the FCOS targets (``use_atss=False``). None: FCOS's (-1, 64), ..., (512, inf).
-        center_sampling_radius: FCOS targets only.
+        center_sampling_radius: FCOS targets only (0: none, mmdet's ``center_sampling=False``).
         vfl_alpha, vfl_gamma, loss_*_weight: see :class:`VFNetCriterion`.
         score_threshold, pre_nms_top_k, nms_threshold, max_detections: see :class:`VFNetPostprocess`.
     """
