@@ -31,7 +31,7 @@ from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
-from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
+from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, DETR_OPTIONS, build_detr, detr_export_tensors, detr_output_from_export
 from lit_tasks.models.detection.detr_convert import load_pretrained_detr
 from lit_tasks.models.detection.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
 from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
@@ -269,19 +269,12 @@ class DetectionTask(BaseTask):
                     regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"),
                     vfl_alpha=hp.vfl_alpha, vfl_gamma=hp.vfl_gamma, **inference)
             case "detr":
-                architecture = dict(backbone=hp.backbone, dilation=hp.dilation,
-                                    position_embedding=hp.position_embedding, d_model=hp.d_model, nheads=hp.nheads,
-                                    num_encoder_layers=hp.num_encoder_layers,
-                                    num_decoder_layers=hp.num_decoder_layers, dim_feedforward=hp.dim_feedforward,
-                                    num_queries=hp.num_queries)
+                options = {name: hp[name] for name in DETR_OPTIONS}
                 self.model, self.criterion, self.postprocess = build_detr(
-                    hp.num_classes, **{**backbone, **architecture}, dropout=hp.dropout, aux_loss=hp.aux_loss,
-                    eos_coef=hp.eos_coef, cost_class=hp.cost_class, cost_bbox=hp.cost_bbox, cost_giou=hp.cost_giou,
-                    weight_ce=hp.weight_ce, weight_bbox=hp.weight_bbox, weight_giou=hp.weight_giou,
-                    max_detections=self.max_detections)
+                    hp.num_classes, **backbone, **options, max_detections=self.max_detections)
                 if hp.pretrained_weights:
                     load_pretrained_detr(self.model, hp.pretrained_weights, hp.pretrained_class_rows,
-                                         hp.reinit_class_head, build_args=architecture)
+                                         hp.reinit_class_head, build_args={"backbone": hp.backbone, **options})
             case _:
                 raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose one of {list(MODELS)}")
         if hp.channels_last:
