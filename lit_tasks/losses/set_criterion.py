@@ -2,8 +2,9 @@
 
 Per decoder layer: predictions are matched one-to-one to the ground truth (an injected
 :class:`~lit_tasks.ops.matcher.HungarianMatcher`, the paper's costs by default), matched queries learn their object's
-class and box, the others learn "no object" (the last class, down-weighted by ``eos_coef``). Every intermediate decoder layer gets the same losses with its own matching (§3.2, auxiliary
-decoding losses). Everything runs in fp32 whatever the autocast state.
+class and box, the others learn "no object" (the last class, down-weighted by ``eos_coef``). Every intermediate
+decoder layer gets the same losses with its own matching (§3.2, auxiliary decoding losses). Everything runs in fp32
+whatever the autocast state.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class FCOSHead(nn.Module):
     of the level stride (ReLU(scale * x), "norm_on_bbox"), 1 centerness logit from the regression tower.
     """
 
-    def __init__(self, num_classes: int, channels: int, num_convs: int = 4, num_levels: int = 5,
+    def __init__(self, *, num_classes: int, channels: int, num_convs: int = 4, num_levels: int = 5,
                  prior_prob: float = 0.01) -> None:
         super().__init__()
         # GN(32) as the paper (8 channels a group at 256); narrow heads keep >= 2 channels a group, else a
@@ -93,7 +93,7 @@ class FCOS(nn.Module):
 
     strides = (8, 16, 32, 64, 128)
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
+    def __init__(self, *, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1,
                  frozen_bn: FrozenBN = False) -> None:
         super().__init__()
@@ -105,7 +105,8 @@ class FCOS(nn.Module):
         if list(reductions) != [8, 16, 32]:
             raise ValueError(f"backbone {backbone!r}: FCOS needs stages at strides 8, 16, 32, got {reductions}")
         self.fpn = FPN(self.backbone.feature_info.channels(), fpn_channels, num_extra=2)
-        self.head = FCOSHead(num_classes, fpn_channels, num_convs, num_levels=len(self.strides))
+        self.head = FCOSHead(num_classes=num_classes, channels=fpn_channels, num_convs=num_convs,
+                             num_levels=len(self.strides))
         self._grid_cache: dict = {}
 
     def grid(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -138,6 +139,7 @@ class FCOSCriterion(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         box_loss: str = "giou",
         focal_alpha: float = 0.25,
@@ -231,6 +233,7 @@ class FCOSPostprocess(nn.Module):
 
 def build_fcos(
     num_classes: int,
+    *,
     backbone: str = "resnet50",
     pretrained: bool = False,
     fpn_channels: int = 256,
@@ -248,9 +251,14 @@ def build_fcos(
     max_detections: int = 100,
 ) -> tuple[FCOS, FCOSCriterion, FCOSPostprocess]:
     """The FCOS detector trio: network, criterion (losses with their settings) and post-processor."""
-    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn)
-    criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
-    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
+    model = FCOS(num_classes=num_classes, backbone=backbone, pretrained=pretrained, fpn_channels=fpn_channels,
+                 num_convs=head_convs, frozen_stages=frozen_stages, frozen_bn=frozen_bn)
+    criterion = FCOSCriterion(num_classes=num_classes, box_loss=box_loss, focal_alpha=focal_alpha,
+                              focal_gamma=focal_gamma, regress_ranges=regress_ranges,
+                              center_sampling_radius=center_sampling_radius)
+    postprocess = FCOSPostprocess(score_threshold=score_threshold, pre_nms_top_k=pre_nms_top_k,
+                                  nms_threshold=nms_threshold, max_detections=max_detections)
+    return model, criterion, postprocess
 
 
 # -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
