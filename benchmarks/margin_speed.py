@@ -74,7 +74,8 @@ def build(kind: str, classes: int, device: str, rank: int = 0, world: int = 1):
     emb = torch.randn(batch, DIM, device=device, requires_grad=True)
     labels = torch.randint(0, classes, (batch,), device=device)
     if kind.startswith("pfc"):
-        head = PartialFC(classes, DIM, ArcFace(64.0, 0.5), sample_rate=0.1, rank=rank, world_size=world).to(device)
+        head = PartialFC(num_classes=classes, embedding_size=DIM, margin=ArcFace(64.0, 0.5), sample_rate=0.1,
+                         rank=rank, world_size=world).to(device)
 
         sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}  # the full-softmax runs' SGD, applied lazily
 

@@ -133,14 +133,16 @@ class FaceRecognitionTask(BaseTask):
     def configure_models(self) -> None:
         h = self.hparams
         self.model = build_face_network(
-            h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
+            h.backbone, image_size=h.image_size, embedding_size=h.embedding_size, dropout=h.dropout,
+            output_stride=h.output_stride, channels_last=h.channels_last, pretrained=h.pretrained,
         )
 
     def configure_losses(self) -> None:
         h = self.hparams
-        margin = build_margin(h.margin, h.scale, h.m1, h.m2, h.m3, h.margin_gradient)
+        margin = build_margin(h.margin, scale=h.scale, m1=h.m1, m2=h.m2, m3=h.m3, gradient=h.margin_gradient)
         if h.partial_fc:
-            self.head: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
+            self.head: nn.Module = PartialFC(num_classes=h.num_identities, embedding_size=h.embedding_size,
+                                             margin=margin, sample_rate=h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, self.head.ddp_ignored_buffers("head.")

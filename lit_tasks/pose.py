@@ -168,15 +168,16 @@ class PoseTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = RLERegressor(hp.backbone, hp.num_keypoints, hp.pretrained, hp.frozen_stages, hp.frozen_bn)
+        self.model = RLERegressor(backbone=hp.backbone, num_keypoints=hp.num_keypoints, pretrained=hp.pretrained,
+                                  frozen_stages=hp.frozen_stages, frozen_bn=hp.frozen_bn)
         if hp.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
 
     def configure_losses(self) -> None:
         hp = self.hparams
         # The flow is a submodule of the task, so BaseTask.param_groups hands its parameters to the optimizer.
-        self.criterion = (RLELoss(hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain) if hp.loss == "rle"
-                          else CoordinateL1Loss())
+        self.criterion = (RLELoss(q_distribution=hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain)
+                          if hp.loss == "rle" else CoordinateL1Loss())
 
     def configure_metrics(self) -> None:
         k = self.hparams.num_keypoints

@@ -117,8 +117,10 @@ class SemanticSegmentationTask(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         self.model = Segmenter(
-            hp.num_classes, hp.model, hp.backbone, hp.pretrained, hp.output_stride, tuple(hp.feature_indices or (1, 3, 4)),
-            hp.aspp_rates, tuple(hp.pool_scales or (1, 2, 3, 6)), hp.head_channels, hp.dropout, aux_head=hp.aux_weight > 0,
+            num_classes=hp.num_classes, model=hp.model, backbone=hp.backbone, pretrained=hp.pretrained,
+            output_stride=hp.output_stride, feature_indices=tuple(hp.feature_indices or (1, 3, 4)), rates=hp.aspp_rates,
+            pool_scales=tuple(hp.pool_scales or (1, 2, 3, 6)), head_channels=hp.head_channels, dropout=hp.dropout,
+            aux_head=hp.aux_weight > 0,
         )
         if hp.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -74,7 +74,7 @@ class OadTRCriterion(nn.Module):
         anticipation_weight: weight of the anticipation loss (``classification_pred_loss_coef`` 0.5).
     """
 
-    def __init__(self, ambiguous_index: int | None = None, current_weight: float = 1.0,
+    def __init__(self, *, ambiguous_index: int | None = None, current_weight: float = 1.0,
                  anticipation_weight: float = 0.5) -> None:
         super().__init__()
         self.ambiguous_index = ambiguous_index
