@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
-import lit_tasks.losses.set_criterion as set_criterion_module
+import lit_tasks.losses.reduction as reduction_module
 from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.ops.matcher import hungarian_match
 
@@ -172,7 +172,7 @@ def test_num_boxes_is_reduced_over_processes_in_training_only(monkeypatch) -> No
         calls.append(value.item())
         return value * 0 + 10.0  # as if the other processes held more boxes
 
-    monkeypatch.setattr(set_criterion_module, "reduce_mean", fake_reduce_mean)
+    monkeypatch.setattr(reduction_module, "reduce_mean", fake_reduce_mean)
     sizes = [(64, 64)]
     out = _outputs(1, 1, 5, sizes, seed=8)
     targets = _targets([2], sizes)

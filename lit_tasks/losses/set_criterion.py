@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tasks.losses.iou import giou_loss
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from lit_tasks.ops.distributed import reduce_mean
 from lit_tasks.ops.matcher import HungarianMatcher
 
 
@@ -111,7 +111,7 @@ class SetCriterion(nn.Module):
 
         # The normaliser first: every process must reach this collective call, whatever its targets.
         num_boxes = torch.tensor(float(sum(len(t) for t in tgt_labels)), device=logits_all.device)
-        num_boxes = (reduce_mean(num_boxes) if self.training else num_boxes).clamp(min=1.0)
+        num_boxes = loss_normaliser(num_boxes, training=self.training, min_value=1.0)
 
         # Every layer gets its own matching; all layers are matched in one call (one device-to-host copy).
         all_indices = self.matcher(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,

@@ -19,11 +19,11 @@ from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
-from lit_tasks.ops.distributed import reduce_mean
 
 
 def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
@@ -160,14 +160,13 @@ class FCOSCriterion(nn.Module):
             out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, self.num_classes,
             self.center_sampling_radius, self.regress_ranges,
         )
-        reduce = reduce_mean if self.training else (lambda v: v.detach().float())
         pos = labels < self.num_classes
         # norm_on_bbox: targets in units of the location's stride; IoU is scale and translation invariant,
         # so boxes decoded around the origin compare exactly as boxes around the point would.
         target_ltrb = ltrb_target[pos] / out.strides.expand_as(labels)[pos].unsqueeze(-1)
         ctr_target = centerness_target(target_ltrb)
-        num_pos = reduce(pos.sum()).clamp(min=1.0)
-        ctr_norm = reduce(ctr_target.sum()).clamp(min=1e-6)
+        num_pos = loss_normaliser(pos.sum(), training=self.training, min_value=1.0)
+        ctr_norm = loss_normaliser(ctr_target.sum(), training=self.training, min_value=1e-6)
 
         cls_logits = out.cls_logits.float()
         cls_target = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(cls_logits.dtype)

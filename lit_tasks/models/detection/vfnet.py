@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.losses.varifocal import varifocal_loss
 from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
@@ -41,7 +42,6 @@ from lit_tasks.ops.assigners import (
     square_anchors,
 )
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
-from lit_tasks.ops.distributed import reduce_mean
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
 
@@ -325,8 +325,8 @@ class VFNetCriterion(nn.Module):
         iou_refine = aligned_box_iou(box_refine.detach(), target).clamp(min=1e-6)
 
         # All normalisers in one collective, before anything depends on this rank's data.
-        norms = torch.stack((pos.sum().float(), iou_init.sum(), iou_refine.sum()))
-        norms = reduce_mean(norms) if self.training else norms.detach()
+        norms = loss_normaliser(torch.stack((pos.sum().float(), iou_init.sum(), iou_refine.sum())),
+                                training=self.training)
         num_pos, weight_init, weight_refine = norms.clamp(min=1.0).unbind()
 
         cls_logits = out.cls_logits.float()
