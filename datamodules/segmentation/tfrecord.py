@@ -5,7 +5,7 @@ Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds
 ``image/segmentation/class/format``, as ``tools/make_tfrecords.py masks`` (``mask_examples``) and
 TensorFlow DeepLab's converters write them.
 
-Image and mask are decoded by :mod:`datamodules.segmentation.masks`' own readers (the image upright, the mask as
+Image and mask are decoded by :mod:`datamodules.segmentation.samples`' own readers (the image upright, the mask as
 stored; palette PNGs give their indices), checked by its ``check_mask`` (ids in ``[0, num_classes)`` or
 ``ignore_index``, ``reduce_zero_label``) and packed by its ``segmentation_sample`` with its transforms, so
 a record gives exactly the sample ``MaskDataModule`` gives for the same image + mask files; ``path`` is
@@ -27,12 +27,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.images import list_images
-from datamodules.segmentation.masks import (
-    MaskDataModule,
+from datamodules.segmentation.folders import MaskDataModule, pair_by_stem
+from datamodules.segmentation.samples import (
     check_mask,
     check_mask_orientation,
     check_mask_size,
-    pair_by_stem,
     read_mask,
     segmentation_sample,
 )
@@ -88,7 +87,7 @@ def mask_examples(pairs: Sequence[tuple[str, str]]) -> Iterator[Example]:
 
 
 class _NamedBytes(io.BytesIO):
-    """Encoded bytes that print as a feature key, so ``datamodules.segmentation.masks``' readers name it in their errors."""
+    """Encoded bytes that print as a feature key, so ``datamodules.segmentation.samples``' readers name it in their errors."""
 
     def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)

@@ -13,7 +13,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule
-from datamodules.segmentation.masks import (
+from datamodules.segmentation.samples import (
     check_ignore_index,
     segmentation_collate,
     segmentation_eval_transforms,

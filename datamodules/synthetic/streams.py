@@ -9,7 +9,7 @@ a pair) while the frames before it can: a temporal model such as OadTR beats a p
 
 Prototypes come from ``pattern_seed`` and everything else (layout, noise) from ``seed``, so training and
 held-out streams with different seeds show the same classes. The output is a
-``datamodules.features.streams.FeatureSet``, the structure the feature readers return;
+``datamodules.features.samples.FeatureSet``, the structure the feature readers return;
 :class:`SyntheticStreamsDataModule` serves train / validation / held-out test streams from three seeds.
 """
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.features.streams import FeatureDataModule, FeatureSession, FeatureSet, check_feature_set
+from datamodules.features.datamodules import FeatureDataModule
+from datamodules.features.samples import FeatureSession, FeatureSet, check_feature_set
 
 
 def class_patterns(num_actions: int, feature_dim: int, phases: int = 2, pattern_seed: int = 0,
@@ -96,7 +97,7 @@ class SyntheticStreamsDataModule(FeatureDataModule):
     Three disjoint seed streams: ``num_train`` training sessions (seed ``3 * seed``), ``num_val`` validation
     sessions (``3 * seed + 1``, model selection) and ``num_test`` held-out test sessions (``3 * seed + 2``),
     all showing the same classes (one ``pattern_seed``). Classes: Background, ``Action1..N``, Ambiguous.
-    Windows and frame rules: :class:`~datamodules.features.streams.FeatureDataModule`.
+    Windows and frame rules: :class:`~datamodules.features.datamodules.FeatureDataModule`.
 
     Args:
         num_train, num_val, num_test: sessions per split.
