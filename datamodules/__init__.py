@@ -6,8 +6,9 @@ neither Lightning nor albumentations. Layout: plumbing at the top (``base``, ``l
 contract, its on-disk DataModules and its TFRecord DataModule: ``detection/`` (``samples``, ``coco``),
 ``segmentation/`` (``samples``, ``folders``), ``faces/`` (``samples``, ``folders``, ``recordio``, ``align``),
 ``keypoints/`` (``topdown``, ``geometry``, ``coco``), ``features/`` (``samples``, ``layouts``, ``datamodules``);
-``synthetic/`` (generated data). The formats know no DataModule: ``tfrecord/``, ``recordio`` (MXNet
-RecordIO) and ``face_bin`` (insightface's ``.bin`` verification sets).
+``synthetic/`` (generated data). The formats know no DataModule and import nothing else of
+``datamodules`` (a family passes the image decoder): ``tfrecord/``, ``recordio`` (MXNet RecordIO) and
+``face_bin`` (insightface's ``.bin`` verification sets).
 """
 
 import importlib

@@ -37,7 +37,7 @@ from datamodules.faces.samples import (
     sample_pairs,
 )
 from datamodules.face_bin import VerificationBinDataset
-from datamodules.images import image_header, is_image_file, list_images
+from datamodules.images import decode_image, image_header, is_image_file, list_images
 
 
 def _readable(path: Path) -> bool:
@@ -182,7 +182,7 @@ class FaceDataModule(BaseDataModule):
             return PairImages(self.verification_pairs(), transform, self.image_loader)
         if names and split.startswith("val/") and split[4:] in names:
             path = self.bin_paths()[names.index(split[4:])]
-            return VerificationBinDataset(path, ArrayTransform(transform))
+            return VerificationBinDataset(path, ArrayTransform(transform), decode=decode_image)
         if split != "predict":
             raise ValueError(f"unknown split {split!r}: expected train, val, test, predict or val/<set>")
         if self.predict_root is not None:

@@ -105,7 +105,7 @@ class RecordIOFaceDataModule(FaceDataModule):
     def records(self) -> RecordIODataset:
         """The pack's images (the ``.idx`` is read once; records are read on demand)."""
         if self._records is None:
-            self._records = RecordIODataset(self.rec, self.idx)
+            self._records = RecordIODataset(self.rec, self.idx, decode=decode_image)
         return self._records
 
     def bins_base(self) -> Path:
