@@ -2,8 +2,9 @@
 
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
 neither Lightning nor albumentations. Layout: plumbing at the top (``base``, ``loaders``, ``transfer``,
-``images`` the one image decoder, ``transforms``, ``tfrecord_images``); one folder per family with its sample
-contract, its on-disk DataModules and its TFRecord DataModule: ``detection/`` (``samples``, ``coco``),
+``images`` the one image decoder, ``transforms``; ``tfrecord_images`` and ``tfrecord_shards``, the keys and the
+argument block every TFRecord DataModule shares); one folder per family with its sample contract, its on-disk
+DataModules and its TFRecord DataModule: ``detection/`` (``samples``, ``coco``),
 ``segmentation/`` (``samples``, ``folders``), ``faces/`` (``samples``, ``folders``, ``recordio``, ``align``),
 ``keypoints/`` (``topdown``, ``geometry``, ``coco``), ``features/`` (``samples``, ``layouts``, ``datamodules``);
 ``synthetic/`` (generated data). The formats know no DataModule and import nothing else of

@@ -39,6 +39,7 @@ from datamodules.tfrecord import (
 )
 from datamodules.tfrecord.example_pb2 import SequenceExample
 from datamodules.tfrecord.reader import RecordReader, parse_record
+from datamodules.tfrecord_shards import TFRecordShards
 
 CONTEXT = normalize_spec({
     "session/name": FixedLen((), "bytes"),
@@ -176,6 +177,9 @@ class TFRecordFeatureDataModule(FeatureDataModule):
         test_files: test shards.
         val_files: validation shards; None holds out ``val_sessions`` / a seeded ``val_fraction`` of the
             training sessions.
+
+    Shards as :mod:`datamodules.tfrecord_shards` takes them; a record is a whole session, so there is no record
+    shuffle here (``seed`` is the validation hold-out's, as for every feature DataModule).
     """
 
     def __init__(self, train_files: str | list[str], test_files: str | list[str],
@@ -187,15 +191,15 @@ class TFRecordFeatureDataModule(FeatureDataModule):
                  num_workers: int = 2, pin_memory: bool = False) -> None:
         super().__init__(window, num_future, frames, train_frames, pad, val_sessions, val_fraction, seed, predict_split,
                          class_names, background_index, ambiguous_index, batch_size, num_workers, pin_memory)
-        self.files = {"train": train_files, "test": test_files, "val": val_files}
+        self.shards = TFRecordShards({"train": train_files, "test": test_files, "val": val_files})
 
     def read_split(self, split: str) -> FeatureSet:
-        return read_feature_records(self.files[split])
+        return read_feature_records(self.shards.files[split])
 
     def feature_set(self, split: str) -> FeatureSet:
-        if self.files["val"] is None or split not in ("train", "val"):
+        if self.shards.files["val"] is None or split not in ("train", "val"):
             return super().feature_set(split)
         if split not in self._sets:
-            self._sets[split] = self._relabel(read_feature_records(self.files[split]),
+            self._sets[split] = self._relabel(read_feature_records(self.shards.files[split]),
                                               f"TFRecordFeatureDataModule {split} split")
         return self._sets[split]

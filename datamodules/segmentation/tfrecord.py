@@ -35,9 +35,10 @@ from datamodules.segmentation.samples import (
     read_mask,
     segmentation_sample,
 )
-from datamodules.tfrecord import FixedLen, TFRecordDataset, build_example, bytes_feature, normalize_spec
+from datamodules.tfrecord import FixedLen, build_example, bytes_feature, normalize_spec
 from datamodules.tfrecord.example_pb2 import Example
-from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes, uneven_for
+from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes
+from datamodules.tfrecord_shards import TFRecordShards
 
 MASK_KEY, MASK_FORMAT_KEY = "image/segmentation/class/encoded", "image/segmentation/class/format"
 LOSSY_FORMATS = frozenset({"jpeg", "jpg"})  # class ids do not survive lossy compression
@@ -139,9 +140,7 @@ class TFRecordMaskDataModule(MaskDataModule):
         predict_dir: folder of images for ``predict``; default the validation shards (masks not read).
         Other arguments: as ``MaskDataModule`` (``num_classes`` or ``class_names_file`` is required).
 
-    Training splits records across DDP ranks and workers with equal batch counts per rank (padding by
-    repetition); indexes beside the shards (``python -m datamodules.tfrecord.index``) give exact epoch
-    lengths and record-level balancing.
+    The shard arguments and how each split is read: :mod:`datamodules.tfrecord_shards`.
     """
 
     def __init__(
@@ -173,9 +172,8 @@ class TFRecordMaskDataModule(MaskDataModule):
         )
         self.save_hyperparameters()
         self.record_resolved(num_classes=self.num_classes)  # what the CLI links, not the argument (None)
-        self.files: dict[str, str | Sequence[str]] = {"train": train_files, "val": val_files,
-                                                      "test": test_files or val_files}
-        self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt
+        self.shards = TFRecordShards.of_splits(train_files=train_files, val_files=val_files, test_files=test_files,
+                                               shuffle_buffer=shuffle_buffer, seed=seed, on_corrupt=on_corrupt)
 
     def build_dataset(self, split: str) -> Dataset:
         if split == "predict" and self.predict_dir is not None:
@@ -183,9 +181,6 @@ class TFRecordMaskDataModule(MaskDataModule):
         with_mask = split != "predict"
         decoder = MaskDecoder(self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split),
                               with_mask)
-        return TFRecordDataset(
-            self.files["val" if split == "predict" else split],
-            features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder, shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
-            on_corrupt=self.on_corrupt,
-        )
+        return self.shards.dataset("val" if split == "predict" else split,  # predict: the validation shards, in order
+                                   features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder,
+                                   batch_size=self.batch_size)
