@@ -51,7 +51,7 @@ class FeatureDataModule(BaseDataModule):
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
     """
 
-    def __init__(self, window: int = 64, num_future: int = 8, frames: str = "all", train_frames: str = "all",
+    def __init__(self, *, window: int = 64, num_future: int = 8, frames: str = "all", train_frames: str = "all",
                  pad: str = "replicate", val_sessions: list[str] | None = None, val_fraction: float = 0.1,
                  seed: int = 0, predict_split: str = "test", class_names: list[str] | None = None,
                  background_index: int | None = None, ambiguous_index: int | None = None, batch_size: int = 128,
@@ -183,8 +183,10 @@ class LSTRFeatureDataModule(FeatureDataModule):
                  class_names: list[str] | None = None, background_index: int | None = None,
                  ambiguous_index: int | None = None, batch_size: int = 128, num_workers: int = 2,
                  pin_memory: bool = False) -> None:
-        super().__init__(window, num_future, frames, train_frames, pad, val_sessions, val_fraction, seed, predict_split,
-                         class_names, background_index, ambiguous_index, batch_size, num_workers, pin_memory)
+        super().__init__(window=window, num_future=num_future, frames=frames, train_frames=train_frames, pad=pad,
+                         val_sessions=val_sessions, val_fraction=val_fraction, seed=seed, predict_split=predict_split,
+                         class_names=class_names, background_index=background_index, ambiguous_index=ambiguous_index,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.root, self.data_info, self.dataset_key = root, data_info, dataset
         self.visual_feature, self.motion_feature, self.target_perframe, self.mmap = (
             visual_feature, motion_feature, target_perframe, mmap)
@@ -220,8 +222,10 @@ class OadTRFeatureDataModule(FeatureDataModule):
                  seed: int = 0, predict_split: str = "test", class_names: list[str] | None = None,
                  background_index: int | None = None, ambiguous_index: int | None = None, batch_size: int = 128,
                  num_workers: int = 2, pin_memory: bool = False) -> None:
-        super().__init__(window, num_future, frames, train_frames, pad, val_sessions, val_fraction, seed, predict_split,
-                         class_names, background_index, ambiguous_index, batch_size, num_workers, pin_memory)
+        super().__init__(window=window, num_future=num_future, frames=frames, train_frames=train_frames, pad=pad,
+                         val_sessions=val_sessions, val_fraction=val_fraction, seed=seed, predict_split=predict_split,
+                         class_names=class_names, background_index=background_index, ambiguous_index=ambiguous_index,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.root, self.data_info, self.dataset_key = root, data_info, dataset
         self.feature_file, self.anno_file = feature_file, anno_file
         self.streams = list(streams) if streams is not None else ["rgb", "flow"]

@@ -189,8 +189,10 @@ class TFRecordFeatureDataModule(FeatureDataModule):
                  predict_split: str = "test", class_names: list[str] | None = None,
                  background_index: int | None = None, ambiguous_index: int | None = None, batch_size: int = 128,
                  num_workers: int = 2, pin_memory: bool = False) -> None:
-        super().__init__(window, num_future, frames, train_frames, pad, val_sessions, val_fraction, seed, predict_split,
-                         class_names, background_index, ambiguous_index, batch_size, num_workers, pin_memory)
+        super().__init__(window=window, num_future=num_future, frames=frames, train_frames=train_frames, pad=pad,
+                         val_sessions=val_sessions, val_fraction=val_fraction, seed=seed, predict_split=predict_split,
+                         class_names=class_names, background_index=background_index, ambiguous_index=ambiguous_index,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.shards = TFRecordShards({"train": train_files, "test": test_files, "val": val_files})
 
     def read_split(self, split: str) -> FeatureSet:
