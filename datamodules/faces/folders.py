@@ -88,7 +88,7 @@ class FaceDataModule(BaseDataModule):
 
     predict_split = "predict"
 
-    def __init__(self, image_size: int, pairs: str | None, pairs_root: str | None, val_bins: list[str] | None,
+    def __init__(self, *, image_size: int, pairs: str | None, pairs_root: str | None, val_bins: list[str] | None,
                  predict_root: str | None, batch_size: int, num_workers: int, pin_memory: bool) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         if pairs is not None and val_bins:

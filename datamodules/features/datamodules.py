@@ -115,9 +115,10 @@ class FeatureDataModule(BaseDataModule):
 
     def build_dataset(self, split: str) -> FeatureWindowDataset:
         if split == "train":
-            return FeatureWindowDataset(self.feature_set("train"), self.window, self.num_future, self.train_frames,
-                                        self.pad, drop_ambiguous=True)
-        return FeatureWindowDataset(self.feature_set(split), self.window, self.num_future, self.frames, self.pad)
+            return FeatureWindowDataset(self.feature_set("train"), window=self.window, num_future=self.num_future,
+                                        frames=self.train_frames, pad=self.pad, drop_ambiguous=True)
+        return FeatureWindowDataset(self.feature_set(split), window=self.window, num_future=self.num_future,
+                                    frames=self.frames, pad=self.pad)
 
     # -- what the task is sized by (linked by the CLI) ------------------------------------------------
     def _meta(self) -> FeatureSet:

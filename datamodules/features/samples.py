@@ -154,7 +154,7 @@ class FeatureWindowDataset(Dataset):
         drop_ambiguous: also leave out frames whose target is ambiguous (always so for ``"oadtr"``).
     """
 
-    def __init__(self, data: FeatureSet, window: int = 64, num_future: int = 8, frames: str = "all",
+    def __init__(self, data: FeatureSet, *, window: int = 64, num_future: int = 8, frames: str = "all",
                  pad: str = "replicate", drop_ambiguous: bool = False) -> None:
         if frames not in FRAME_RULES:
             raise ValueError(f"FeatureWindowDataset: frames must be one of {FRAME_RULES}, got {frames!r}")

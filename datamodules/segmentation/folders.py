@@ -107,6 +107,7 @@ class MaskDataModule(BaseDataModule):
 
     def __init__(
         self,
+        *,
         num_classes: int | None = None,
         class_names_file: str | None = None,
         ignore_index: int = 255,
@@ -153,14 +154,16 @@ class MaskDataModule(BaseDataModule):
             images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
             masks = None if split == "predict" else masks
         return SegmentationDataset(
-            images, masks, self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split)
+            images, masks, num_classes=self.num_classes, ignore_index=self.ignore_index,
+            reduce_zero_label=self.reduce_zero_label, transform=self.transform(split),
         )
 
     def transform(self, split: str) -> A.Compose:
         """Random scale / crop / flip / jitter for ``"train"``, the image as it is for every other split."""
         if split == "train":
             return segmentation_train_transforms(
-                self.crop_size, self.ignore_index, self.scale_range, self.hflip, self.color_jitter
+                self.crop_size, ignore_index=self.ignore_index, scale_range=self.scale_range, hflip=self.hflip,
+                color_jitter=self.color_jitter,
             )
         return segmentation_eval_transforms()
 

@@ -86,7 +86,7 @@ def check_ignore_index(ignore_index: int, num_classes: int | None = None) -> Non
 
 
 def check_mask(
-    mask: np.ndarray, num_classes: int, ignore_index: int, reduce_zero_label: bool, path: str | Path
+    mask: np.ndarray, *, num_classes: int, ignore_index: int, reduce_zero_label: bool, path: str | Path
 ) -> np.ndarray:
     """Apply ``reduce_zero_label`` and check every id is in ``[0, num_classes)`` or ``ignore_index``.
 
@@ -122,6 +122,7 @@ def check_mask_size(mask: np.ndarray, image: np.ndarray, mask_name: str, image_n
 # -- transforms ------------------------------------------------------------------------------------
 def segmentation_train_transforms(
     crop_size: int,
+    *,
     ignore_index: int = 255,
     scale_range: tuple[float, float] = (0.5, 2.0),
     hflip: float = 0.5,
@@ -170,6 +171,7 @@ class SegmentationDataset(Dataset):
         self,
         images: Sequence[str | Path],
         masks: Sequence[str | Path] | None,
+        *,
         num_classes: int,
         ignore_index: int = 255,
         reduce_zero_label: bool = False,
@@ -193,7 +195,8 @@ class SegmentationDataset(Dataset):
         if self.masks is None:
             return image, None
         path = self.masks[index]
-        mask = check_mask(read_mask(path), self.num_classes, self.ignore_index, self.reduce_zero_label, path)
+        mask = check_mask(read_mask(path), num_classes=self.num_classes, ignore_index=self.ignore_index,
+                          reduce_zero_label=self.reduce_zero_label, path=path)
         check_mask_size(mask, image, f"mask {path}", f"image {self.images[index]}")
         return image, mask
 

@@ -109,7 +109,7 @@ class MaskDecoder:
         with_mask: False for prediction: the mask (if any) is neither read nor returned.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int, reduce_zero_label: bool, transform: A.Compose,
+    def __init__(self, *, num_classes: int, ignore_index: int, reduce_zero_label: bool, transform: A.Compose,
                  with_mask: bool = True) -> None:
         self.num_classes, self.ignore_index, self.reduce_zero_label = num_classes, ignore_index, reduce_zero_label
         self.transform, self.with_mask = transform, with_mask
@@ -125,7 +125,8 @@ class MaskDecoder:
             raise ValueError(f"{MASK_FORMAT_KEY} is {fmt!r}: masks must be stored losslessly (PNG), lossy "
                              "compression changes class ids")
         mask = read_mask(_NamedBytes(example[MASK_KEY], MASK_KEY))
-        mask = check_mask(mask, self.num_classes, self.ignore_index, self.reduce_zero_label, MASK_KEY)
+        mask = check_mask(mask, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                          reduce_zero_label=self.reduce_zero_label, path=MASK_KEY)
         check_mask_size(mask, image, MASK_KEY, "image/encoded")
         return segmentation_sample(image, mask, self.transform, self.ignore_index, path)
 
@@ -179,8 +180,9 @@ class TFRecordMaskDataModule(MaskDataModule):
         if split == "predict" and self.predict_dir is not None:
             return super().build_dataset(split)  # an image folder, read as MaskDataModule reads it
         with_mask = split != "predict"
-        decoder = MaskDecoder(self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split),
-                              with_mask)
+        decoder = MaskDecoder(num_classes=self.num_classes, ignore_index=self.ignore_index,
+                              reduce_zero_label=self.reduce_zero_label, transform=self.transform(split),
+                              with_mask=with_mask)
         return self.shards.dataset("val" if split == "predict" else split,  # predict: the validation shards, in order
                                    features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder,
                                    batch_size=self.batch_size)

@@ -40,7 +40,7 @@ def class_patterns(num_actions: int, feature_dim: int, phases: int = 2, pattern_
     return patterns, background
 
 
-def make_feature_streams(num_sessions: int = 8, num_actions: int = 4, feature_dim: int = 16, min_frames: int = 80,
+def make_feature_streams(num_sessions: int = 8, *, num_actions: int = 4, feature_dim: int = 16, min_frames: int = 80,
                          max_frames: int = 160, min_action: int = 8, max_action: int = 24, min_gap: int = 4,
                          max_gap: int = 16, ambiguous_prob: float = 0.3, max_ambiguous: int = 3, noise: float = 0.5,
                          phases: int = 2, seed: int = 0, pattern_seed: int = 0) -> FeatureSet:
@@ -61,7 +61,7 @@ def make_feature_streams(num_sessions: int = 8, num_actions: int = 4, feature_di
         raise ValueError("make_feature_streams: num_sessions, num_actions and phases must be >= 1")
     if not (1 <= min_frames <= max_frames and 1 <= min_action <= max_action and 0 <= min_gap <= max_gap):
         raise ValueError("make_feature_streams: need 1 <= min <= max for frames and actions, 0 <= min_gap <= max_gap")
-    patterns, background = class_patterns(num_actions, feature_dim, phases, pattern_seed)
+    patterns, background = class_patterns(num_actions, feature_dim, phases=phases, pattern_seed=pattern_seed)
     rng = np.random.default_rng(seed)
     ambiguous = num_actions + 1
     names = ["Background"] + [f"Action{a + 1}" for a in range(num_actions)] + ["Ambiguous"]
