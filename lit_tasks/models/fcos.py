@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
@@ -23,6 +22,7 @@ from lit_tasks.models.backbone import Normalize, build_backbone
 from lit_tasks.models.fpn import FPN
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
+from lit_tasks.ops.dense_postprocess import dense_detections
 from lit_tasks.ops.distributed import reduce_mean
 
 
@@ -183,10 +183,11 @@ class FCOSCriterion(nn.Module):
 class FCOSPostprocess(nn.Module):
     """Decode detections per image (REFERENCE.md §3.4); ``forward(outputs, image_sizes)`` -> list of dicts.
 
-    Per level: keep (location, class) pairs whose raw class probability exceeds ``score_threshold``, the top
-    ``pre_nms_top_k`` by cls * centerness; decode and clip to the image; class-wise NMS; keep
-    ``max_detections``. The reported score is sqrt(cls * centerness): the same ranking as mmdet's
-    cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
+    Per level: among the locations inside the image's own ``(h, w)``, keep (location, class) pairs whose raw class
+    probability exceeds ``score_threshold``, the top ``pre_nms_top_k`` by cls * centerness (FCOS repo); decode and
+    clip to the image; class-wise NMS; keep ``max_detections`` (the shared tail,
+    :func:`lit_tasks.ops.dense_postprocess.dense_detections`). The reported score is sqrt(cls * centerness): the
+    same ranking as mmdet's cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
 
     Returns per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
     """
@@ -201,31 +202,14 @@ class FCOSPostprocess(nn.Module):
     def forward(self, out: FCOSOutput, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         cls_prob = out.cls_logits.float().sigmoid()
         ctr_prob = out.centerness.float().sigmoid()
-        num_classes = cls_prob.shape[-1]
-        counts = torch.bincount(out.levels).tolist()  # levels are contiguous: slice instead of masking
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        results = []
-        for i, (h, w) in enumerate(image_sizes):
-            boxes_all, scores_all, labels_all = [], [], []
-            for start, count in zip(starts, counts):
-                level = slice(start, start + count)
-                prob = cls_prob[i, level]  # (P_l, C)
-                joint = (prob * ctr_prob[i, level, None]).flatten()
-                joint = torch.where(prob.flatten() > self.score_threshold, joint, torch.full_like(joint, -1.0))
-                top, idx = joint.topk(min(self.pre_nms_top_k, joint.numel()))
-                idx = idx[top >= 0]
-                loc = idx // num_classes + start
-                ltrb = out.ltrb[i, loc].float() * out.strides[loc].unsqueeze(-1)
-                boxes = distance2bbox(out.points[loc], ltrb)
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-                boxes_all.append(boxes)
-                scores_all.append(joint[idx].sqrt())
-                labels_all.append(idx % num_classes)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        counts = torch.bincount(out.levels).tolist()  # levels are contiguous, finest first
+        return [
+            dense_detections(cls_prob[i] * ctr_prob[i, :, None], cls_prob[i] > self.score_threshold,
+                             out.ltrb[i].float() * out.strides[:, None], out.points, counts, size,
+                             pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                             max_detections=self.max_detections, top_k="pairs", score_transform=torch.sqrt)
+            for i, size in enumerate(image_sizes)
+        ]
 
 
 def build_fcos(

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, deform_conv2d
+from torchvision.ops import deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
@@ -41,6 +41,7 @@ from lit_tasks.ops.assigners import (
     square_anchors,
 )
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
+from lit_tasks.ops.dense_postprocess import dense_detections
 from lit_tasks.ops.distributed import reduce_mean
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
@@ -344,10 +345,10 @@ class VFNetCriterion(nn.Module):
 class VFNetPostprocess(nn.Module):
     """Detections per image from :class:`VFNetOutput` (REFERENCE.md §4.2, mmdet ``VFNetHead.get_bboxes``).
 
-    Per level: sigmoid scores (no centerness), the ``pre_nms_top_k`` locations of highest maximum class
-    score; every (location, class) pair of those with score > ``score_threshold``; refined boxes decoded and
-    clipped to the image. Then class-wise NMS at ``nms_threshold`` over all levels and the
-    ``max_detections`` best.
+    Per level: sigmoid scores (no centerness), the ``pre_nms_top_k`` locations inside the image's own ``(h, w)`` of
+    highest maximum class score; every (location, class) pair of those with score > ``score_threshold``; refined
+    boxes decoded and clipped to the image. Then class-wise NMS at ``nms_threshold`` over all levels and the
+    ``max_detections`` best (the shared tail, :func:`lit_tasks.ops.dense_postprocess.dense_detections`).
     """
 
     def __init__(self, score_threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_threshold: float = 0.6,
@@ -362,31 +363,14 @@ class VFNetPostprocess(nn.Module):
     def forward(self, out: VFNetOutput, image_sizes: Sequence[Sequence[int]]) -> list[dict[str, Tensor]]:
         """Returns per image ``{"boxes": (N, 4) xyxy input pixels, "scores": (N,), "labels": (N,) int64}``."""
         sizes = _as_sizes(image_sizes, out.cls_logits.shape[0])
-        scores_all = out.cls_logits.float().sigmoid()
-        num_classes = scores_all.shape[-1]
-        per_image: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in sizes]
-        start = 0
-        for h_l, w_l in out.level_sizes:
-            level = slice(start, start + h_l * w_l)
-            start += h_l * w_l
-            scores = scores_all[:, level]  # (B, P_l, C)
-            k = min(self.pre_nms_top_k, scores.shape[1])
-            top = scores.max(-1).values.topk(k, dim=1).indices  # (B, k)
-            scores = scores.gather(1, top[..., None].expand(-1, -1, num_classes))
-            ltrb = out.ltrb_refine[:, level].float().gather(1, top[..., None].expand(-1, -1, 4))
-            boxes = distance2bbox(out.points[level][top], ltrb)  # (B, k, 4)
-            for i, (h, w) in enumerate(sizes):
-                loc, cls = (scores[i] > self.score_threshold).nonzero(as_tuple=True)
-                b = boxes[i, loc]
-                b = torch.stack((b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w),
-                                 b[:, 3].clamp(0, h)), dim=1)
-                per_image[i].append((b, scores[i, loc, cls], cls))
-        results = []
-        for parts in per_image:
-            boxes, scores, labels = (torch.cat(x) for x in zip(*parts))
-            keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        scores = out.cls_logits.float().sigmoid()
+        counts = [h * w for h, w in out.level_sizes]
+        return [
+            dense_detections(scores[i], scores[i] > self.score_threshold, out.ltrb_refine[i].float(), out.points,
+                             counts, size, pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                             max_detections=self.max_detections, top_k="locations")
+            for i, size in enumerate(sizes)
+        ]
 
 
 def build_vfnet(
