@@ -31,7 +31,7 @@ from torchvision.ops import deform_conv2d
 from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
 from lit_tasks.models.backbone import Normalize, build_backbone
-from lit_tasks.models.fpn import FPN
+from lit_tasks.models.fpn import FPN, flatten_levels
 from lit_tasks.ops.assigners import (
     FCOS_REGRESS_RANGES,
     atss_targets,
@@ -41,8 +41,9 @@ from lit_tasks.ops.assigners import (
     square_anchors,
 )
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
-from lit_tasks.ops.dense_postprocess import dense_detections
+from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
+from lit_tasks.ops.images import maps_as_if_alone
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
 
@@ -169,9 +170,9 @@ class VFNetHead(nn.Module):
         """Levels finest first -> cls logits (B, P, C), initial ltrb (B, P, 4), refined ltrb (B, P, 4) pixels."""
         if len(features) != len(self.strides):
             raise ValueError(f"VFNetHead: {len(self.strides)} levels expected, got {len(features)} feature maps")
-        outs = [self.forward_level(x, level) for level, x in enumerate(features)]
-        cat = lambda i: torch.cat([o[i].flatten(2) for o in outs], dim=2).transpose(1, 2)  # noqa: E731
-        return cat(0), cat(1), cat(2)
+        cls, ltrb_init, ltrb_refine = flatten_levels(
+            [m for level, x in enumerate(features) for m in self.forward_level(x, level)], 3)
+        return cls, ltrb_init, ltrb_refine
 
 
 @dataclass
@@ -210,7 +211,15 @@ class VFNet(nn.Module):
     Locations of a level with stride s sit at (x*s + c*s, y*s + c*s) with ``center_offset`` c: 0 for ATSS, as
     mmdet's VFNet (its anchor generator's ``center_offset=0``; it is also where a ResNet's stride-s cell is
     centred), 0.5 (FCOS's s//2) with FCOS targets.
+
+    Training runs the padded batch in one call, as mmdet trains. In evaluation (``eval()``, with ``image_sizes``)
+    each image runs as if alone, padded to its own multiple of ``size_divisor`` (mmdet tests one image per GPU),
+    images of one padded size together; the outputs cover the largest image's grid, and locations beyond an
+    image's own grid have class logit ``PADDED_LOGIT`` (probability 0, no loss) and zero distances. Without
+    ``image_sizes`` every image fills the tensor and runs as given (what an exported graph sees).
     """
+
+    size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, head_convs: int = 3,
@@ -238,11 +247,20 @@ class VFNet(nn.Module):
             self._grid_cache = {key: (points, strides, levels)}
         return self._grid_cache[key]
 
+    def level_maps(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+        """The head's maps ``[cls_0, ltrb_init_0, ltrb_refine_0, cls_1, ...]`` of a padded batch, levels P3..P7."""
+        levels = self.fpn(self.backbone(self.normalize(images, image_sizes)))
+        return [m for level, x in enumerate(levels) for m in self.head.forward_level(x, level)]
+
     def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | None = None) -> VFNetOutput:
         sizes = _as_sizes(image_sizes, images.shape[0], tuple(images.shape[-2:]))
-        levels = self.fpn(self.backbone(self.normalize(images, None if image_sizes is None else sizes)))
-        cls_logits, ltrb_init, ltrb_refine = self.head(levels)
-        level_sizes = [tuple(f.shape[-2:]) for f in levels]
+        if self.training or image_sizes is None:
+            maps = self.level_maps(images, None if image_sizes is None else sizes)
+        else:
+            maps = maps_as_if_alone(self.level_maps, images, sizes, self.size_divisor,
+                                    [PADDED_LOGIT, 0.0, 0.0] * len(VFNET_STRIDES))
+        cls_logits, ltrb_init, ltrb_refine = flatten_levels(maps, 3)
+        level_sizes = [tuple(m.shape[-2:]) for m in maps[::3]]
         points, strides, level_ids = self.grid(level_sizes, images.device)
         return VFNetOutput(cls_logits, ltrb_init, ltrb_refine, points, strides, level_ids, level_sizes, sizes)
 

@@ -20,6 +20,11 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from lit_tasks.ops.box_ops import distance2bbox
 
+# Class (and centerness) logit a detector gives the locations beyond an image's own grid in an evaluation batch:
+# probability 0, so focal, varifocal and BCE losses are exactly 0 there (finite: -inf makes BCE-with-logits NaN);
+# representable in float16. Those locations lie outside the image, so they never reach a detection either.
+PADDED_LOGIT = -1e4
+
 
 def points_inside(points: Tensor, image_size: Sequence[int]) -> Tensor:
     """``(P,)`` True where a location's point ``(x, y)`` lies inside an image of ``(h, w)``: ``x < w and y < h``."""
