@@ -5,8 +5,11 @@ gives the same detections in ``DetectionTask.forward``, in validation and test (
 collects, in original pixels) and in prediction. mmdetection tests one image per GPU, padded to a multiple of 32;
 here each image is evaluated as padded to its own multiple of 32, and no location outside it is ever scored.
 
-Tolerance. An image alone in its padded-size group runs the very same float32 operations as alone: equal bits. Two
-images of one padded size run in one batched call, where a kernel may sum in another order: each output of a
+Each image runs in a call of its own on a CPU, and with the images of its padded size on an accelerator
+(``lit_tasks.ops.images.group_same_sizes``): both ways run here.
+
+Tolerance. An image in a call of its own runs the very same float32 operations as alone: equal bits. Two images of
+one padded size in one batched call (the grouped way) may have a kernel sum in another order: each output of a
 float32 reduction then moves by a few ulps (2^-23 ~ 1.2e-7 relative each), and the ~15 layers between pixels and
 boxes (backbone, FPN, head; VFNet's exp turns a logit's absolute error into the box's relative one) add such errors
 up, 1e-5 relative at the very most. Boxes lie in [0, 512] px (original pixels are twice the input's here):
@@ -23,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.detection import detection_collate
 from lit_tasks import DetectionTask
+from lit_tasks.models import fcos, vfnet
 
 # Lightning cannot set drop_last on a custom batch sampler for prediction; these batches cover every sample.
 pytestmark = pytest.mark.filterwarnings("ignore:You are using a custom batch sampler")
@@ -95,9 +99,14 @@ class CollectMetricInputs(pl.Callback):
         self.collect(pl_module.test_map, "test", len(batch[1]))
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_image", "grouped"])
 @pytest.mark.parametrize("small", list(SMALL_AND_SAME_PADDED))
 @pytest.mark.parametrize("model", ["fcos", "vfnet"])
-def test_an_image_gets_the_same_detections_alone_and_batched(model: str, small: tuple[int, int]) -> None:
+def test_an_image_gets_the_same_detections_alone_and_batched(model: str, small: tuple[int, int], grouped: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU runs one call per image; an accelerator one per padded size: run that way here too.
+    for module in (fcos, vfnet):
+        monkeypatch.setattr(module, "group_same_sizes", lambda device: grouped)
     task = tiny_task(model)
     dataset = [sample(small, 0), sample(LARGE, 1), sample(SMALL_AND_SAME_PADDED[small], 2)]
     # The small image alone, after and before a larger one, then with a batch-mate of its own padded size.

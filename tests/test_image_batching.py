@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_tasks.ops.images import group_by_size, maps_as_if_alone, padded_size, stack_padded
+from lit_tasks.ops.images import group_by_size, group_same_sizes, maps_as_if_alone, padded_size, stack_padded
 
 
 def test_padded_size_rounds_each_side_up() -> None:
@@ -24,15 +24,17 @@ def whole_map_fn(calls: list[tuple[int, int, int]]):
     return fn
 
 
-def test_each_image_gets_the_maps_it_gets_alone_and_the_fill_around_them() -> None:
+@pytest.mark.parametrize("group", [True, False])
+def test_each_image_gets_the_maps_it_gets_alone_and_the_fill_around_them(group: bool) -> None:
     g = torch.Generator().manual_seed(0)
     sizes = [(64, 40), (30, 50), (60, 33), (64, 64)]  # padded to 32: (64, 64), (32, 64), (64, 64), (64, 64)
     images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
     batch, _ = stack_padded(images, size_divisor=32)
     batch = F.pad(batch, (0, 16, 0, 8), value=0.5)  # a batch padded further, with garbage
     calls: list[tuple[int, int, int]] = []
-    maps = maps_as_if_alone(whole_map_fn(calls), batch, sizes, 32, fills=[-7.0, 3.0])
-    assert sorted(calls) == [(1, 32, 64), (3, 64, 64)]  # one call per padded size, never the batch's 72 x 80
+    maps = maps_as_if_alone(whole_map_fn(calls), batch, sizes, 32, fills=[-7.0, 3.0], group=group)
+    # One call per padded size or per image, never at the batch's 72 x 80
+    assert sorted(calls) == ([(1, 32, 64), (3, 64, 64)] if group else [(1, 32, 64)] + [(1, 64, 64)] * 3)
     assert [m.shape for m in maps] == [(4, 3, 64, 64), (4, 1, 32, 32)]
     for i, (image, size) in enumerate(zip(images, sizes)):
         h, w = padded_size(size, 32)
@@ -49,9 +51,18 @@ def test_one_padded_size_runs_the_batch_in_one_call_and_fills_nothing() -> None:
     calls: list[tuple[int, int, int]] = []
     maps = maps_as_if_alone(whole_map_fn(calls), batch, [(64, 60), (50, 64)], 32, fills=[0.0, 0.0])
     assert calls == [(2, 64, 64)] and maps[0].shape == (2, 3, 64, 64)
+    calls.clear()
+    per_image = maps_as_if_alone(whole_map_fn(calls), batch, [(64, 60), (50, 64)], 32, fills=[0.0, 0.0], group=False)
+    assert calls == [(1, 64, 64)] * 2
+    for got, want in zip(per_image, maps):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="2 maps but 1 fill values"):
         maps_as_if_alone(whole_map_fn([]), batch, [(64, 60), (30, 64)], 32, fills=[0.0])
 
 
 def test_group_by_size_keeps_first_seen_order() -> None:
     assert group_by_size([(2, 3), (4, 5), (2, 3)]) == {(2, 3): [0, 2], (4, 5): [1]}
+
+
+def test_one_call_per_image_on_a_cpu_per_padded_size_elsewhere() -> None:
+    assert not group_same_sizes(torch.device("cpu")) and group_same_sizes(torch.device("cuda", 0))

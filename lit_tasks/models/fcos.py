@@ -24,7 +24,7 @@ from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos
 from lit_tasks.ops.box_ops import distance2bbox
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
-from lit_tasks.ops.images import maps_as_if_alone
+from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
 
 
 def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
@@ -93,10 +93,11 @@ class FCOS(nn.Module):
     Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside; the padding outside ``image_sizes``
     is zero after normalisation, as mmdet pads). Training runs the padded batch in one call, as mmdet trains. In
     evaluation (``eval()``, with ``image_sizes``) each image runs as if alone, padded to its own multiple of
-    ``size_divisor`` (mmdet tests one image per GPU), images of one padded size together: an image's features
-    near its border then never depend on its batch-mates. Dense predictions cover the largest image's grid;
-    locations beyond an image's own grid have class logit ``PADDED_LOGIT`` (probability 0, no loss). Without
-    ``image_sizes`` every image fills the tensor and runs as given (what an exported graph sees).
+    ``size_divisor`` (mmdet tests one image per GPU), one call per image on a CPU and per padded size elsewhere
+    (:func:`lit_tasks.ops.images.group_same_sizes`): an image's features near its border then never depend on its
+    batch-mates. Dense predictions cover the largest image's grid; locations beyond an image's own grid have class
+    logit ``PADDED_LOGIT`` (probability 0, no loss). Without ``image_sizes`` every image fills the tensor and runs as
+    given (what an exported graph sees).
     """
 
     strides = (8, 16, 32, 64, 128)
@@ -133,7 +134,8 @@ class FCOS(nn.Module):
             maps = self.level_maps(images, image_sizes)
         else:
             maps = maps_as_if_alone(self.level_maps, images, image_sizes, self.size_divisor,
-                                    [PADDED_LOGIT, 0.0, PADDED_LOGIT] * len(self.strides))
+                                    [PADDED_LOGIT, 0.0, PADDED_LOGIT] * len(self.strides),
+                                    group=group_same_sizes(images.device))
         cls_logits, ltrb, centerness = flatten_levels(maps, 3)
         points, strides, level_ids = self.grid([tuple(m.shape[-2:]) for m in maps[::3]], images.device)
         return FCOSOutput(cls_logits, ltrb, centerness.squeeze(-1), points, strides, level_ids)

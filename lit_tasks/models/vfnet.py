@@ -43,7 +43,7 @@ from lit_tasks.ops.assigners import (
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
-from lit_tasks.ops.images import maps_as_if_alone
+from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
 
@@ -214,9 +214,10 @@ class VFNet(nn.Module):
 
     Training runs the padded batch in one call, as mmdet trains. In evaluation (``eval()``, with ``image_sizes``)
     each image runs as if alone, padded to its own multiple of ``size_divisor`` (mmdet tests one image per GPU),
-    images of one padded size together; the outputs cover the largest image's grid, and locations beyond an
-    image's own grid have class logit ``PADDED_LOGIT`` (probability 0, no loss) and zero distances. Without
-    ``image_sizes`` every image fills the tensor and runs as given (what an exported graph sees).
+    one call per image on a CPU and per padded size elsewhere (:func:`lit_tasks.ops.images.group_same_sizes`); the
+    outputs cover the largest image's grid, and locations beyond an image's own grid have class logit
+    ``PADDED_LOGIT`` (probability 0, no loss) and zero distances. Without ``image_sizes`` every image fills the
+    tensor and runs as given (what an exported graph sees).
     """
 
     size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
@@ -258,7 +259,8 @@ class VFNet(nn.Module):
             maps = self.level_maps(images, None if image_sizes is None else sizes)
         else:
             maps = maps_as_if_alone(self.level_maps, images, sizes, self.size_divisor,
-                                    [PADDED_LOGIT, 0.0, 0.0] * len(VFNET_STRIDES))
+                                    [PADDED_LOGIT, 0.0, 0.0] * len(VFNET_STRIDES),
+                                    group=group_same_sizes(images.device))
         cls_logits, ltrb_init, ltrb_refine = flatten_levels(maps, 3)
         level_sizes = [tuple(m.shape[-2:]) for m in maps[::3]]
         points, strides, level_ids = self.grid(level_sizes, images.device)
