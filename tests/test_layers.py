@@ -53,7 +53,7 @@ def layer(module: str) -> int:
     parts = module.split(".")
     if parts[:2] == ["lit_tasks", "ops"]:
         return 0
-    if len(parts) > 1 and parts[1] in ("models", "losses", "metrics", "callbacks", "schedules"):
+    if len(parts) > 1 and parts[1] in ("models", "losses", "metrics", "callbacks", "run", "schedules", "param_groups"):
         return 1
     return 3 if module == "lit_tasks.cli" else 2
 

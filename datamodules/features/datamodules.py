@@ -233,6 +233,9 @@ class OadTRFeatureDataModule(FeatureDataModule):
 
     def read_split(self, split: str) -> FeatureSet:
         tag = {"train": "val", "test": "test"}[split]
+        # The ambiguous column is needed while reading: OadTR's argmax rule is applied there (see
+        # datamodules.features.layouts).
         return read_oadtr_pickles(self.root, split, data_info=self.data_info, dataset=self.dataset_key,
                                   feature_file=self.feature_file.format(split=tag),
-                                  anno_file=self.anno_file.format(split=tag), streams=self.streams)
+                                  anno_file=self.anno_file.format(split=tag), streams=self.streams,
+                                  ambiguous_index=self.ambiguous_arg)

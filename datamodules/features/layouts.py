@@ -11,6 +11,18 @@
   THUMOS'14's *validation* videos are the training set, so split ``"train"`` reads the ``val`` pickles.
   Pickles are read with an unpickler that only builds NumPy arrays and plain containers.
 
+Ambiguous frames follow each layout's reference. Downstream of the readers one rule holds (the window dataset, the
+task's loss and its metric): a frame whose ambiguous column is set is ambiguous (not trained on, not evaluated).
+
+* LSTR: exactly that, on the targets as stored: its loss drops every frame with ``target[:, ignore_index] == 1``
+  (criterions/criterions.py ``MultipCrossEntropyLoss``) and so does its THUMOS evaluation
+  (evaluation/postprocessing.py ``thumos_postprocessing``, "Remove ambiguous (21)").
+* OadTR: a window is dropped only when the current frame's top label is the ambiguous class (dataset.py L39-40,
+  ``if class_h_target.argmax() != 21``: NumPy's argmax, the first column on ties); a frame it keeps is trained on
+  and evaluated with its other labels (util/loss.py leaves the ambiguous column out of the loss, the metric never
+  scores it). :func:`read_oadtr_pickles` therefore clears the ambiguous column of every frame whose argmax is
+  another class (e.g. an action frame also marked ambiguous), so the one rule above gives OadTR's.
+
 The sessions, their checks and the windows: :mod:`datamodules.features.samples`.
 """
 
@@ -174,6 +186,8 @@ def read_oadtr_pickles(root: str | Path, split: str = "train", *, data_info: str
         sessions: read these sessions instead of the split's list.
         background_index: background column (-1 for none).
         ambiguous_index: ambiguous column; None: the class named "Ambiguous" (OadTR hard-codes 21); -1: none.
+            A frame is ambiguous only when this is its top label (argmax), as OadTR's data layer decides: on any
+            other frame the column is cleared (module docstring).
     """
     root = Path(root)
     info_path = root / data_info
@@ -209,4 +223,9 @@ def read_oadtr_pickles(root: str | Path, split: str = "train", *, data_info: str
         out.append(FeatureSession(name, [np.asarray(entry[k]) for k in streams], targets))
     data = FeatureSet(out, names, _class_index(names, background_index, "background"),
                       _class_index(names, ambiguous_index, "ambiguous"))
-    return check_feature_set(data, f"{feature_path} / {anno_path}")
+    data = check_feature_set(data, f"{feature_path} / {anno_path}")
+    if data.ambiguous_index is not None:
+        for session in data.sessions:
+            other = session.targets.argmax(1) != data.ambiguous_index  # OadTR keeps these frames
+            session.targets[other, data.ambiguous_index] = 0.0
+    return data
