@@ -9,6 +9,7 @@ from datamodules.tfrecord_shards import TFRecordShards
 
 
 def shard(path, values: list[int]) -> str:
+    """A plain shard of one-int examples ``{"x": value}``."""
     with TFRecordWriter(str(path)) as writer:
         for value in values:
             writer.write(build_example({"x": int64_feature(value)}).SerializeToString())
