@@ -378,9 +378,15 @@ class DetectionTask(BaseTask):
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detect objects in [0, 1] images (a (B,3,H,W) tensor or a list of (3,H,W)); boxes in input pixels."""
+        """Detect objects in [0, 1] images; boxes in input pixels.
+
+        A list of (3, H_i, W_i) images is padded, each image evaluated as if alone (in ``eval()``: padded to its own
+        multiple of 32, as mmdet tests); a (B, 3, H, W) tensor is run as given, every image filling it (as the
+        exported network runs).
+        """
         batch, sizes = stack_padded(images, size_divisor=32)
-        return self.postprocess(self.model(batch, sizes), sizes)
+        as_given = torch.is_tensor(images) and images.ndim == 4
+        return self.postprocess(self.model(batch, None if as_given else sizes), sizes)
 
     # -- steps -------------------------------------------------------------------------------------
     def losses(self, outputs: Any, targets: list[dict]) -> dict[str, torch.Tensor]:

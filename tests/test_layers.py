@@ -1,5 +1,5 @@
 """The import graph DESIGN.md promises: tasks above models / losses / metrics / callbacks above ops; datamodules
-apart (neither half imports the other); no cycles between modules."""
+apart (neither half imports the other) and its formats apart inside it; no cycles between modules."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def layer(module: str) -> int:
     parts = module.split(".")
     if parts[:2] == ["lit_tasks", "ops"]:
         return 0
-    if len(parts) > 1 and parts[1] in ("models", "losses", "metrics", "callbacks", "schedules"):
+    if len(parts) > 1 and parts[1] in ("models", "losses", "metrics", "callbacks", "run", "schedules", "param_groups"):
         return 1
     return 3 if module == "lit_tasks.cli" else 2
 
@@ -98,3 +98,19 @@ def test_no_import_cycles():
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
+
+
+
+FORMATS = ("datamodules.tfrecord", "datamodules.recordio", "datamodules.face_bin")
+
+
+def test_formats_import_nothing_else_of_datamodules():
+    """The formats (TFRecord, MXNet RecordIO, insightface .bin) are libraries of their own: the families decode."""
+    edges = graph()
+    assert {"datamodules.recordio", "datamodules.face_bin", "datamodules.tfrecord.reader"} <= set(edges)
+    for name, targets in edges.items():
+        own = next((f for f in FORMATS if name == f or name.startswith(f + ".")), None)
+        if own is None:
+            continue
+        outside = sorted(t for t in targets if t.startswith("datamodules") and t != own and not t.startswith(own + "."))
+        assert not outside, f"format module {name} imports {outside}"
