@@ -1,8 +1,9 @@
 """Object detection task: one LightningModule; ``model`` picks a detector trio (network, criterion, post-processor).
 
-Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/<name>.py``) as three modules:
-``self.model(images, image_sizes) -> outputs``, ``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already
-weighted; the task sums them) and ``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
+Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/detection/<name>.py``, its export
+adapter in ``export.py`` there) as three modules: ``self.model(images, image_sizes) -> outputs``,
+``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already weighted; the task sums them) and
+``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
 ``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.detection.fcos`),
 ``model="vfnet"`` (VarifocalNet: ATSS, star-shaped deformable refinement, varifocal loss,
 :mod:`lit_tasks.models.detection.vfnet`) and ``model="detr"`` (DETR: set prediction with Hungarian matching,
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -30,14 +30,16 @@ from torchmetrics.detection import MeanAveragePrecision
 from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
-from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, DETR_OPTIONS, build_detr, detr_export_tensors, detr_output_from_export
+from lit_tasks.metrics.coco import (LOGGED_MAP_KEYS, coco_map_metric, evaluation_target, format_class_ap_table,
+                                   format_coco_table, per_class_ap)
+from lit_tasks.models.detection.detr import DETR_OPTIONS, build_detr
 from lit_tasks.models.detection.detr_convert import load_pretrained_detr
-from lit_tasks.models.detection.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
-from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
-from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
+from lit_tasks.models.detection.export import EXPORTERS, RawDetectorOutputs
+from lit_tasks.models.detection.fcos import build_fcos
+from lit_tasks.models.detection.vfnet import build_vfnet
+from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, check_regress_ranges
 from lit_tasks.ops.box_ops import rescale_boxes
-from lit_tasks.ops.images import stack_padded
+from lit_tasks.ops.images import sizes_of, stack_padded
 from lit_tasks.param_groups import ParamGroupRules
 from lit_tasks.schedules import warmup_cosine, warmup_multistep
 
@@ -480,63 +482,6 @@ class DetectionTask(BaseTask):
         return self.postprocess(decoded, [size] * tensors[0].shape[0])
 
 
-@dataclass(frozen=True)
-class DetectorExport:
-    """How one detector model exports: output names, ``to_tensors(outputs)`` -> its raw output tensors (each with the
-    batch first), ``from_tensors(tensors, (H, W), model)`` -> the outputs its post-processor takes."""
-
-    names: tuple[str, ...]
-    to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]
-    from_tensors: Callable[[tuple[torch.Tensor, ...], tuple[int, int], torch.nn.Module], Any]
-
-
-# One entry per model of the trio table (a new model adds its own).
-EXPORTERS = {
-    "fcos": DetectorExport(FCOS_EXPORT_NAMES, fcos_export_tensors, fcos_output_from_export),
-    "vfnet": DetectorExport(VFNET_EXPORT_NAMES, vfnet_export_tensors, vfnet_output_from_export),
-    "detr": DetectorExport(DETR_EXPORT_NAMES, detr_export_tensors, detr_output_from_export),
-}
-
-
-class RawDetectorOutputs(torch.nn.Module):
-    """Images ``(B, 3, H, W)`` in [0, 1], unpadded -> a detector's raw output tensors (the exported network)."""
-
-    def __init__(self, model: torch.nn.Module, to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]) -> None:
-        super().__init__()
-        self.model, self.to_tensors = model, to_tensors
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.to_tensors(self.model(images)))
-
-
-def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The ground truth COCO evaluation scores against: ``target["original"]`` when the DataModule gives it (the
-    dataset's annotations in original pixels, with their areas), else the training target mapped back."""
-    if "original" in target:
-        return target["original"]
-    gt = {"boxes": rescale_boxes(target["boxes"].float(), target["size"], target["orig_size"]), "labels": target["labels"]}
-    if "iscrowd" in target:
-        gt["iscrowd"] = target["iscrowd"]
-    return gt
-
-
-def sizes_of(targets: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
-    """The unpadded (h, w) of each image of a batch, from its target's ``size``."""
-    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
-
-
-def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) -> None:
-    """Fail early on FCOS regress ranges that are not ``num_levels`` increasing ``[lo, hi]`` pairs."""
-    if ranges is None:
-        return
-    pairs = [tuple(r) for r in ranges]
-    if len(pairs) != num_levels or any(len(r) != 2 or not r[0] < r[1] for r in pairs):
-        raise ValueError(f"DetectionTask: regress_ranges must be {num_levels} [lo, hi] pairs with lo < hi "
-                         f"(one per level P3..P7), got {ranges}")
-    if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
-        raise ValueError(f"DetectionTask: regress_ranges must increase from P3 to P7, got {ranges}")
-
-
 def check_options(options: dict[str, Any]) -> None:
     """Fail early on DetectionTask options that cannot work, naming the option (DETR's architecture values are
     checked by :func:`lit_tasks.models.detection.detr.check_detr_args` when it is built)."""
@@ -546,7 +491,7 @@ def check_options(options: dict[str, Any]) -> None:
     if o["num_classes"] < 1:
         raise ValueError(f"DetectionTask: num_classes must be >= 1, got {o['num_classes']}")
     iou_loss_by_name(o["box_loss"])  # fails early, naming the valid choices
-    check_regress_ranges(o["regress_ranges"])
+    check_regress_ranges(o["regress_ranges"], what="DetectionTask")
     problems = []
 
     def need(ok: bool, message: str) -> None:
