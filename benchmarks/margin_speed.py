@@ -28,11 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import Stopwatch  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 BATCH, DIM = 256, 512
 KINDS = ("full", "pfc", "pml", "pfc_x2")
@@ -117,14 +118,10 @@ def measure(kind: str, classes: int, device: str, steps: int, rank: int = 0, wor
     base = rss_mb()
     step = build(kind, classes, device, rank, world)
     step()  # warm-up (allocates optimizer state)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    with Stopwatch(sync=device == "cuda") as watch:  # one clock around the steps: the mean, without a sync per step
+        for _ in range(steps):
+            step()
+    seconds = watch.wall / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - base
     return {"kind": kind, "classes": classes, "step_s": seconds, "peak_mb": peak}
 
