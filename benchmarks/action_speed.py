@@ -76,6 +76,7 @@ def interleaved(cases: dict[str, Callable[[int], object]], frames: int, rounds: 
     disturbs least."""
 
     def frame_by_frame(case: Callable[[int], object]) -> Callable[[], object]:
+        """``case`` as a call without arguments that steps through frames 0 .. frames - 1, round after round."""
         t = itertools.cycle(range(frames))
         return lambda: case(next(t))
 

@@ -173,7 +173,8 @@ class StepTimer(pl.Callback):
     """Wall time of the training steps after ``warmup`` (synchronised with the device): ``seconds`` of ``steps``."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.watch, self.steps = warmup, None, 0
+        self.warmup, self.steps = warmup, 0
+        self.watch: Stopwatch | None = None
 
     @property
     def seconds(self) -> float:
