@@ -27,7 +27,6 @@ import inspect
 import os
 import re
 import sys
-import typing
 from typing import Any
 
 import torch
@@ -36,11 +35,13 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_tasks.run.checkpoint_io import TEMP_SUFFIX, install_atomic_checkpoint_io
 from lit_tasks.run.callbacks import LRMonitor, TaskCheckpoint
+from lit_tasks.run.lightning_seams import parse_integer_limits_as_counts
 from lit_tasks.run.resume import ExactResume
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
@@ -72,7 +73,20 @@ class FitConfigCallback(SaveConfigCallback):
 
 
 class TasksCLI(LightningCLI):
-    """LightningCLI with the project's links and default callbacks."""
+    """LightningCLI with the project's links and default callbacks.
+
+    Its overrides, all of public LightningCLI hooks: ``add_arguments_to_parser`` (the checkpoint and LR monitor
+    callbacks, the size links); ``parse_arguments`` (``--help`` lists the chosen classes' options; resolves
+    ``--ckpt_path last`` and notes the model options typed on the command line, before LightningCLI reads the
+    checkpoint's hyperparameters into the config); ``before_instantiate_classes`` (after that read: typed options win
+    over the checkpoint's, unknown checkpoint keys are dropped, a resumed fit's logger gets the run's ``version``);
+    ``instantiate_classes`` (refuses a linked size that differs from the data's); ``instantiate_trainer`` (atomic
+    checkpoint writes, ExactResume); ``before_fit`` / ``before_validate`` / ``before_test`` (a resumed fit's config
+    goes beside the run's; evaluating untrained weights warns).
+    """
+
+    _resumed_from: str | None = None  # the last.ckpt ``--ckpt_path last`` resolved to
+    _typed_model_options: dict[str, Any] = {}  # model options typed on the command line, as parsed
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
@@ -83,11 +97,13 @@ class TasksCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes."""
+        """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes; then
+        resolves ``--ckpt_path last`` and keeps the model options typed on the command line."""
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        self._argv = argv
         if not any(a in ("-h", "--help") for a in argv) or not argv or argv[0] not in self.subcommands():
-            return super().parse_arguments(parser, args)
+            super().parse_arguments(parser, args)
+            self._before_checkpoint_hyperparameters(argv)
+            return
         try:
             super().parse_arguments(parser, args)
         except SystemExit:
@@ -99,29 +115,39 @@ class TasksCLI(LightningCLI):
                     pass
             raise
 
-    def _parse_ckpt_path(self) -> None:
-        """As LightningCLI (the checkpoint's hyperparameters rebuild the model it holds), but model options
-        typed on the command line win over the checkpoint's: ``test --ckpt_path X --model.score_threshold 0.3``
-        must test with 0.3. Values from config files and defaults still yield to the checkpoint.
-        ``--ckpt_path last`` is first resolved to a file (:func:`resolve_last_checkpoint`)."""
+    def _before_checkpoint_hyperparameters(self, argv: list[str]) -> None:
+        """Resolve ``--ckpt_path last`` to a file (:func:`resolve_last_checkpoint`), so LightningCLI reads that
+        checkpoint's hyperparameters, and keep the model options typed on the command line."""
         subcommand = self.config.get("subcommand")
-        self._resumed_from = None
-        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
-            self._resumed_from = self.config[subcommand]["ckpt_path"] = resolve_last_checkpoint(
-                self.config[subcommand], subcommand)
-        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
-        typed = command_line_model_options(getattr(self, "_argv", []))
-        kept = {name: init_args[name] for name in typed if init_args is not None and name in init_args}
-        super()._parse_ckpt_path()
-        if subcommand:
-            drop_unknown_checkpoint_arguments(self.config[subcommand])
-        if not kept:
+        self._resumed_from, self._typed_model_options = None, {}
+        if not subcommand:
             return
-        init_args = self.config[subcommand]["model.init_args"]
-        for name, value in kept.items():
-            if name in init_args and init_args[name] != value:
-                rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's {init_args[name]!r}")
-            init_args[name] = value
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            self._resumed_from = config["ckpt_path"] = resolve_last_checkpoint(config, subcommand)
+        init_args = config.get("model.init_args")
+        self._typed_model_options = {name: init_args[name] for name in command_line_model_options(argv)
+                                     if init_args is not None and name in init_args}
+
+    def before_instantiate_classes(self) -> None:
+        """After LightningCLI put the checkpoint's hyperparameters in the config (the checkpoint rebuilds the model it
+        holds): model options typed on the command line win over the checkpoint's (``test --ckpt_path X
+        --model.score_threshold 0.3`` tests with 0.3; config files and defaults still yield to the checkpoint), keys
+        the task does not take are dropped, and a fit resumed with ``--ckpt_path last`` logs in its run's folder."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        drop_unknown_checkpoint_arguments(config)
+        if self._typed_model_options:
+            init_args = config["model.init_args"]
+            for name, value in self._typed_model_options.items():
+                if name in init_args and init_args[name] != value:
+                    rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's "
+                                   f"{init_args[name]!r}")
+                init_args[name] = value
+        if subcommand == "fit" and self._resumed_from:
+            continue_logging_in(config, self._resumed_from)
 
     def instantiate_classes(self) -> None:
         """As LightningCLI, then refuse a task value of a linked size that differs from the DataModule's.
@@ -145,11 +171,9 @@ class TasksCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """A fit resumed with ``--ckpt_path last`` logs on in the folder of the run it continues."""
-        resumed = getattr(self, "_resumed_from", None)
-        if not resumed:
+        """A fit resumed with ``--ckpt_path last`` writes its config.yaml beside the run's."""
+        if not self._resumed_from:
             return
-        continue_logging_in(self.trainer, resumed)
         for callback in self.trainer.callbacks:
             if isinstance(callback, FitConfigCallback):
                 callback.resuming = True
@@ -182,26 +206,53 @@ def checkpoint_folders(config: Any) -> list[str]:
     dirpath = (config.get("checkpoint") or {}).get("dirpath") if hasattr(config.get("checkpoint"), "get") else None
     if dirpath:
         return [glob.escape(str(dirpath))]
+    logger_root = logger_root_dir(config)
+    if logger_root:
+        return [os.path.join(glob.escape(logger_root), "*", "checkpoints")]
+    return [os.path.join(glob.escape(trainer_root_dir(config)), "checkpoints")]
+
+
+def trainer_root_dir(config: Any) -> str:
+    """``--trainer.default_root_dir``, or the working directory as the Trainer defaults it."""
+    trainer = config.get("trainer") or {}
+    root_dir = trainer.get("default_root_dir") if hasattr(trainer, "get") else None
+    return str(root_dir) if root_dir else os.getcwd()
+
+
+def first_logger(config: Any) -> Any:
+    """The config of the run's first logger (``trainer.logger`` or its first entry): a class spec, True, False, None."""
     trainer = config.get("trainer") or {}
     logger = trainer.get("logger") if hasattr(trainer, "get") else None
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    root_dir = trainer.get("default_root_dir") if hasattr(trainer, "get") else None
-    root_dir = str(root_dir) if root_dir else os.getcwd()
-    if logger is not None and logger is not False and hasattr(logger, "get") and logger.get("class_path"):
-        module, _, name = str(logger["class_path"]).rpartition(".")
-        init_args = logger.get("init_args") or {}
-        init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
-        try:
-            instance = getattr(importlib.import_module(module), name)(**init_args)  # creates no folder yet
-            logger_root = getattr(instance, "root_dir", None)
-        except Exception:  # noqa: BLE001  (an unusual logger: fall back to the Trainer's default folder)
-            logger_root = None
-        if logger_root:
-            return [os.path.join(glob.escape(str(logger_root)), "*", "checkpoints")]
-    elif logger is True or logger is None:
-        return [os.path.join(glob.escape(os.path.join(root_dir, "lightning_logs")), "*", "checkpoints")]
-    return [os.path.join(glob.escape(root_dir), "checkpoints")]
+    return logger
+
+
+def logger_root_dir(config: Any) -> str | None:
+    """The folder holding the first logger's version folders, None when it has none (no logger, an unusual one).
+
+    A class spec is built to ask (loggers create no folder before they log); ``True`` / None is the Trainer's
+    default TensorBoard logger in ``<default_root_dir>/lightning_logs``.
+    """
+    logger = first_logger(config)
+    if logger is True or logger is None:
+        return os.path.join(trainer_root_dir(config), "lightning_logs")
+    if logger is False or not hasattr(logger, "get") or not logger.get("class_path"):
+        return None
+    init_args = logger.get("init_args") or {}
+    init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    try:
+        instance = logger_class(logger)(**init_args)  # creates no folder yet
+        root = getattr(instance, "root_dir", None)
+    except Exception:  # noqa: BLE001  (an unusual logger: the caller falls back to the Trainer's default folder)
+        root = None
+    return str(root) if root else None
+
+
+def logger_class(logger: Any) -> type:
+    """The class a logger spec (``class_path`` + ``init_args``) names."""
+    module, _, name = str(logger["class_path"]).rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def find_last_checkpoint(patterns: list[str]) -> str | None:
@@ -236,19 +287,24 @@ def resolve_last_checkpoint(config: Any, subcommand: str) -> str | None:
     return None
 
 
-def continue_logging_in(trainer: pl.Trainer, checkpoint: str) -> None:
-    """Point the first logger at the version folder holding ``checkpoint`` (``<root>/<version>/checkpoints/x.ckpt``)
-    when it is one of the logger's versions, so the resumed run's logs and checkpoints continue that run's."""
-    if not trainer.loggers:
-        return
-    logger = trainer.loggers[0]
-    root = getattr(logger, "root_dir", None)
+def continue_logging_in(config: Any, checkpoint: str) -> None:
+    """Give the first logger the version folder holding ``checkpoint`` (``<root>/<version>/checkpoints/x.ckpt``)
+    through its ``version`` init argument, when that folder is one of the logger's versions, so the resumed run's logs
+    and checkpoints continue that run's. ``config`` is the subcommand's parsed config, before the Trainer is built."""
+    logger, root = first_logger(config), logger_root_dir(config)
     version_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if not root or os.path.dirname(version_dir) != os.path.abspath(root) or not hasattr(logger, "_version"):
+    if not root or os.path.dirname(version_dir) != os.path.abspath(root):
         return
     name = os.path.basename(version_dir)
     match = re.fullmatch(r"version_(\d+)", name)
-    logger._version = int(match.group(1)) if match else name
+    version = int(match.group(1)) if match else name
+    if config["trainer"].get("logger") in (True, None):  # the Trainer's default logger, spelled out with the version
+        config["trainer"]["logger"] = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                                                init_args=Namespace(save_dir=trainer_root_dir(config), version=version))
+    elif hasattr(logger, "get") and "version" in inspect.signature(logger_class(logger)).parameters:
+        if logger.get("init_args") is None:
+            logger["init_args"] = Namespace()
+        logger["init_args"]["version"] = version
 
 
 def drop_unknown_checkpoint_arguments(config: Any) -> None:
@@ -327,30 +383,6 @@ def classes_named(argv: list[str]) -> list[tuple[str, str]]:
         found["data"] = [f"datamodules.{n}" for n in getattr(datamodules, "__all__", []) if n.endswith("DataModule")
                          and n != "BaseDataModule"]
     return [(part, path) for part in ("model", "data") for path in dict.fromkeys(found[part])]
-
-
-def int_before_float(hint: Any) -> Any:
-    """``hint`` with ``int`` tried before ``float`` when it is a Union of both (else ``hint`` itself)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is not typing.Union or int not in args or float not in args:
-        return hint
-    if args.index(int) < args.index(float):
-        return hint
-    return typing.Union[tuple(sorted(args, key=lambda a: a is not int))]  # a tuple of plain types: cached by order
-
-
-def parse_integer_limits_as_counts(cls: type = pl.Trainer) -> None:
-    """Make ``--trainer.limit_train_batches 1`` mean one batch, as Lightning documents, on every machine.
-
-    The Trainer annotates ``limit_*_batches``, ``val_check_interval`` and ``overfit_batches`` as
-    ``Optional[Union[int, float]]``; jsonargparse tries a Union's members in order and ``float`` accepts "1". Python's
-    typing cache treats ``Union[int, float]`` and ``Union[float, int]`` as equal keys, so which order the annotation
-    ends up with depends on what other imports built first (installing ``rich`` changed it): without this, "1" became
-    1.0, i.e. 100 % of the batches. The annotations are rewritten int-first once, before the parser reads them.
-    """
-    annotations = cls.__init__.__annotations__
-    for name, hint in list(annotations.items()):
-        annotations[name] = int_before_float(hint)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> TasksCLI:
