@@ -44,8 +44,9 @@ def torch_index_sampler(loader: DataLoader) -> Any:
     seam = inspect.getattr_static(DataLoader, "_index_sampler", None)
     if not isinstance(seam, property):
         raise RuntimeError(f"datamodules.loaders.ResumableDataLoader needs torch's DataLoader._index_sampler property "
-                           f"(its iterators draw indices from it), which the installed torch {torch.__version__} lacks: "
-                           "a resumed epoch would repeat samples. Supported range: torch>=2.4,<2.15 (pyproject.toml)")
+                           f"(its iterators draw indices from it), which the installed torch {torch.__version__} "
+                           "lacks: a resumed epoch would repeat samples. Supported range: torch>=2.4,<2.15 "
+                           "(pyproject.toml)")
     return seam.fget(loader)
 
 

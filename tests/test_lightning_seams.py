@@ -99,7 +99,8 @@ def test_model_checkpoint_seams_exist_and_every_last_ckpt_write_goes_through_sav
     for hook in ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_train_end"):
         assert "self._save_last_checkpoint(trainer, monitor_candidates)" in source(getattr(ModelCheckpoint, hook)), hook
     # The skip rule TaskCheckpoint's _save_last_only works around (a save at an already saved step is skipped).
-    assert "self._last_global_step_saved == trainer.global_step" in source(ModelCheckpoint._should_skip_saving_checkpoint)
+    skip = source(ModelCheckpoint._should_skip_saving_checkpoint)
+    assert "self._last_global_step_saved == trainer.global_step" in skip
 
 
 def test_model_checkpoint_accessors_read_and_write_the_real_members() -> None:

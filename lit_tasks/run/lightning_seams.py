@@ -47,7 +47,7 @@ def member(obj: Any, name: str, what: str, library: str = "Lightning") -> Any:
 
 
 def require_method(owner: type, name: str, parameters: tuple[str, ...], what: str, library: str = "Lightning") -> None:
-    """Raise :func:`seam_error` unless ``owner.<name>`` is a function whose parameters after ``self`` are ``parameters``."""
+    """Raise :func:`seam_error` unless ``owner.<name>`` is a function taking ``parameters`` after ``self``."""
     function = inspect.getattr_static(owner, name, None)
     if not inspect.isfunction(function):
         raise seam_error(what, f"{owner.__qualname__}.{name}", library)
@@ -76,7 +76,7 @@ def scheduled_validation_follows(trainer: pl.Trainer) -> bool:
 
 
 def epoch_batches_done(trainer: pl.Trainer) -> bool:
-    """At ``on_train_batch_end``: was this the epoch's last batch (``_TrainingEpochLoop._num_ready_batches_reached``)?"""
+    """At ``on_train_batch_end``: was this the epoch's last batch (``_num_ready_batches_reached``)?"""
     return bool(member(trainer.fit_loop.epoch_loop, "_num_ready_batches_reached", "training-loop epoch-end test")())
 
 
@@ -123,7 +123,7 @@ def set_last_saved_step(callback: ModelCheckpoint, step: int) -> None:
 
 # -- exact resume: the training loader's saved position -------------------------------------------------------------
 def pending_loader_states(trainer: pl.Trainer) -> list[dict[str, Any]]:
-    """Loader states Lightning read from the checkpoint and has not applied yet (``_combined_loader_states_to_load``)."""
+    """Loader states Lightning read from the checkpoint, not applied yet (``_combined_loader_states_to_load``)."""
     return member(trainer.fit_loop, "_combined_loader_states_to_load", "fit-loop pending loader states")
 
 
