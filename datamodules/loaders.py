@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.transfer import PackSmall, unpack_small
 
+SUPPORTED_TORCH = "torch>=2.4,<2.15"  # as pyproject.toml pins it (tests/test_lightning_seams.py checks they agree)
+
 
 def torch_index_sampler(loader: DataLoader) -> Any:
     """DataLoader's private ``_index_sampler`` property of ``loader`` (the sampler its iterators draw indices from).
@@ -45,7 +47,7 @@ def torch_index_sampler(loader: DataLoader) -> Any:
     if not isinstance(seam, property):
         raise RuntimeError(f"datamodules.loaders.ResumableDataLoader needs torch's DataLoader._index_sampler property "
                            f"(its iterators draw indices from it), which the installed torch {torch.__version__} "
-                           "lacks: a resumed epoch would repeat samples. Supported range: torch>=2.4,<2.15 "
+                           f"lacks: a resumed epoch would repeat samples. Supported range: {SUPPORTED_TORCH} "
                            "(pyproject.toml)")
     return seam.fget(loader)
 

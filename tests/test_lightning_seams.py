@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+from datamodules import loaders
 from datamodules.loaders import ResumableDataLoader, torch_index_sampler
 from lit_tasks.run import lightning_seams as seams
 
@@ -54,6 +55,7 @@ def test_the_installed_lightning_and_torch_are_in_the_pinned_range() -> None:
                     tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert dependencies["lightning"].specifier == Requirement(seams.SUPPORTED_LIGHTNING).specifier
     assert dependencies["torch"].specifier == Requirement(seams.SUPPORTED_TORCH).specifier
+    assert loaders.SUPPORTED_TORCH == seams.SUPPORTED_TORCH  # datamodules cannot import lit_tasks: stated twice
     assert dependencies["lightning"].specifier.contains(lightning.__version__), lightning.__version__
     assert dependencies["torch"].specifier.contains(torch.__version__.split("+")[0]), torch.__version__
 
