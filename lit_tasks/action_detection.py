@@ -262,12 +262,10 @@ class ActionDetectionTask(BaseTask):
                        f"(mean {100 * anticipation:.2f})")
 
     # -- optimisation ---------------------------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        """One group of every trainable parameter: the released code decays all of them (Adam's L2 term)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
     def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
-        """Adam(lr 1e-4, weight_decay 1e-4): OadTR's ``main.py`` (L2 weight decay, not AdamW's)."""
+        """Adam(lr 1e-4, weight_decay 1e-4) over every parameter in one group (BaseTask's default rules): OadTR
+        main.py L96-98, ``torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)`` (L2
+        weight decay, not AdamW's)."""
         return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def steps_per_epoch(self) -> int | None:

@@ -10,8 +10,12 @@ signature), calls ``super().__init__(optimizer, lr_scheduler, lr_scheduler_inter
   the trained model. They become attributes of the same name and are not in the checkpoint, so
   ``lit-tasks test --ckpt_path X`` takes them from the test's config and command line.
 - Optimisation: ``default_optimizer`` and ``default_scheduler`` are the paper's recipe, used when no
-  ``--model.optimizer`` / ``--model.lr_scheduler`` is injected. Param groups may carry ``lr_ratio`` (e.g. a
-  10x lower backbone LR for DETR): the group's LR is the optimizer's times that ratio.
+  ``--model.optimizer`` / ``--model.lr_scheduler`` is injected. The parameter groups are the recipe's too, for
+  either optimizer: ``param_group_rules`` (:class:`~lit_tasks.param_groups.ParamGroupRules`, mmcv's
+  ``bias_lr_mult`` / ``bias_decay_mult`` / ``norm_decay_mult``; by default every parameter decays at one LR, as
+  ``torch.optim.X(model.parameters())``). Groups carry ``lr_ratio`` / ``weight_decay_ratio`` (e.g. a 10x lower
+  backbone LR for DETR, 2x the LR and no decay for mmdet's biases): the group's LR and weight decay are the
+  optimizer's times those ratios.
 - ``log_epoch_metric`` computes, resets and logs a torchmetrics result at an epoch end and keeps it in
   ``epoch_results[stage]`` for callbacks (ROC curves, confusion matrices).
 """
@@ -28,6 +32,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torchmetrics import Metric
 
+from lit_tasks.param_groups import ParamGroupRules, param_groups
 from lit_tasks.schedules import warmup_cosine
 
 NOT_SAVED = ("optimizer", "lr_scheduler")
@@ -39,8 +44,8 @@ class BaseTask(LightningModule):
     """LightningModule with hyperparameter saving, optimizer/scheduler injection and metric wiring.
 
     Subclasses set ``monitor``/``mode`` (the metric ModelCheckpoint follows), ``eval_options`` (init
-    arguments that are evaluation-time settings, not saved) and override ``default_optimizer`` /
-    ``default_scheduler`` for the recipe of their paper.
+    arguments that are evaluation-time settings, not saved), ``param_rules`` (their recipe's parameter groups,
+    cited) and override ``default_optimizer`` / ``default_scheduler`` for the recipe of their paper.
 
     Args:
         optimizer: injected optimizer callable; None = ``default_optimizer``.
@@ -52,6 +57,7 @@ class BaseTask(LightningModule):
     monitor: str = "val/loss"
     mode: str = "min"
     eval_options: tuple[str, ...] = ()
+    param_rules: ParamGroupRules = ParamGroupRules()  # every parameter decays, one LR
 
     def __init__(
         self,
@@ -93,17 +99,13 @@ class BaseTask(LightningModule):
         """Build torchmetrics objects for ``val/`` and ``test/``."""
 
     # -- optimisation ----------------------------------------------------------------------------
+    def param_group_rules(self) -> ParamGroupRules:
+        """The recipe's parameter-group rules (``param_rules``; a task whose recipe depends on an option overrides)."""
+        return self.param_rules
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups for the optimizer: no weight decay on biases and norm weights."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        groups = [{"params": decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        """Parameter groups for the optimizer: the trainable parameters under :meth:`param_group_rules`."""
+        return param_groups(self, self.param_group_rules())
 
     def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
         """The paper recipe's optimizer; tasks override. Used when ``optimizer`` is None."""
@@ -126,6 +128,8 @@ class BaseTask(LightningModule):
             self.param_groups())
         for group in optimizer.param_groups:  # before any scheduler records the groups' initial LRs
             group["lr"] *= group.get("lr_ratio", 1.0)
+            if "weight_decay" in group:
+                group["weight_decay"] *= group.get("weight_decay_ratio", 1.0)
         if self.lr_scheduler is not None:
             scheduler = self.lr_scheduler(optimizer)
             interval = self.hparams.get("lr_scheduler_interval") or (

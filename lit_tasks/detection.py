@@ -38,14 +38,36 @@ from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vf
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
-from lit_tasks.schedules import warmup_multistep
+from lit_tasks.param_groups import ParamGroupRules
+from lit_tasks.schedules import warmup_cosine, warmup_multistep
 
 MODELS = ("fcos", "vfnet", "detr")
-# Each paper's optimisation recipe: the value of an option left at None (see the DetectionTask docstring).
+# Each paper's recipe: the value of an option left at None (see the DetectionTask docstring). ``frozen_bn``: with
+# pretrained weights (from scratch: False). mmdet lines: configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py (FCOS,
+# its imprv child fcos_center-normbbox-centeronreg-giou_r50_caffe_fpn_gn-head_1x_coco.py L51 warmup='linear') and
+# configs/vfnet/vfnet_r50_fpn_1x_coco.py, mmdet 2.x.
 RECIPES: dict[str, dict[str, Any]] = {
-    "fcos": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # mmdet fcos 1x
-    "vfnet": dict(lr=0.01, warmup_steps=500, backbone_lr_ratio=1.0, optimizer="sgd"),  # vfnet_r50_fpn_1x
-    "detr": dict(lr=1e-4, warmup_steps=0, backbone_lr_ratio=0.1, optimizer="adamw"),  # detr main.py
+    # SGD lr 0.01 (L95-96), linear warm-up from 1/3 over 500 iterations (L103-104 + imprv L51), caffe ResNet with
+    # BN requires_grad=False + norm_eval (L14-15): frozen BN; centre sampling radius 1.5 (mmdet's default).
+    "fcos": dict(lr=0.01, warmup_steps=500, warmup_ratio=1 / 3, backbone_lr_ratio=1.0, optimizer="sgd",
+                 frozen_bn=True, center_sampling_radius=1.5),
+    # SGD lr 0.01 (L97-98), linear warm-up from 0.1 (L103-105), BN requires_grad=True + norm_eval (L14-15): frozen
+    # statistics, trained affine; center_sampling=False (L33) for the FCOS-target fallback.
+    "vfnet": dict(lr=0.01, warmup_steps=500, warmup_ratio=0.1, backbone_lr_ratio=1.0, optimizer="sgd",
+                  frozen_bn="statistics", center_sampling_radius=0.0),
+    # detr main.py: AdamW lr 1e-4, lr_backbone 1e-5, no warm-up; FrozenBatchNorm2d backbone.
+    "detr": dict(lr=1e-4, warmup_steps=0, warmup_ratio=None, backbone_lr_ratio=0.1, optimizer="adamw",
+                 frozen_bn=True, center_sampling_radius=0.0),
+}
+# Each recipe's parameter groups. mmdet FCOS and VFNet: ``paramwise_cfg=dict(bias_lr_mult=2., bias_decay_mult=0.)``
+# (fcos_r50_caffe_fpn_gn-head_1x_coco.py L95-96, vfnet_r50_fpn_1x_coco.py L97-98): every conv bias at 2x the LR
+# without weight decay; norm layers, per-level scales and weights at the LR with decay. DETR (main.py L133-141 of
+# facebookresearch/detr fb60557: ``param_dicts``, ``torch.optim.AdamW(param_dicts, lr=args.lr,
+# weight_decay=args.weight_decay)``): every parameter decays; the backbone at ``backbone_lr_ratio``.
+PARAM_GROUP_RULES: dict[str, ParamGroupRules] = {
+    "fcos": ParamGroupRules(bias_lr_mult=2.0, bias_decay_mult=0.0),
+    "vfnet": ParamGroupRules(bias_lr_mult=2.0, bias_decay_mult=0.0),
+    "detr": ParamGroupRules(),
 }
 
 
@@ -54,8 +76,10 @@ class DetectionTask(BaseTask):
 
     Options of one model are ignored by the others; an option the docstring lists under several models is
     shared. Options left at None take the chosen model's recipe (``RECIPES``: FCOS / VFNet SGD lr 0.01, 500
-    warm-up steps; DETR AdamW lr 1e-4, backbone at 0.1x, no warm-up). Bad values raise ValueError naming the
-    option when the task is built.
+    linear warm-up steps from 1/3 (FCOS) / 0.1 (VFNet) of the LR; DETR AdamW lr 1e-4, backbone at 0.1x, no warm-up).
+    The default optimizer's parameter groups are the recipe's too (``PARAM_GROUP_RULES``, cited there): FCOS and
+    VFNet train biases at 2x the LR without weight decay, DETR decays every parameter. Bad values raise ValueError
+    naming the option when the task is built.
 
     Args:
         num_classes: foreground classes (no background), linked from the DataModule.
@@ -67,9 +91,12 @@ class DetectionTask(BaseTask):
         pretrained: load timm backbone weights (needs network access; False by default).
         frozen_stages: freeze the stem and the first k stages (mmdet's ``frozen_stages``; -1 none). None = the
             recipe: 1 with ``pretrained`` or ``pretrained_weights``, -1 from scratch.
-        frozen_bn: freeze every backbone BatchNorm (statistics and affine). None = the recipe: True with
-            ``pretrained`` or ``pretrained_weights`` (2 images per device give useless batch statistics), False
-            from scratch (a randomly initialised network cannot train with fixed identity normalisation; timm
+        frozen_bn: the backbone's BatchNorms outside the frozen stages: ``true`` freezes statistics and affine,
+            ``"statistics"`` the running statistics only (weight and bias train: mmdet ``norm_eval=True`` with
+            ``requires_grad=True``), ``false`` none. None = the recipe: with ``pretrained`` or
+            ``pretrained_weights`` (2 images per device give useless batch statistics) True for FCOS (mmdet's caffe
+            ResNet, ``requires_grad=False``) and DETR (FrozenBatchNorm2d), ``"statistics"`` for VFNet; False from
+            scratch (a randomly initialised network cannot train with fixed identity normalisation; timm
             zero-initialises each residual block's last BN, which frozen stays 0).
         backbone_lr_ratio: the backbone's learning rate relative to the rest; None = the recipe (1.0 FCOS /
             VFNet, 0.1 DETR: 1e-5 against 1e-4).
@@ -87,7 +114,8 @@ class DetectionTask(BaseTask):
             large objects still reach the coarse levels. FCOS: the target assignment; VFNet: the scale of each
             level's initial box (the upper ends, the last twice the one before) and the targets with
             ``use_atss=False``.
-        center_sampling_radius: centre sampling radius in strides (1.5; 0 disables); VFNet: FCOS targets only.
+        center_sampling_radius: centre sampling radius in strides (0 disables); VFNet: FCOS targets only. None =
+            the model's: 1.5 for FCOS (mmdet ``center_sampling=True``), 0 for VFNet (``center_sampling=False``).
 
         FCOS:
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
@@ -128,6 +156,9 @@ class DetectionTask(BaseTask):
         lr, weight_decay, momentum: the default optimizer (used when ``optimizer`` is not given): SGD with
             momentum for FCOS / VFNet, AdamW for DETR (``momentum`` unused). ``lr`` None = the recipe.
         warmup_steps: linear LR warm-up of the default scheduler; None = the recipe (500; DETR 0).
+        warmup_ratio: the fraction of the LR the warm-up starts from (mmcv's ``warmup_ratio``: ``ratio + (1 -
+            ratio) * step / warmup_steps``); None = the recipe (FCOS 1/3, VFNet 0.1; DETR none: ``(step + 1) /
+            warmup_steps``).
         lr_drop_epochs: the default scheduler multiplies the LR by 0.1 at each of these epochs (the recipes:
             [8, 11] of 12 for FCOS / VFNet, [200] of 300 for DETR); None = cosine decay to 0 over the fit.
         lr_base_batch_size: the linear scaling rule (Goyal et al. 2017; mmdet ``auto_scale_lr``): ``lr`` is for
@@ -149,13 +180,13 @@ class DetectionTask(BaseTask):
         backbone: str = "resnet50",
         pretrained: bool = False,
         frozen_stages: int | None = None,
-        frozen_bn: bool | None = None,
+        frozen_bn: bool | Literal["statistics"] | None = None,
         backbone_lr_ratio: float | None = None,
         channels_last: bool = True,
         fpn_channels: int = 256,
         head_convs: int | None = None,
         box_loss: str = "giou",
-        center_sampling_radius: float = 1.5,
+        center_sampling_radius: float | None = None,
         regress_ranges: list[list[float]] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -191,6 +222,7 @@ class DetectionTask(BaseTask):
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_steps: int | None = None,
+        warmup_ratio: float | None = None,
         lr_drop_epochs: list[int] | None = None,
         lr_base_batch_size: int | None = None,
         class_names: list[str] | None = None,
@@ -207,12 +239,13 @@ class DetectionTask(BaseTask):
         value = self.hparams.get(name)
         return RECIPES[self.hparams.model][name] if value is None else value
 
-    def frozen(self) -> tuple[int, bool]:
+    def frozen(self) -> tuple[int, bool | str]:
         """``(frozen_stages, frozen_bn)`` in effect: as given, else the recipe's (frozen with pretrained weights)."""
         hp = self.hparams
         pretrained = hp.pretrained or bool(hp.get("pretrained_weights"))
         frozen_stages = hp.frozen_stages if hp.frozen_stages is not None else (1 if pretrained else -1)
-        return frozen_stages, hp.frozen_bn if hp.frozen_bn is not None else pretrained
+        recipe_bn = RECIPES[hp.model]["frozen_bn"] if pretrained else False
+        return frozen_stages, hp.frozen_bn if hp.frozen_bn is not None else recipe_bn
 
     def configure_models(self) -> None:
         """Build the trio of ``hparams.model`` once: ``self.model``, ``self.criterion``, ``self.postprocess``."""
@@ -229,11 +262,11 @@ class DetectionTask(BaseTask):
                 self.model, self.criterion, self.postprocess = build_fcos(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs,
                     box_loss=hp.box_loss, focal_alpha=hp.focal_alpha, focal_gamma=hp.focal_gamma,
-                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius, **inference)
+                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"), **inference)
             case "vfnet":
                 self.model, self.criterion, self.postprocess = build_vfnet(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs, use_atss=hp.use_atss,
-                    regress_ranges=ranges, center_sampling_radius=hp.center_sampling_radius,
+                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"),
                     vfl_alpha=hp.vfl_alpha, vfl_gamma=hp.vfl_gamma, **inference)
             case "detr":
                 architecture = dict(backbone=hp.backbone, dilation=hp.dilation,
@@ -284,14 +317,16 @@ class DetectionTask(BaseTask):
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """Linear warm-up, then x0.1 at each of ``lr_drop_epochs`` (mmdet's step policy, DETR's StepLR), or
-        cosine decay over the fit without them; stepped per optimizer step."""
+        """Linear warm-up from ``warmup_ratio`` of the LR, then x0.1 at each of ``lr_drop_epochs`` (mmdet's step
+        policy, DETR's StepLR), or cosine decay over the fit without them; stepped per optimizer step."""
         drops = self.hparams.get("lr_drop_epochs")
+        start = self.recipe("warmup_ratio")
         if not drops:
-            return super().default_scheduler(optimizer, total_steps)
-        per_epoch = self.steps_per_epoch()
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, warmup_cosine(self.warmup_steps(), total_steps, warmup_start=start))
+        milestones = [epoch * self.steps_per_epoch() for epoch in drops]
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_multistep(self.warmup_steps(), [epoch * per_epoch for epoch in drops]))
+            optimizer, warmup_multistep(self.warmup_steps(), milestones, warmup_start=start))
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one training epoch (1 outside a Trainer)."""
@@ -324,9 +359,14 @@ class DetectionTask(BaseTask):
                        f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulated per step")
         return images / base
 
+    def param_group_rules(self) -> ParamGroupRules:
+        """The chosen model's recipe (``PARAM_GROUP_RULES``)."""
+        return PARAM_GROUP_RULES[self.hparams.model]
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """BaseTask's groups, the backbone's parameters in groups of their own at ``backbone_lr_ratio``, every
-        group scaled by :meth:`lr_scale` (through ``lr_ratio``, so injected optimizers follow too)."""
+        """BaseTask's groups (the recipe's rules), the backbone's parameters in groups of their own at
+        ``backbone_lr_ratio`` times their rule's ratio, every group scaled by :meth:`lr_scale` (through ``lr_ratio``,
+        so injected optimizers follow too)."""
         groups = super().param_groups()
         ratio = float(self.recipe("backbone_lr_ratio"))
         if ratio != 1.0:
@@ -336,7 +376,7 @@ class DetectionTask(BaseTask):
                 rest = [p for p in group["params"] if id(p) not in backbone]
                 mine = [p for p in group["params"] if id(p) in backbone]
                 split += [{**group, "params": rest}] if rest else []
-                split += [{**group, "params": mine, "lr_ratio": ratio}] if mine else []
+                split += [{**group, "params": mine, "lr_ratio": group.get("lr_ratio", 1.0) * ratio}] if mine else []
             groups = split
         scale = self.lr_scale()
         if scale != 1.0:
@@ -345,9 +385,15 @@ class DetectionTask(BaseTask):
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detect objects in [0, 1] images (a (B,3,H,W) tensor or a list of (3,H,W)); boxes in input pixels."""
+        """Detect objects in [0, 1] images; boxes in input pixels.
+
+        A list of (3, H_i, W_i) images is padded, each image evaluated as if alone (in ``eval()``: padded to its own
+        multiple of 32, as mmdet tests); a (B, 3, H, W) tensor is run as given, every image filling it (as the
+        exported network runs).
+        """
         batch, sizes = stack_padded(images, size_divisor=32)
-        return self.postprocess(self.model(batch, sizes), sizes)
+        as_given = torch.is_tensor(images) and images.ndim == 4
+        return self.postprocess(self.model(batch, None if as_given else sizes), sizes)
 
     # -- steps -------------------------------------------------------------------------------------
     def losses(self, outputs: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -522,7 +568,12 @@ def check_options(options: dict[str, Any]) -> None:
          f"frozen_stages must be >= -1, got {o['frozen_stages']}")
     need(0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}")
     need(0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}")
-    need(o["center_sampling_radius"] >= 0, f"center_sampling_radius must be >= 0, got {o['center_sampling_radius']}")
+    need(o["center_sampling_radius"] is None or o["center_sampling_radius"] >= 0,
+         f"center_sampling_radius must be >= 0 or null, got {o['center_sampling_radius']}")
+    need(o["warmup_ratio"] is None or 0.0 <= o["warmup_ratio"] <= 1.0,
+         f"warmup_ratio must be in [0, 1] or null, got {o['warmup_ratio']}")
+    need(o["frozen_bn"] in (None, True, False, "statistics"),
+         f"frozen_bn must be true, false, 'statistics' or null, got {o['frozen_bn']!r}")
     need(0.0 <= o["focal_alpha"] <= 1.0, f"focal_alpha must be in [0, 1], got {o['focal_alpha']}")
     for name in ("focal_gamma", "vfl_alpha", "vfl_gamma", "weight_decay", "momentum"):
         need(o[name] >= 0, f"{name} must be >= 0, got {o[name]}")

@@ -160,7 +160,11 @@ class FaceRecognitionTask(BaseTask):
             self.head.reshard()  # the process group exists from here on
 
     def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
-        """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5)."""
+        """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5), over every parameter in one
+        group (BaseTask's default rules): train_v2.py L91-93, ``torch.optim.SGD(params=[{"params":
+        backbone.parameters()}, {"params": module_partial_fc.parameters()}], lr=cfg.lr, momentum=0.9,
+        weight_decay=cfg.weight_decay)``: BatchNorm, PReLU and the centres decay like every weight. Partial FC's
+        centres are updated with that group's hyperparameters."""
         h = self.hparams
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
 

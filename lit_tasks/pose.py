@@ -304,7 +304,8 @@ class PoseTask(BaseTask):
 
     # -- optimisation ---------------------------------------------------------------------------------
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        """Adam, lr 1e-3, no weight decay: the official RLE recipe and mmpose's (REFERENCE.md §8.4)."""
+        """Adam, lr 1e-3, no weight decay, every parameter in one group: the official RLE recipe (scripts/train.py
+        L86-87, ``torch.optim.Adam(m.parameters(), lr=cfg.TRAIN.LR)``) and mmpose's (REFERENCE.md §8.4)."""
         return torch.optim.Adam(params, lr=self.hparams.lr)
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,

@@ -1,8 +1,10 @@
 """Learning-rate schedules of the recipes, as multipliers for ``torch.optim.lr_scheduler.LambdaLR``.
 
 Each factory returns ``factor(step) -> float`` with ``step`` counted in optimizer steps (the tasks step
-their default schedules every optimizer step). All start with an optional linear warm-up from
-``1 / warmup_steps`` to 1.
+their default schedules every optimizer step). All start with an optional linear warm-up over ``warmup_steps``:
+from ``1 / warmup_steps`` to 1 (``(step + 1) / warmup_steps``), or, given ``warmup_start``, mmcv's linear warm-up
+from that fraction (``warmup_ratio``): ``start + (1 - start) * step / warmup_steps`` (mmcv ``LrUpdaterHook``
+``warmup='linear'``; mmengine ``LinearLR(start_factor)`` alike).
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ from typing import Callable, Sequence
 Schedule = Callable[[int], float]
 
 
-def _warmup(step: int, warmup_steps: int) -> float | None:
-    """The warm-up factor while ``step < warmup_steps``, else None."""
+def _warmup(step: int, warmup_steps: int, start: float | None = None) -> float | None:
+    """The warm-up factor while ``step < warmup_steps``, else None (see the module docstring for ``start``)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps if start is None else start + (1.0 - start) * step / warmup_steps
     return None
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Schedule:
+def warmup_cosine(warmup_steps: int, total_steps: int, warmup_start: float | None = None) -> Schedule:
     """Linear warm-up, then half-cosine from 1 to 0 at ``total_steps`` (SGDR without restarts)."""
 
     def factor(step: int) -> float:
-        warm = _warmup(step, warmup_steps)
+        warm = _warmup(step, warmup_steps, warmup_start)
         if warm is not None:
             return warm
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -46,12 +48,13 @@ def warmup_poly(warmup_steps: int, total_steps: int, power: float = 0.9) -> Sche
     return factor
 
 
-def warmup_multistep(warmup_steps: int, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
+def warmup_multistep(warmup_steps: int, milestones: Sequence[int], gamma: float = 0.1,
+                     warmup_start: float | None = None) -> Schedule:
     """Linear warm-up, then the LR times ``gamma`` at each of ``milestones`` (steps; mmdet's "step" policy)."""
     marks = sorted(int(m) for m in milestones)
 
     def factor(step: int) -> float:
-        warm = _warmup(step, warmup_steps)
+        warm = _warmup(step, warmup_steps, warmup_start)
         if warm is not None:
             return warm
         return gamma ** sum(step >= m for m in marks)

@@ -273,7 +273,9 @@ class SemanticSegmentationTask(BaseTask):
 
     # -- optimisation ---------------------------------------------------------------------------------
     def default_optimizer(self, params) -> torch.optim.Optimizer:
-        """DeepLab / mmseg recipe: SGD, momentum 0.9, weight decay 5e-4 (bias and norm weights excluded)."""
+        """DeepLab / mmseg recipe: SGD, momentum 0.9, weight decay 5e-4 on every parameter (BaseTask's default rules):
+        mmseg configs/_base_/schedules/schedule_20k.py L2 (the DeepLabV3+ VOC configs' schedule; 40k / 80k alike),
+        ``optimizer = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005)`` with no ``paramwise_cfg``."""
         return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay)
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

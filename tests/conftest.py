@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Tests never download: a config whose recipe has ImageNet weights is run with --model.init_args.pretrained=false;
+# one that forgets it fails here at once (timm's weights come from the Hugging Face hub) instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Before torch loads OpenMP: busy-waiting threads make tests crawl when other processes share the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

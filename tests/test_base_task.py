@@ -70,19 +70,26 @@ def test_scheduler_interval_option_overrides_the_default():
 
 def test_default_schedule_is_warmup_cosine_per_step():
     lrs = fit_lrs(tiny_task(optimizer=lambda p: torch.optim.SGD(p, lr=1.0), warmup_steps=2), steps=6)
-    # total = estimated stepping batches = 6 (max_steps)
-    assert lrs == pytest.approx([warmup_cosine(2, 6)(s) for s in range(6)], rel=1e-12)
+    # total = estimated stepping batches = 6 (max_steps); FCOS's warm-up starts at 1/3 of the LR (mmdet's ratio)
+    assert lrs == pytest.approx([warmup_cosine(2, 6, warmup_start=1 / 3)(s) for s in range(6)], rel=1e-12)
+    assert [warmup_cosine(2, 6)(s) for s in range(2)] == [0.5, 1.0]  # without a start: (step + 1) / warmup_steps
 
 
 def test_backbone_lr_ratio_groups():
+    from lit_tasks.param_groups import NORM_LAYERS
+
     task = tiny_task(backbone_lr_ratio=0.1)
     optimizer = task.configure_optimizers()["optimizer"]
     backbone = {id(p) for p in task.model.backbone.parameters()}
+    biases = {id(p) for m in task.modules() if not isinstance(m, NORM_LAYERS)
+              for n, p in m.named_parameters(recurse=False) if n == "bias"}  # FCOS's recipe: 2x the LR
     seen = 0
     for group in optimizer.param_groups:
         inside = {id(p) in backbone for p in group["params"]}
-        assert len(inside) == 1  # a group is all backbone or all the rest
-        assert group["lr"] == pytest.approx(task.recipe("lr") * (0.1 if inside == {True} else 1.0))
+        bias = {id(p) in biases for p in group["params"]}
+        assert len(inside) == 1 and len(bias) == 1  # a group is all backbone or all the rest, all biases or none
+        expected = task.recipe("lr") * (0.1 if inside == {True} else 1.0) * (2.0 if bias == {True} else 1.0)
+        assert group["initial_lr"] == pytest.approx(expected)
         seen += len(group["params"])
     assert seen == sum(1 for p in task.parameters() if p.requires_grad)
 

@@ -45,6 +45,7 @@ def case(name: str, tmp_path: Path) -> tuple[Path, list[str]]:
         root = write_shapes_coco(tmp_path / "coco")
         return CONFIGS / name, [*quiet, f"--data.init_args.root={root}", "--data.init_args.image_size=64",
                                 "--data.init_args.batch_size=2", "--model.init_args.backbone=resnet10t",
+                                "--model.init_args.pretrained=false",  # the recipe's ImageNet weights: no hub here
                                 "--model.init_args.fpn_channels=16", "--model.init_args.head_convs=1",
                                 "--model.init_args.num_log_images=0"]
     seg = [*quiet, "--data.init_args.crop_size=32", "--data.init_args.batch_size=2",

@@ -118,7 +118,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "action/oadtr_thumos_pickles.yaml": thumos,
     "detection/detr_coco.yaml": lambda tmp: [*coco(tmp), *LOADER, *DETR, *NO_DOWNLOAD],
     "detection/detr_shapes.yaml": lambda tmp: [*SHAPES, *LOADER, *DETR],
-    "detection/fcos_coco.yaml": lambda tmp: [*coco(tmp), *LOADER, *FCOS],
+    "detection/fcos_coco.yaml": lambda tmp: [*coco(tmp), *LOADER, *FCOS, *NO_DOWNLOAD],
     "detection/fcos_shapes.yaml": lambda tmp: [*SHAPES, *LOADER, *FCOS],
     "detection/fcos_tfrecord.yaml": lambda tmp: [*detection_tfrecord(tmp), *LOADER, *FCOS],
     "detection/vfnet_coco.yaml": lambda tmp: [*coco(tmp), *LOADER, *FCOS, *NO_DOWNLOAD],

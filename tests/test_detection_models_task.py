@@ -55,6 +55,16 @@ def test_shapes_config_fast_dev_run(model, tmp_path):
         assert "train/num_pos" in metrics
 
 
+def test_centre_sampling_follows_the_model():
+    """FCOS samples the centre region (mmdet ``center_sampling=True``, radius 1.5); VFNet's FCOS-target fallback does
+    not (vfnet_r50_fpn_1x_coco.py ``center_sampling=False``), unless the option says so."""
+    tiny = dict(num_classes=3, backbone="resnet10t", fpn_channels=16, head_convs=1, num_log_images=0)
+    assert DetectionTask(model="vfnet", use_atss=False, **tiny).criterion.center_sampling_radius == 0.0
+    assert DetectionTask(model="fcos", **tiny).criterion.center_sampling_radius == 1.5
+    assert DetectionTask(model="vfnet", use_atss=False, center_sampling_radius=1.5,
+                         **tiny).criterion.center_sampling_radius == 1.5
+
+
 @pytest.mark.parametrize("model", ["vfnet", "detr"])
 def test_coco_config_fast_dev_run(model, shapes_coco_root):
     cli = cli_main(["fit", f"--config={CONFIGS / f'{model}_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
@@ -64,8 +74,11 @@ def test_coco_config_fast_dev_run(model, shapes_coco_root):
     assert task.hparams.model == model and task.hparams.num_classes == 5
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert data.resize == "shorter" and data.max_size == 1333
-    assert task.frozen() == (1, True)  # the recipe's freezing, as the config states it
+    # the recipe's freezing, as the config states it: VFNet trains the BatchNorms' affine (mmdet norm_eval=True,
+    # requires_grad=True), DETR freezes them whole
+    assert task.frozen() == (1, "statistics" if model == "vfnet" else True)
     assert not task.model.backbone.conv1.weight.requires_grad
+    assert task.model.backbone.layer2[0].bn1.weight.requires_grad == (model == "vfnet")
     groups = cli.trainer.optimizers[0].param_groups
     if model == "detr":
         assert data.preset == "detr" and isinstance(cli.trainer.optimizers[0], torch.optim.AdamW)
@@ -73,8 +86,8 @@ def test_coco_config_fast_dev_run(model, shapes_coco_root):
         assert cli.trainer.gradient_clip_val == 0.1
     else:
         assert data.preset == "flip" and isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
-        # the 16-image LR for 2 images a step
-        assert [g["initial_lr"] for g in groups] == pytest.approx([0.01 * 2 / 16] * len(groups))
+        # the 16-image LR for 2 images a step; biases at twice that (mmdet's bias_lr_mult=2)
+        assert sorted({g["initial_lr"] for g in groups}) == pytest.approx([0.01 * 2 / 16, 0.02 * 2 / 16])
         assert task.hparams.lr_drop_epochs == [8, 11] and task.hparams.lr_base_batch_size == 16
 
 
@@ -258,11 +271,13 @@ def test_detr_loads_weights_converted_from_hugging_face(tmp_path):
 def test_each_model_gets_its_papers_optimizer_by_default():
     detr = tiny_task("detr", warmup_steps=None).configure_optimizers()["optimizer"]
     assert isinstance(detr, torch.optim.AdamW)
-    # backbone and the rest, each with and without weight decay
-    assert sorted(g["initial_lr"] for g in detr.param_groups) == pytest.approx([1e-5, 1e-5, 1e-4, 1e-4])
+    # backbone and the rest, every parameter decayed (detr main.py's two param_dicts)
+    assert sorted(g["initial_lr"] for g in detr.param_groups) == pytest.approx([1e-5, 1e-4])
+    assert {g["weight_decay"] for g in detr.param_groups} == {1e-4}
     task = tiny_task("vfnet", warmup_steps=None)
     vfnet = task.configure_optimizers()["optimizer"]
-    assert isinstance(vfnet, torch.optim.SGD) and {g["initial_lr"] for g in vfnet.param_groups} == {0.01}
+    # mmdet's paramwise_cfg: biases at 2x the LR without decay (tests/test_param_groups.py checks every parameter)
+    assert isinstance(vfnet, torch.optim.SGD) and {g["initial_lr"] for g in vfnet.param_groups} == {0.01, 0.02}
     assert task.warmup_steps() == 500 and tiny_task("detr", warmup_steps=None).warmup_steps() == 0
     assert len(tiny_task("vfnet", head_convs=None).model.head.cls_tower) == 3 * 3  # the paper's 3 convs
     assert len(tiny_task("fcos", head_convs=None).model.head.cls_tower) == 4 * 3  # FCOS: 4

@@ -54,10 +54,19 @@ def test_fcos_shapes_config_fast_dev_run(tmp_path):
 
 
 def test_fcos_coco_config_fast_dev_run(shapes_coco_root):
+    import yaml
+
+    # The recipe its header cites (mmdet fcos_r50_caffe_fpn_gn-head_1x_coco.py and its imprv child): ImageNet
+    # weights, frozen stem + stage 1 and frozen BatchNorm, no gradient clipping; the test overrides only the download.
+    config = yaml.safe_load((CONFIGS / "fcos_coco.yaml").read_text())
+    options = config["model"]["init_args"]
+    assert (options["pretrained"], options.get("frozen_stages"), options.get("frozen_bn")) == (True, 1, True)
+    assert "gradient_clip_val" not in config["trainer"]
     cli = cli_main(["fit", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
                     "--trainer.fast_dev_run=true", "--data.init_args.image_size=64", "--data.init_args.num_workers=0",
-                    "--data.init_args.batch_size=2", *TINY_MODEL])
+                    "--data.init_args.batch_size=2", *TINY_MODEL, *NO_DOWNLOAD])
     assert cli.model.hparams.num_classes == 5
+    assert cli.model.frozen() == (1, True) and not cli.model.model.backbone.conv1.weight.requires_grad
     # The recipe's LR is for 16 images per step; this run has 2 (one device): 0.01 * 2 / 16 (linear scaling rule).
     assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.01 * 2 / 16, rel=1e-12)
     assert cli.datamodule.resize == "shorter" and cli.datamodule.max_size == 1333
@@ -199,7 +208,7 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
 
     out = tmp_path / "preds.json"
     cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
-              "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
+              "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL, *NO_DOWNLOAD,
               "--model.init_args.score_threshold=0.0", "--trainer.logger=false",
               f"--trainer.callbacks.output_file={out}", "--trainer.enable_progress_bar=false",
               f"--trainer.default_root_dir={tmp_path}"])
@@ -209,7 +218,7 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in records)
     with pytest.raises(FileExistsError):  # nothing the user has is overwritten
         cli_main(["predict", f"--config={CONFIGS / 'fcos_coco.yaml'}", f"--data.init_args.root={shapes_coco_root}",
-                  "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL,
+                  "--data.init_args.image_size=64", "--data.init_args.num_workers=0", *TINY_MODEL, *NO_DOWNLOAD,
                   "--trainer.logger=false", f"--trainer.callbacks.output_file={out}",
                   f"--trainer.default_root_dir={tmp_path / 'second'}"])
 

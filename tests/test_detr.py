@@ -10,7 +10,7 @@ from torch import nn
 
 from lit_tasks.models.detection.detr import DETROutput, build_detr, check_image_sizes
 from lit_tasks.models.detection.detr_convert import _split_in_proj
-from lit_tasks.models.detection.detr_transformer import MultiheadAttention
+from lit_tasks.models.detection.detr_transformer import MultiheadAttention, Transformer
 from lit_tasks.models.detection.position_encoding import LearnedPositionEmbedding, sine_position_embedding
 
 BACKBONE = "test_resnet.r160_in1k"  # timm's smallest ResNet: C5 has 96 channels, stride 32
@@ -129,6 +129,50 @@ def test_attention_equals_torch_multihead_attention_with_padding() -> None:
         expected = reference(q, k, v, key_padding_mask=padding, need_weights=False)[0]
         torch.testing.assert_close(ours(q, k, v, padding), expected, atol=1e-5, rtol=1e-5)
         assert (ours(q, k, v, None) - expected).abs().max() > 1e-3  # the mask mattered
+
+
+def _assert_xavier_uniform(weight: torch.Tensor, fan_out: int, fan_in: int, what: str) -> None:
+    """``weight`` looks drawn from xavier_uniform_ over a (fan_out, fan_in) matrix: U(-a, a), a = sqrt(6 / (in + out)).
+
+    The sample std of n uniform draws has relative standard error sqrt((kurtosis - 1) / (4 n)) = sqrt(0.2 / n)
+    (kurtosis 9/5); 6 of those is the tolerance (0.8 % for a 256 x 256 matrix).
+    """
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    values = weight.detach().double().flatten()
+    std, expected = float(values.std()), bound / math.sqrt(3.0)
+    assert float(values.abs().max()) <= bound, f"{what}: max |w| {float(values.abs().max()):.4f} > bound {bound:.4f}"
+    assert abs(std / expected - 1) < 6 * math.sqrt(0.2 / values.numel()), f"{what}: std {std:.4f}, expected {expected:.4f}"
+    assert abs(float(values.mean())) < 6 * expected / math.sqrt(values.numel()), f"{what}: mean {float(values.mean())}"
+
+
+def test_transformer_initialisation_is_the_references() -> None:
+    """detr models/transformer.py ``Transformer._reset_parameters``: xavier_uniform_ on every parameter of the
+    transformer with dim > 1, where nn.MultiheadAttention holds q/k/v as one (3d, d) ``in_proj_weight``: each of
+    our q/k/v (d, d) matrices is a third of one Xavier draw over (3d, d) (std sqrt(2 / 4d) = 0.0442 at d = 256, not
+    Xavier over (d, d), 0.0625); out_proj and the FFN matrices Xavier over their own shape; attention biases 0
+    (nn.MultiheadAttention's own init), FFN biases torch's Linear default, LayerNorms 1 and 0."""
+    d, ffn = 256, 512
+    torch.manual_seed(0)
+    transformer = Transformer(d, 8, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=ffn)
+    layers = [*transformer.encoder_layers, *transformer.decoder_layers]
+    attentions = {f"{kind}.{name}": module for kind, layer in zip(("encoder", "decoder"), layers)
+                  for name, module in layer.named_children() if isinstance(module, MultiheadAttention)}
+    assert len(attentions) == 3
+    for name, attention in attentions.items():
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        _assert_xavier_uniform(torch.cat([p.weight for p in projections]), 3 * d, d, f"{name} stacked in_proj")
+        for part, proj in zip("qkv", projections):
+            _assert_xavier_uniform(proj.weight, 3 * d, d, f"{name} {part}_proj (a third of the (3d, d) draw)")
+            assert not proj.bias.any()
+        _assert_xavier_uniform(attention.out_proj.weight, d, d, f"{name} out_proj")
+        assert not attention.out_proj.bias.any()
+    for layer in layers:
+        _assert_xavier_uniform(layer.linear1.weight, ffn, d, "linear1")
+        _assert_xavier_uniform(layer.linear2.weight, d, ffn, "linear2")
+        assert float(layer.linear1.bias.abs().max()) <= 1 / math.sqrt(d)  # nn.Linear's default, as the reference
+        assert float(layer.linear2.bias.abs().max()) <= 1 / math.sqrt(ffn) and layer.linear2.bias.any()
+    norms = [m for m in transformer.modules() if isinstance(m, nn.LayerNorm)]
+    assert all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
 
 
 def test_postprocess_by_hand() -> None:

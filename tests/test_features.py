@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.features.streams import (FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set, load_pickle,
-                                  read_lstr_features, read_oadtr_pickles)
+from datamodules.features.layouts import load_pickle, read_lstr_features, read_oadtr_pickles
+from datamodules.features.samples import FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set
 from golden import shared_dir
 
 
@@ -113,6 +113,55 @@ def test_window_samples(pad: str) -> None:
     assert batch["features"].shape == (2, 8, 12) and batch["frame"].tolist() == [0, 43]
     dropped = FeatureWindowDataset(data, window=8, num_future=3, drop_ambiguous=True)
     assert dropped.index[:, 1].tolist() == list(range(4, 44))  # frames 0-3 are ambiguous
+
+
+# Background, A, B, Ambiguous; frame 4 is A and ambiguous, 5 only ambiguous, 6 background and ambiguous.
+MIXED_TARGETS = np.eye(4, dtype=np.float32)[[0, 0, 0, 1, 1, 3, 0, 0, 0, 0]]
+MIXED_TARGETS[[4, 6], 3] = 1.0
+
+
+def write_mixed_layouts(root: Path) -> None:
+    """One training and one test session of ``MIXED_TARGETS`` in both layouts (LSTR .npy files, OadTR pickles)."""
+    names, sessions = ["Background", "A", "B", "Ambiguous"], {"train": "video_validation_1", "test": "video_test_1"}
+    split_sets = {"train_session_set": [sessions["train"]], "test_session_set": [sessions["test"]]}
+    root.mkdir(parents=True)
+    lstr_info = {"class_names": names, "ignore_index": 3, **split_sets}
+    (root / "data_info.json").write_text(json.dumps({"THUMOS": lstr_info}))
+    (root / "data_info_new.json").write_text(json.dumps({"THUMOS": {"class_index": names, **split_sets}}))
+    rgb, flow = np.arange(20, dtype=np.float32).reshape(10, 2), np.ones((10, 1), np.float32)
+    for folder, array in (("rgb", rgb), ("flow", flow), ("target_perframe", MIXED_TARGETS)):
+        (root / folder).mkdir()
+        for name in sessions.values():
+            np.save(root / folder / f"{name}.npy", array)
+    for tag, name in (("val", sessions["train"]), ("test", sessions["test"])):
+        with open(root / f"thumos_{tag}_anno.pickle", "wb") as f:
+            pickle.dump({name: {"anno": MIXED_TARGETS.copy(), "feature_length": 10}}, f, protocol=4)
+        with open(root / f"thumos_all_feature_{tag}_tsn_v2.pickle", "wb") as f:
+            pickle.dump({name: {"rgb": rgb, "flow": flow}}, f, protocol=4)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_each_layout_drops_ambiguous_frames_as_its_reference(tmp_path: Path, split: str) -> None:
+    """OadTR (dataset.py, TRNTHUMOSDataLayer): a window is dropped when ``class_h_target.argmax() != 21`` fails, i.e.
+    only when the ambiguous class is the frame's top label; its loss and evaluation ignore the ambiguous column of
+    the frames it keeps. LSTR drops every frame whose ambiguous column is 1 (MultipCrossEntropyLoss, and
+    thumos_postprocessing before the metric)."""
+    write_mixed_layouts(tmp_path / "mixed")
+    lstr = read_lstr_features(tmp_path / "mixed", split, visual_feature="rgb", motion_feature="flow")
+    oadtr = read_oadtr_pickles(tmp_path / "mixed", split)
+    assert lstr.ambiguous_index == oadtr.ambiguous_index == 3
+
+    def kept(data: FeatureSet) -> list[int]:
+        return FeatureWindowDataset(data, window=2, num_future=1, drop_ambiguous=True).index[:, 1].tolist()
+
+    assert kept(lstr) == [0, 1, 2, 3, 7, 8, 9]
+    assert kept(oadtr) == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # frame 5 alone: its argmax is the ambiguous class
+    np.testing.assert_array_equal(lstr.sessions[0].targets, MIXED_TARGETS)  # LSTR's targets as in the file
+    # OadTR's frames 4 and 6 are ordinary A / background frames for the loss and the metric too, which leave out
+    # frames whose ambiguous column is set (the one rule downstream of the readers).
+    np.testing.assert_array_equal(oadtr.sessions[0].targets[[4, 5, 6]], np.eye(4, dtype=np.float32)[[1, 3, 0]])
+    oadtr_rule = FeatureWindowDataset(oadtr, window=2, num_future=1, frames="oadtr")
+    assert oadtr_rule.index[:, 1].tolist() == [1, 2, 3, 4, 6, 7]  # full windows, the last Q + 1 frames left out
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

@@ -277,6 +277,8 @@ def test_postprocess_matches_a_naive_loop():
 
 
 def test_fcos_targets_fallback():
+    """use_atss=False: FCOS targets without centre sampling, as mmdet's VFNetHead (``center_sampling=False`` in
+    vfnet_r50_fpn_1x_coco.py and the head's default): every location inside a box of its level's range is positive."""
     model, criterion, _ = tiny_vfnet(use_atss=False)
     images, sizes, targets = batch_two_sizes()
     with torch.no_grad():
@@ -284,8 +286,10 @@ def test_fcos_targets_fallback():
     assert out.points[:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]  # FCOS locations: s // 2
     labels, gt = criterion.assign(out, targets)
     boxes, gt_labels, valid = pad_targets(targets, torch.device("cpu"))
-    want_labels, ltrb = fcos_targets(out.points, out.strides, out.levels, boxes, gt_labels, valid, NUM_CLASSES, 1.5)
+    want_labels, ltrb = fcos_targets(out.points, out.strides, out.levels, boxes, gt_labels, valid, NUM_CLASSES, 0.0)
     assert torch.equal(labels, want_labels) and (labels < NUM_CLASSES).sum() > 3
+    centre_only, _ = fcos_targets(out.points, out.strides, out.levels, boxes, gt_labels, valid, NUM_CLASSES, 1.5)
+    assert (labels < NUM_CLASSES).sum() > (centre_only < NUM_CLASSES).sum()  # centre sampling would drop some
     pos = labels < NUM_CLASSES
     torch.testing.assert_close(gt[pos], distance2bbox(out.points.expand(2, -1, -1)[pos], ltrb[pos]))
     criterion.train()

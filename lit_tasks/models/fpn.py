@@ -42,3 +42,9 @@ class FPN(nn.Module):
         for i, conv in enumerate(self.extra):
             outs.append(conv(outs[-1] if i == 0 else F.relu(outs[-1])))
         return outs
+
+
+def flatten_levels(maps: list[torch.Tensor], per_level: int) -> list[torch.Tensor]:
+    """Maps ``[a_0, b_0, ..., a_1, b_1, ...]`` (``per_level`` of each level, (B, c, H_l, W_l)) -> ``[a, b, ...]``
+    each (B, P, c): levels finest first, row-major within a level."""
+    return [torch.cat([m.flatten(2) for m in maps[k::per_level]], dim=2).transpose(1, 2) for k in range(per_level)]

@@ -117,11 +117,22 @@ class Transformer(nn.Module):
         self.decoder_layers = nn.ModuleList(
             TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout) for _ in range(num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d_model)
-        # The reference: Xavier-uniform on every matrix of the transformer (biases and LayerNorms keep theirs).
+        self._reset_parameters()
+
+    @torch.no_grad()
+    def _reset_parameters(self) -> None:
+        """The reference's ``Transformer._reset_parameters``: xavier_uniform_ on every parameter with dim > 1.
+
+        There each attention holds q/k/v as one (3d, d) ``in_proj_weight``, so the Xavier bound of our q, k and v
+        matrices is the stacked matrix's (std sqrt(2 / 4d)), not a (d, d) one's (sqrt(2 / 2d), x sqrt 2): the FFN
+        matrices first, then each attention draws its own (which skips its Linear children). Biases and LayerNorms
+        keep their initialisation (attention biases 0, as nn.MultiheadAttention's; FFN biases torch's default).
+        """
+        attention_parts = {id(m) for a in self.modules() if isinstance(a, MultiheadAttention) for m in a.children()}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in attention_parts:
                 nn.init.xavier_uniform_(module.weight)
-            if isinstance(module, MultiheadAttention):
+            elif isinstance(module, MultiheadAttention):
                 module.reset_parameters()
 
     def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor) -> Tensor:

@@ -15,15 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.models.backbone import Normalize, build_backbone
-from lit_tasks.models.fpn import FPN
+from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
+from lit_tasks.models.fpn import FPN, flatten_levels
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
+from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
+from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
 
 
 def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
@@ -58,18 +59,20 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
+    def forward_level(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One level (B, C_in, H, W) -> class logits (B, C, H, W), ltrb (B, 4, H, W) in strides, centerness (B, 1, H, W)
+        logits."""
+        x = x.contiguous()  # a channels_last FPN hands over NHWC maps; the GN towers run faster NCHW
+        cls_feat = self.cls_tower(x)
+        reg_feat = self.reg_tower(x)
+        ltrb = F.relu(self.scales[level] * self.bbox_pred(reg_feat))
+        return self.cls_logits(cls_feat), ltrb, self.centerness(reg_feat)
+
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Levels -> cls (B, P, C), ltrb (B, P, 4) in stride units, centerness logits (B, P)."""
-        cls_out, reg_out, ctr_out = [], [], []
-        for level, x in enumerate(features):
-            x = x.contiguous()  # a channels_last FPN hands over NHWC maps; the GN towers run faster NCHW
-            cls_feat = self.cls_tower(x)
-            reg_feat = self.reg_tower(x)
-            cls_out.append(self.cls_logits(cls_feat).flatten(2))
-            reg_out.append(F.relu(self.scales[level] * self.bbox_pred(reg_feat)).flatten(2))
-            ctr_out.append(self.centerness(reg_feat).flatten(2))
-        cat = lambda outs: torch.cat(outs, dim=2).transpose(1, 2)  # noqa: E731  (B, P, ch)
-        return cat(cls_out), cat(reg_out), cat(ctr_out).squeeze(-1)
+        maps = [m for level, x in enumerate(features) for m in self.forward_level(x, level)]
+        cls, ltrb, ctr = flatten_levels(maps, 3)
+        return cls, ltrb, ctr.squeeze(-1)
 
 
 @dataclass
@@ -88,13 +91,21 @@ class FCOS(nn.Module):
     """Normalise -> backbone (C3-C5) -> FPN (P3-P7) -> FCOS head; ``forward(images, image_sizes)`` gives an :class:`FCOSOutput`.
 
     Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside; the padding outside ``image_sizes``
-    is zero after normalisation, as mmdet pads). Dense predictions cover the padded batch.
+    is zero after normalisation, as mmdet pads). Training runs the padded batch in one call, as mmdet trains. In
+    evaluation (``eval()``, with ``image_sizes``) each image runs as if alone, padded to its own multiple of
+    ``size_divisor`` (mmdet tests one image per GPU), one call per image on a CPU and per padded size elsewhere
+    (:func:`lit_tasks.ops.images.group_same_sizes`): an image's features near its border then never depend on its
+    batch-mates. Dense predictions cover the largest image's grid; locations beyond an image's own grid have class
+    logit ``PADDED_LOGIT`` (probability 0, no loss). Without ``image_sizes`` every image fills the tensor and runs as
+    given (what an exported graph sees).
     """
 
     strides = (8, 16, 32, 64, 128)
+    size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
-                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1,
+                 frozen_bn: FrozenBN = False) -> None:
         super().__init__()
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
@@ -114,11 +125,21 @@ class FCOS(nn.Module):
             self._grid_cache = {key: grid_points(sizes, list(self.strides), device)}
         return self._grid_cache[key]
 
-    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> FCOSOutput:
+    def level_maps(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """The head's maps ``[cls_0, ltrb_0, ctr_0, cls_1, ...]`` of a padded batch, levels P3..P7."""
         levels = self.fpn(self.backbone(self.normalize(images, image_sizes)))
-        cls_logits, ltrb, centerness = self.head(levels)
-        points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device)
-        return FCOSOutput(cls_logits, ltrb, centerness, points, strides, level_ids)
+        return [m for level, x in enumerate(levels) for m in self.head.forward_level(x, level)]
+
+    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> FCOSOutput:
+        if self.training or image_sizes is None:
+            maps = self.level_maps(images, image_sizes)
+        else:
+            maps = maps_as_if_alone(self.level_maps, images, image_sizes, self.size_divisor,
+                                    [PADDED_LOGIT, 0.0, PADDED_LOGIT] * len(self.strides),
+                                    group=group_same_sizes(images.device))
+        cls_logits, ltrb, centerness = flatten_levels(maps, 3)
+        points, strides, level_ids = self.grid([tuple(m.shape[-2:]) for m in maps[::3]], images.device)
+        return FCOSOutput(cls_logits, ltrb, centerness.squeeze(-1), points, strides, level_ids)
 
 
 class FCOSCriterion(nn.Module):
@@ -183,10 +204,11 @@ class FCOSCriterion(nn.Module):
 class FCOSPostprocess(nn.Module):
     """Decode detections per image (REFERENCE.md §3.4); ``forward(outputs, image_sizes)`` -> list of dicts.
 
-    Per level: keep (location, class) pairs whose raw class probability exceeds ``score_threshold``, the top
-    ``pre_nms_top_k`` by cls * centerness; decode and clip to the image; class-wise NMS; keep
-    ``max_detections``. The reported score is sqrt(cls * centerness): the same ranking as mmdet's
-    cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
+    Per level: among the locations inside the image's own ``(h, w)``, keep (location, class) pairs whose raw class
+    probability exceeds ``score_threshold``, the top ``pre_nms_top_k`` by cls * centerness (FCOS repo); decode and
+    clip to the image; class-wise NMS; keep ``max_detections`` (the shared tail,
+    :func:`lit_tasks.ops.dense_postprocess.dense_detections`). The reported score is sqrt(cls * centerness): the
+    same ranking as mmdet's cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
 
     Returns per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
     """
@@ -201,31 +223,14 @@ class FCOSPostprocess(nn.Module):
     def forward(self, out: FCOSOutput, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         cls_prob = out.cls_logits.float().sigmoid()
         ctr_prob = out.centerness.float().sigmoid()
-        num_classes = cls_prob.shape[-1]
-        counts = torch.bincount(out.levels).tolist()  # levels are contiguous: slice instead of masking
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        results = []
-        for i, (h, w) in enumerate(image_sizes):
-            boxes_all, scores_all, labels_all = [], [], []
-            for start, count in zip(starts, counts):
-                level = slice(start, start + count)
-                prob = cls_prob[i, level]  # (P_l, C)
-                joint = (prob * ctr_prob[i, level, None]).flatten()
-                joint = torch.where(prob.flatten() > self.score_threshold, joint, torch.full_like(joint, -1.0))
-                top, idx = joint.topk(min(self.pre_nms_top_k, joint.numel()))
-                idx = idx[top >= 0]
-                loc = idx // num_classes + start
-                ltrb = out.ltrb[i, loc].float() * out.strides[loc].unsqueeze(-1)
-                boxes = distance2bbox(out.points[loc], ltrb)
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-                boxes_all.append(boxes)
-                scores_all.append(joint[idx].sqrt())
-                labels_all.append(idx % num_classes)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        counts = torch.bincount(out.levels).tolist()  # levels are contiguous, finest first
+        return [
+            dense_detections(cls_prob[i] * ctr_prob[i, :, None], cls_prob[i] > self.score_threshold,
+                             out.ltrb[i].float() * out.strides[:, None], out.points, counts, size,
+                             pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                             max_detections=self.max_detections, top_k="pairs", score_transform=torch.sqrt)
+            for i, size in enumerate(image_sizes)
+        ]
 
 
 def build_fcos(
@@ -235,7 +240,7 @@ def build_fcos(
     fpn_channels: int = 256,
     head_convs: int = 4,
     frozen_stages: int = -1,
-    frozen_bn: bool = False,
+    frozen_bn: FrozenBN = False,
     box_loss: str = "giou",
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,

@@ -26,12 +26,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, deform_conv2d
+from torchvision.ops import deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
 from lit_tasks.losses.varifocal import varifocal_loss
-from lit_tasks.models.backbone import Normalize, build_backbone
-from lit_tasks.models.fpn import FPN
+from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
+from lit_tasks.models.fpn import FPN, flatten_levels
 from lit_tasks.ops.assigners import (
     FCOS_REGRESS_RANGES,
     atss_targets,
@@ -41,7 +41,9 @@ from lit_tasks.ops.assigners import (
     square_anchors,
 )
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
+from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
+from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
 
@@ -168,9 +170,9 @@ class VFNetHead(nn.Module):
         """Levels finest first -> cls logits (B, P, C), initial ltrb (B, P, 4), refined ltrb (B, P, 4) pixels."""
         if len(features) != len(self.strides):
             raise ValueError(f"VFNetHead: {len(self.strides)} levels expected, got {len(features)} feature maps")
-        outs = [self.forward_level(x, level) for level, x in enumerate(features)]
-        cat = lambda i: torch.cat([o[i].flatten(2) for o in outs], dim=2).transpose(1, 2)  # noqa: E731
-        return cat(0), cat(1), cat(2)
+        cls, ltrb_init, ltrb_refine = flatten_levels(
+            [m for level, x in enumerate(features) for m in self.forward_level(x, level)], 3)
+        return cls, ltrb_init, ltrb_refine
 
 
 @dataclass
@@ -209,12 +211,21 @@ class VFNet(nn.Module):
     Locations of a level with stride s sit at (x*s + c*s, y*s + c*s) with ``center_offset`` c: 0 for ATSS, as
     mmdet's VFNet (its anchor generator's ``center_offset=0``; it is also where a ResNet's stride-s cell is
     centred), 0.5 (FCOS's s//2) with FCOS targets.
+
+    Training runs the padded batch in one call, as mmdet trains. In evaluation (``eval()``, with ``image_sizes``)
+    each image runs as if alone, padded to its own multiple of ``size_divisor`` (mmdet tests one image per GPU),
+    one call per image on a CPU and per padded size elsewhere (:func:`lit_tasks.ops.images.group_same_sizes`); the
+    outputs cover the largest image's grid, and locations beyond an image's own grid have class logit
+    ``PADDED_LOGIT`` (probability 0, no loss) and zero distances. Without ``image_sizes`` every image fills the
+    tensor and runs as given (what an exported graph sees).
     """
+
+    size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, head_convs: int = 3,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES, center_offset: float = 0.0,
-                 frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 frozen_stages: int = -1, frozen_bn: FrozenBN = False) -> None:
         super().__init__()
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
@@ -237,11 +248,21 @@ class VFNet(nn.Module):
             self._grid_cache = {key: (points, strides, levels)}
         return self._grid_cache[key]
 
+    def level_maps(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[Tensor]:
+        """The head's maps ``[cls_0, ltrb_init_0, ltrb_refine_0, cls_1, ...]`` of a padded batch, levels P3..P7."""
+        levels = self.fpn(self.backbone(self.normalize(images, image_sizes)))
+        return [m for level, x in enumerate(levels) for m in self.head.forward_level(x, level)]
+
     def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | None = None) -> VFNetOutput:
         sizes = _as_sizes(image_sizes, images.shape[0], tuple(images.shape[-2:]))
-        levels = self.fpn(self.backbone(self.normalize(images, None if image_sizes is None else sizes)))
-        cls_logits, ltrb_init, ltrb_refine = self.head(levels)
-        level_sizes = [tuple(f.shape[-2:]) for f in levels]
+        if self.training or image_sizes is None:
+            maps = self.level_maps(images, None if image_sizes is None else sizes)
+        else:
+            maps = maps_as_if_alone(self.level_maps, images, sizes, self.size_divisor,
+                                    [PADDED_LOGIT, 0.0, 0.0] * len(VFNET_STRIDES),
+                                    group=group_same_sizes(images.device))
+        cls_logits, ltrb_init, ltrb_refine = flatten_levels(maps, 3)
+        level_sizes = [tuple(m.shape[-2:]) for m in maps[::3]]
         points, strides, level_ids = self.grid(level_sizes, images.device)
         return VFNetOutput(cls_logits, ltrb_init, ltrb_refine, points, strides, level_ids, level_sizes, sizes)
 
@@ -264,14 +285,14 @@ class VFNetCriterion(nn.Module):
         num_classes: foreground classes.
         use_atss: ATSS assignment (paper); False: FCOS targets (regress ranges, centre sampling).
         topk: ATSS candidates per level and box; anchor_scale: ATSS anchor side in strides.
-        regress_ranges, center_sampling_radius: FCOS targets only (mmdet's VFNetHead defaults to no centre
-            sampling there; 0 switches it off).
+        regress_ranges, center_sampling_radius: FCOS targets only; radius 0 (default): no centre sampling, as mmdet's
+            VFNetHead (``center_sampling=False``, its default and vfnet_r50_fpn_1x_coco.py's).
         vfl_alpha, vfl_gamma: varifocal loss parameters; loss_*_weight: the weights of the three losses.
     """
 
     def __init__(self, num_classes: int, use_atss: bool = True, topk: int = 9, anchor_scale: float = 8.0,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES,
-                 center_sampling_radius: float = 1.5, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
+                 center_sampling_radius: float = 0.0, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
                  loss_cls_weight: float = 1.0, loss_box_weight: float = 1.5,
                  loss_box_refine_weight: float = 2.0) -> None:
         super().__init__()
@@ -344,10 +365,10 @@ class VFNetCriterion(nn.Module):
 class VFNetPostprocess(nn.Module):
     """Detections per image from :class:`VFNetOutput` (REFERENCE.md §4.2, mmdet ``VFNetHead.get_bboxes``).
 
-    Per level: sigmoid scores (no centerness), the ``pre_nms_top_k`` locations of highest maximum class
-    score; every (location, class) pair of those with score > ``score_threshold``; refined boxes decoded and
-    clipped to the image. Then class-wise NMS at ``nms_threshold`` over all levels and the
-    ``max_detections`` best.
+    Per level: sigmoid scores (no centerness), the ``pre_nms_top_k`` locations inside the image's own ``(h, w)`` of
+    highest maximum class score; every (location, class) pair of those with score > ``score_threshold``; refined
+    boxes decoded and clipped to the image. Then class-wise NMS at ``nms_threshold`` over all levels and the
+    ``max_detections`` best (the shared tail, :func:`lit_tasks.ops.dense_postprocess.dense_detections`).
     """
 
     def __init__(self, score_threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_threshold: float = 0.6,
@@ -362,31 +383,14 @@ class VFNetPostprocess(nn.Module):
     def forward(self, out: VFNetOutput, image_sizes: Sequence[Sequence[int]]) -> list[dict[str, Tensor]]:
         """Returns per image ``{"boxes": (N, 4) xyxy input pixels, "scores": (N,), "labels": (N,) int64}``."""
         sizes = _as_sizes(image_sizes, out.cls_logits.shape[0])
-        scores_all = out.cls_logits.float().sigmoid()
-        num_classes = scores_all.shape[-1]
-        per_image: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in sizes]
-        start = 0
-        for h_l, w_l in out.level_sizes:
-            level = slice(start, start + h_l * w_l)
-            start += h_l * w_l
-            scores = scores_all[:, level]  # (B, P_l, C)
-            k = min(self.pre_nms_top_k, scores.shape[1])
-            top = scores.max(-1).values.topk(k, dim=1).indices  # (B, k)
-            scores = scores.gather(1, top[..., None].expand(-1, -1, num_classes))
-            ltrb = out.ltrb_refine[:, level].float().gather(1, top[..., None].expand(-1, -1, 4))
-            boxes = distance2bbox(out.points[level][top], ltrb)  # (B, k, 4)
-            for i, (h, w) in enumerate(sizes):
-                loc, cls = (scores[i] > self.score_threshold).nonzero(as_tuple=True)
-                b = boxes[i, loc]
-                b = torch.stack((b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w),
-                                 b[:, 3].clamp(0, h)), dim=1)
-                per_image[i].append((b, scores[i, loc, cls], cls))
-        results = []
-        for parts in per_image:
-            boxes, scores, labels = (torch.cat(x) for x in zip(*parts))
-            keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.max_detections]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        scores = out.cls_logits.float().sigmoid()
+        counts = [h * w for h, w in out.level_sizes]
+        return [
+            dense_detections(scores[i], scores[i] > self.score_threshold, out.ltrb_refine[i].float(), out.points,
+                             counts, size, pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
+                             max_detections=self.max_detections, top_k="locations")
+            for i, size in enumerate(sizes)
+        ]
 
 
 def build_vfnet(
@@ -397,7 +401,7 @@ def build_vfnet(
     head_convs: int = 3,
     use_atss: bool = True,
     regress_ranges: Sequence[Sequence[float]] | None = None,
-    center_sampling_radius: float = 1.5,
+    center_sampling_radius: float = 0.0,
     vfl_alpha: float = 0.75,
     vfl_gamma: float = 2.0,
     loss_cls_weight: float = 1.0,
@@ -408,7 +412,7 @@ def build_vfnet(
     nms_threshold: float = 0.6,
     max_detections: int = 100,
     frozen_stages: int = -1,
-    frozen_bn: bool = False,
+    frozen_bn: FrozenBN = False,
 ) -> tuple[VFNet, VFNetCriterion, VFNetPostprocess]:
     """VarifocalNet as ``(model, criterion, postprocess)`` with the paper's defaults (vfnet_r50_fpn_1x_coco).
 
@@ -420,7 +424,7 @@ def build_vfnet(
         use_atss: ATSS assignment with 8*stride anchors (paper); False: FCOS targets.
         regress_ranges: per-level (lo, hi) of max(l, t, r, b); they set the initial boxes' scales (always)
             and the FCOS targets (``use_atss=False``). None: FCOS's (-1, 64), ..., (512, inf).
-        center_sampling_radius: FCOS targets only.
+        center_sampling_radius: FCOS targets only (0: none, mmdet's ``center_sampling=False``).
         vfl_alpha, vfl_gamma, loss_*_weight: see :class:`VFNetCriterion`.
         score_threshold, pre_nms_top_k, nms_threshold, max_detections: see :class:`VFNetPostprocess`.
     """
