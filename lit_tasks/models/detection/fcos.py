@@ -84,18 +84,54 @@ class FCOSOutput:
     levels: torch.Tensor  # (P,)
 
 
+FCOS_POINTS = ("center", "torchvision")
+
+
+def fcos_points(level_sizes: list[tuple[int, int]], strides: list[int], image_size: tuple[int, int],
+                points: str = "center", device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """The location of every cell of levels ``level_sizes`` (finest first) of a padded ``(H, W)`` batch.
+
+    ``points="center"``: cell (x, y) of stride s sits at ``(x*s + s//2, y*s + s//2)`` (FCOS §3.1, mmdetection, the
+    FCOS repo). ``"torchvision"``: torchvision's ``FCOS`` takes its anchor generator's anchor centres,
+    ``(x * (W // w), y * (H // h))`` -- no half-stride offset, and the stride of a level is the padded image size
+    divided by the level size, per axis: at P6 / P7 of a side that is not a multiple of 128 it is not 64 / 128
+    (480 px: P7 has 4 rows, 480 // 4 = 120). The returned strides are the nominal ones either way (the unit of the
+    l, t, r, b distances: torchvision's anchors are ``8 ... 128`` pixels wide whatever the shift).
+
+    Returns:
+        points (P, 2) xy pixels, strides (P,), level index (P,).
+    """
+    grid, point_strides, levels = grid_points(level_sizes, strides, device)
+    if points == "center":
+        return grid, point_strides, levels
+    if points != "torchvision":
+        raise ValueError(f"points must be one of {FCOS_POINTS}, got {points!r}")
+    per_level = []
+    for h, w in level_sizes:
+        ys = torch.arange(h, device=device, dtype=torch.float32) * (int(image_size[0]) // h)
+        xs = torch.arange(w, device=device, dtype=torch.float32) * (int(image_size[1]) // w)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        per_level.append(torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=1))
+    return torch.cat(per_level), point_strides, levels
+
+
 class FCOS(nn.Module):
     """Normalise -> backbone (C3-C5) -> FPN (P3-P7) -> FCOS head; ``forward(images, image_sizes)`` gives an :class:`FCOSOutput`.
 
     Images are ``(B, 3, H, W)`` in [0, 1] (ImageNet mean/std applied inside; the padding outside ``image_sizes``
-    is zero after normalisation, as mmdet pads). Dense predictions cover the padded batch.
+    is zero after normalisation, as mmdet pads). Dense predictions cover the padded batch. ``points`` places the
+    locations (:func:`fcos_points`): ``"center"`` (ours, mmdetection) or ``"torchvision"`` (its published weights).
     """
 
     strides = (8, 16, 32, 64, 128)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
-                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1, frozen_bn: bool = False,
+                 points: str = "center") -> None:
         super().__init__()
+        if points not in FCOS_POINTS:
+            raise ValueError(f"points must be one of {FCOS_POINTS}, got {points!r}")
+        self.points = points
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
         self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-3, -2, -1),
@@ -107,17 +143,21 @@ class FCOS(nn.Module):
         self.head = FCOSHead(num_classes, fpn_channels, num_convs, num_levels=len(self.strides))
         self._grid_cache: dict = {}
 
-    def grid(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Location grid for these level sizes, cached (the same input size recurs every step)."""
-        key = (tuple(sizes), str(device))
+    def grid(self, sizes: list[tuple[int, int]], device: torch.device,
+             image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Location grid for these level sizes of a padded ``image_size`` batch, cached (the same input size recurs
+        every step)."""
+        image_size = tuple(image_size) if image_size is not None else (sizes[0][0] * 8, sizes[0][1] * 8)
+        key = (tuple(sizes), image_size, str(device))
         if key not in self._grid_cache:
-            self._grid_cache = {key: grid_points(sizes, list(self.strides), device)}
+            self._grid_cache = {key: fcos_points(sizes, list(self.strides), image_size, self.points, device)}
         return self._grid_cache[key]
 
     def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> FCOSOutput:
         levels = self.fpn(self.backbone(self.normalize(images, image_sizes)))
         cls_logits, ltrb, centerness = self.head(levels)
-        points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device)
+        points, strides, level_ids = self.grid([tuple(f.shape[-2:]) for f in levels], images.device,
+                                               tuple(images.shape[-2:]))
         return FCOSOutput(cls_logits, ltrb, centerness, points, strides, level_ids)
 
 
@@ -183,17 +223,21 @@ class FCOSCriterion(nn.Module):
 class FCOSPostprocess(nn.Module):
     """Decode detections per image (REFERENCE.md §3.4); ``forward(outputs, image_sizes)`` -> list of dicts.
 
-    Per level: keep (location, class) pairs whose raw class probability exceeds ``score_threshold``, the top
-    ``pre_nms_top_k`` by cls * centerness; decode and clip to the image; class-wise NMS; keep
-    ``max_detections``. The reported score is sqrt(cls * centerness): the same ranking as mmdet's
-    cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
+    Per level: keep (location, class) pairs whose score exceeds ``score_threshold``, the top ``pre_nms_top_k`` by
+    cls * centerness; decode and clip to the image; class-wise NMS; keep ``max_detections``. The reported score is
+    sqrt(cls * centerness): the same ranking as mmdet's cls * centerness (so the same AP) on the probability scale
+    the FCOS author recommends. ``score_threshold_on`` says which score the threshold applies to: ``"class"`` the raw
+    class probability (ours), ``"joint"`` sqrt(cls * centerness) (torchvision's ``FCOS.postprocess_detections``).
 
     Returns per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
     """
 
     def __init__(self, score_threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_threshold: float = 0.6,
-                 max_detections: int = 100) -> None:
+                 max_detections: int = 100, score_threshold_on: str = "class") -> None:
         super().__init__()
+        if score_threshold_on not in ("class", "joint"):
+            raise ValueError(f"score_threshold_on must be 'class' or 'joint', got {score_threshold_on!r}")
+        self.score_threshold_on = score_threshold_on
         self.score_threshold, self.pre_nms_top_k = score_threshold, pre_nms_top_k
         self.nms_threshold, self.max_detections = nms_threshold, max_detections
 
@@ -211,7 +255,8 @@ class FCOSPostprocess(nn.Module):
                 level = slice(start, start + count)
                 prob = cls_prob[i, level]  # (P_l, C)
                 joint = (prob * ctr_prob[i, level, None]).flatten()
-                joint = torch.where(prob.flatten() > self.score_threshold, joint, torch.full_like(joint, -1.0))
+                thresholded = prob.flatten() if self.score_threshold_on == "class" else joint.sqrt()
+                joint = torch.where(thresholded > self.score_threshold, joint, torch.full_like(joint, -1.0))
                 top, idx = joint.topk(min(self.pre_nms_top_k, joint.numel()))
                 idx = idx[top >= 0]
                 loc = idx // num_classes + start
@@ -245,11 +290,17 @@ def build_fcos(
     pre_nms_top_k: int = 1000,
     nms_threshold: float = 0.6,
     max_detections: int = 100,
+    points: str = "center",
+    score_threshold_on: str = "class",
 ) -> tuple[FCOS, FCOSCriterion, FCOSPostprocess]:
-    """The FCOS detector trio: network, criterion (losses with their settings) and post-processor."""
-    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn)
+    """The FCOS detector trio: network, criterion (losses with their settings) and post-processor.
+
+    ``points`` (:func:`fcos_points`) and ``score_threshold_on`` (:class:`FCOSPostprocess`) reproduce torchvision's
+    ``fcos_resnet50_fpn`` with ``"torchvision"`` / ``"joint"`` (and ``score_threshold=0.2``)."""
+    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn, points=points)
     criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
-    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
+    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections,
+                                             score_threshold_on=score_threshold_on)
 
 
 # -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
@@ -272,7 +323,8 @@ def fcos_output_from_export(tensors: tuple[torch.Tensor, ...], image_size: tuple
     cls_logits, ltrb, centerness = tensors
     h, w = (int(v) for v in image_size)
     sizes = [(-(-h // s), -(-w // s)) for s in model.strides]
-    points, strides, levels = grid_points(sizes, list(model.strides), cls_logits.device)
+    points, strides, levels = fcos_points(sizes, list(model.strides), (h, w), getattr(model, "points", "center"),
+                                          cls_logits.device)
     if points.shape[0] != cls_logits.shape[1]:
         raise ValueError(f"{cls_logits.shape[1]} locations for {h}x{w} images, but FCOS's grid has {points.shape[0]} "
                          f"({sizes}): were the outputs made at another input size?")
