@@ -298,6 +298,9 @@ def published_weights(hparams: MutableMapping[str, Any], owner: str,
     :meth:`PublishedWeights.load_into`."""
     path = hparams.get("pretrained_weights")
     if not path:
+        if hparams.get("pretrained_class_rows") is not None or hparams.get("reinit_class_head"):
+            raise ValueError(f"{owner}: pretrained_class_rows / reinit_class_head choose the class head of "
+                             "pretrained_weights; none is given")
         return None
     converted = read(str(path))
     taken = apply_options(hparams, converted.options, owner, str(path))
