@@ -92,7 +92,11 @@ def state_dict_of(obj: Any, path: str | Path) -> dict[str, Tensor]:
 def read_converted(path: str | Path, convert: Callable[[dict[str, Tensor]], Converted]) -> Converted:
     """Read ``path`` and return our :class:`Converted`: a converted file as it is recorded, any other through
     ``convert`` (the family's converter, which recognises the layout from the key names)."""
-    obj = read_file(path)
+    return converted_from(read_file(path), path, convert)
+
+
+def converted_from(obj: Any, path: str | Path, convert: Callable[[dict[str, Tensor]], Converted]) -> Converted:
+    """:func:`read_converted` of what the file at ``path`` holds, already loaded."""
     record = obj.get(WEIGHTS_KEY) if isinstance(obj, dict) else None
     state_dict = state_dict_of(obj, path)
     if isinstance(record, dict):
