@@ -187,6 +187,8 @@ def test_unmatched_keys_are_listed_both_ways(fcos_pair, tmp_path):
         convert_detection_state_dict({**sd, "backbone.fpn.strange.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="backbone='resnet50' \\(given 'resnet18'\\)"):
         DetectionTask(num_classes=91, model="fcos", backbone="resnet18", pretrained_weights=str(path))
+    with pytest.raises(ValueError, match="set pretrained false"):
+        DetectionTask(num_classes=91, model="fcos", pretrained=True, pretrained_weights=str(path))
 
 
 def test_convert_weights_tool(fcos_pair, tmp_path):
@@ -220,3 +222,89 @@ def test_fcos_export_rebuilds_torchvision_points(fcos_pair):
     assert len(expected["scores"]) > 0
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+# -- mmdetection VarifocalNet: key names and shapes (mmdet does not install here) ------------------------------------
+def _bn(prefix, c):
+    return [(f"{prefix}.{n}", () if n == "num_batches_tracked" else (c,))
+            for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def mmdet_vfnet_keys(depth: int = 50, num_classes: int = 80) -> list[tuple[str, tuple[int, ...]]]:
+    """The state dict of mmdetection's ``vfnet_r{50,101}_fpn_*`` (names and shapes, in order), transcribed from
+    mmdet's ``ResNet(style='pytorch')`` (Bottleneck, expansion 4), ``FPN(in_channels=[256, 512, 1024, 2048],
+    out_channels=256, start_level=1, add_extra_convs='on_output', num_outs=5)`` (ConvModule: ``.conv``) and
+    ``VFNetHead(stacked_convs=3, feat_channels=256)`` (GN ConvModules without conv bias: ``.conv``, ``.gn``; mmcv
+    ``Scale``: ``.scale``; mmcv ``DeformConv2d``: a weight, no bias)."""
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    keys = [("backbone.conv1.weight", (64, 3, 7, 7)), *_bn("backbone.bn1", 64)]
+    inplanes = 64
+    for s, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for b in range(n):
+            p = f"backbone.layer{s}.{b}"
+            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1)), *_bn(f"{p}.bn1", planes),
+                     (f"{p}.conv2.weight", (planes, planes, 3, 3)), *_bn(f"{p}.bn2", planes),
+                     (f"{p}.conv3.weight", (planes * 4, planes, 1, 1)), *_bn(f"{p}.bn3", planes * 4)]
+            if b == 0:
+                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1)), *_bn(f"{p}.downsample.1", planes * 4)]
+            inplanes = planes * 4
+    for i, c in enumerate((512, 1024, 2048)):
+        keys += [(f"neck.lateral_convs.{i}.conv.weight", (256, c, 1, 1)), (f"neck.lateral_convs.{i}.conv.bias", (256,))]
+    for i in range(5):
+        keys += [(f"neck.fpn_convs.{i}.conv.weight", (256, 256, 3, 3)), (f"neck.fpn_convs.{i}.conv.bias", (256,))]
+    for tower in ("cls_convs", "reg_convs"):
+        for i in range(3):
+            keys += [(f"bbox_head.{tower}.{i}.conv.weight", (256, 256, 3, 3)), (f"bbox_head.{tower}.{i}.gn.weight", (256,)),
+                     (f"bbox_head.{tower}.{i}.gn.bias", (256,))]
+    keys += [("bbox_head.vfnet_reg_conv.conv.weight", (256, 256, 3, 3)), ("bbox_head.vfnet_reg_conv.gn.weight", (256,)),
+             ("bbox_head.vfnet_reg_conv.gn.bias", (256,)), ("bbox_head.vfnet_reg.weight", (4, 256, 3, 3)),
+             ("bbox_head.vfnet_reg.bias", (4,))]
+    keys += [(f"bbox_head.scales.{i}.scale", ()) for i in range(5)]
+    keys += [("bbox_head.vfnet_reg_refine_dconv.weight", (256, 256, 3, 3)),
+             ("bbox_head.vfnet_reg_refine.weight", (4, 256, 3, 3)), ("bbox_head.vfnet_reg_refine.bias", (4,))]
+    keys += [(f"bbox_head.scales_refine.{i}.scale", ()) for i in range(5)]
+    keys += [("bbox_head.vfnet_cls_dconv.weight", (256, 256, 3, 3)),
+             ("bbox_head.vfnet_cls.weight", (num_classes, 256, 3, 3)), ("bbox_head.vfnet_cls.bias", (num_classes,))]
+    return keys
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_mmdet_vfnet_checkpoint_fills_every_parameter(depth, tmp_path):
+    """A checkpoint with exactly mmdet's names and shapes (``{"meta", "state_dict"}`` as mmdet publishes) loads into
+    ``DetectionTask(model="vfnet", pretrained_weights=...)``: every key used, every tensor of ours filled from it."""
+    keys = mmdet_vfnet_keys(depth)
+    generator = torch.Generator().manual_seed(depth)
+    sd = {k: torch.tensor(3) if k.endswith("num_batches_tracked") else torch.rand(s, generator=generator) + 0.5
+          for k, s in keys}
+    torch.save({"meta": {"mmdet_version": "2.8.0", "CLASSES": ("person",) * 80, "epoch": 12}, "state_dict": sd},
+               tmp_path / "vfnet.pth")
+    converted = read_detection_weights(str(tmp_path / "vfnet.pth"))
+    assert len(converted.state_dict) == len(keys) - 10 + 2  # 2 x 5 per-level scales stacked into 2 tensors
+    assert converted.options["backbone"] == f"resnet{depth}" and converted.options["head_convs"] == 3
+    task = DetectionTask(num_classes=80, model="vfnet", backbone=f"resnet{depth}", pretrained_weights=str(tmp_path / "vfnet.pth"),
+                         num_log_images=0, channels_last=False)
+    own = task.model.state_dict()
+    rules = {"neck.fpn_convs.3.conv.weight": "fpn.extra.0.weight", "bbox_head.cls_convs.2.gn.bias": "head.cls_tower.7.bias",
+             "bbox_head.vfnet_reg_conv.conv.weight": "head.reg_init_conv.0.weight",
+             "bbox_head.vfnet_cls_dconv.weight": "head.cls_dconv.weight", "backbone.layer3.5.conv3.weight":
+             "backbone.layer3.5.conv3.weight"}
+    for theirs, ours in rules.items():
+        assert torch.equal(own[ours], sd[theirs]), ours
+    torch.testing.assert_close(own["head.scales_refine"], torch.stack([sd[f"bbox_head.scales_refine.{i}.scale"] for i in range(5)]))
+    # every value of ours is one of the file's (frozen BN drops the counters: its statistics are buffers too)
+    file_values = {(tuple(v.shape), float(v.flatten()[0])) for v in sd.values() if v.numel()}
+    for name, value in own.items():
+        if name.startswith("head.scales"):
+            continue
+        assert (tuple(value.shape), float(value.flatten()[0])) in file_values, name
+    used = {k for k, _ in keys if not k.endswith("num_batches_tracked")}
+    print(f"mmdetection vfnet_r{depth}: {len(keys)} keys ({len(used)} without BN counters), "
+          f"{len(converted.state_dict)} after mapping, model {len(own)} tensors")
+
+
+def test_mmdet_vfnet_with_dcn_backbone_names_the_keys_it_cannot_map(tmp_path):
+    sd = {k: torch.zeros(s) for k, s in mmdet_vfnet_keys(50)}
+    sd["backbone.layer3.0.conv2.conv_offset.weight"] = torch.zeros(27, 256, 3, 3)
+    with pytest.raises(ValueError, match="1 key\\(s\\) of the file the model does not use: backbone.layer3.0.conv2"):
+        DetectionTask(num_classes=80, model="vfnet", pretrained_weights=str(save_converted(
+            convert_detection_state_dict(sd), "detection", tmp_path / "dcn.pt")))

@@ -306,6 +306,9 @@ def published_weights(hparams: MutableMapping[str, Any], owner: str,
             raise ValueError(f"{owner}: pretrained_class_rows / reinit_class_head choose the class head of "
                              "pretrained_weights; none is given")
         return None
+    if hparams.get("pretrained"):
+        raise ValueError(f"{owner}: pretrained_weights {path} holds the backbone too: set pretrained false (it would "
+                         "download ImageNet weights only to replace them)")
     converted = read(str(path))
     taken = apply_options(hparams, converted.options, owner, str(path))
     if taken:

@@ -73,7 +73,7 @@ def detect_detection_layout(state_dict: Mapping[str, Tensor]) -> str:
         return "mmdet_vfnet"
     if "head.cls_logits.weight" in keys and "head.centerness.weight" in keys:
         return "lit_tasks_fcos"
-    if "head.vfnet_cls.weight" in keys or any(k.startswith("head.") and "refine" in k for k in keys):
+    if "head.cls_logits.weight" in keys and "head.reg_refine.weight" in keys:
         return "lit_tasks_vfnet"
     from lit_tasks.models.detection.detr_convert import detect_layout
 
@@ -123,9 +123,56 @@ def read_detection_weights(path: str) -> Converted:
 
 
 # -- mmdetection VarifocalNet -------------------------------------------------------------------------------------
-VFNET_CLASS_HEAD = ("head.vfnet_cls.weight", "head.vfnet_cls.bias")
-MMDET_VFNET_RULES: list[Rule] = []
+VFNET_CLASS_HEAD = ("head.cls_logits.weight", "head.cls_logits.bias")
+# mmdetection ``VFNet`` (``configs/vfnet/vfnet_r50_fpn_1x_coco.py`` and the R101 / multi-scale 2x variants without DCN):
+# ``ResNet(style="pytorch")`` -> ``FPN(start_level=1, add_extra_convs="on_output", relu_before_extra_convs=True)`` ->
+# ``VFNetHead(stacked_convs=3)``; ``ConvModule`` keeps its conv under ``.conv`` and its GroupNorm under ``.gn``.
+MMDET_VFNET_RULES: list[Rule] = [
+    (r"^backbone\.", "backbone."),  # pytorch-style ResNet: torchvision's (and timm's) names
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"fpn.lateral.\1."),
+    (r"^neck\.fpn_convs\.([0-2])\.conv\.", r"fpn.output.\1."),
+    (r"^neck\.fpn_convs\.3\.conv\.", "fpn.extra.0."),  # P6 on the P5 output
+    (r"^neck\.fpn_convs\.4\.conv\.", "fpn.extra.1."),  # P7 on ReLU(P6)
+    (r"^bbox_head\.cls_convs\.(\d+)\.conv\.", lambda m: f"head.cls_tower.{3 * int(m[1])}."),
+    (r"^bbox_head\.cls_convs\.(\d+)\.gn\.", lambda m: f"head.cls_tower.{3 * int(m[1]) + 1}."),
+    (r"^bbox_head\.reg_convs\.(\d+)\.conv\.", lambda m: f"head.reg_tower.{3 * int(m[1])}."),
+    (r"^bbox_head\.reg_convs\.(\d+)\.gn\.", lambda m: f"head.reg_tower.{3 * int(m[1]) + 1}."),
+    (r"^bbox_head\.vfnet_reg_conv\.conv\.", "head.reg_init_conv.0."),
+    (r"^bbox_head\.vfnet_reg_conv\.gn\.", "head.reg_init_conv.1."),
+    (r"^bbox_head\.vfnet_reg\.", "head.reg_init."),
+    (r"^bbox_head\.vfnet_reg_refine_dconv\.", "head.reg_refine_dconv."),
+    (r"^bbox_head\.vfnet_reg_refine\.", "head.reg_refine."),
+    (r"^bbox_head\.vfnet_cls_dconv\.", "head.cls_dconv."),
+    (r"^bbox_head\.vfnet_cls\.", "head.cls_logits."),
+    # mmcv Scale modules (one scalar per level): stacked into head.scales / head.scales_refine below.
+    (r"^bbox_head\.scales\.(\d+)\.scale$", lambda m: f"head.scales.{m[1]}"),
+    (r"^bbox_head\.scales_refine\.(\d+)\.scale$", lambda m: f"head.scales_refine.{m[1]}"),
+]
+# mmdetection's VFNet test_cfg (nms_pre, score_thr, nms iou_threshold, max_per_img): ours already.
+MMDET_VFNET_EVAL = dict(score_threshold=0.05, nms_threshold=0.6, max_detections=100, pre_nms_top_k=1000)
+MMDET_INF = 1e8  # mmdet's INF, the upper end of the last regress range
 
 
-def convert_mmdet_vfnet(state_dict: Mapping[str, Tensor]) -> Converted:  # filled in below
-    raise ValueError("mmdetection VFNet: not supported yet")
+def convert_mmdet_vfnet(state_dict: Mapping[str, Tensor]) -> Converted:
+    """mmdetection ``VFNet`` state dict -> ours (:data:`MMDET_VFNET_RULES`).
+
+    The options it records: the backbone (ResNet-50 / 101 from its blocks), ``fpn_channels``, ``head_convs``,
+    ``use_atss=True`` (mmdet's locations without the half-stride offset, ``center_offset=0``) and mmdet's
+    ``regress_ranges`` (the initial box of level l is ``exp(.) x`` its range's upper end: 64 ... 512, then 1024).
+    Checkpoints with deformable convolutions in the backbone (``*_mdconv_c3-c5_*``) or on the last tower conv
+    (``dcn_on_last_conv``) do not map: their extra keys are named in the error.
+    """
+    sd = rename(state_dict, MMDET_VFNET_RULES, "mmdetection VFNet")
+    for name in ("scales", "scales_refine"):
+        keys = sorted((k for k in sd if k.startswith(f"head.{name}.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        if len(keys) != NUM_LEVELS:
+            raise ValueError(f"mmdetection VFNet: {len(keys)} bbox_head.{name} entries, expected {NUM_LEVELS}")
+        sd[f"head.{name}"] = torch.stack([sd.pop(k).reshape(()) for k in keys])
+    backbone = resnet_name(sd, "backbone.")
+    if backbone is None:
+        raise ValueError("mmdetection VFNet: the backbone is not a ResNet-18/34/50/101/152")
+    ranges = [[-1.0, 64.0], [64.0, 128.0], [128.0, 256.0], [256.0, 512.0], [512.0, MMDET_INF]]
+    options = dict(model="vfnet", backbone=backbone, fpn_channels=int(sd["fpn.lateral.0.weight"].shape[0]),
+                   head_convs=_tower_convs(sd, "head.cls_tower."), use_atss=True, regress_ranges=ranges)
+    return Converted(sd, options, f"mmdetection vfnet_{backbone.replace('resnet', 'r')}_fpn", VFNET_CLASS_HEAD,
+                     dict(MMDET_VFNET_EVAL))
