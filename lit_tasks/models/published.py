@@ -180,6 +180,7 @@ def load_converted(
     class_rows: Sequence[int] | None = None,
     reinit_class_head: bool = False,
     what: str = "weights",
+    drop: Sequence[str] = (),
 ) -> None:
     """Load ``converted`` into ``model`` strictly (see the module docstring).
 
@@ -188,6 +189,8 @@ def load_converted(
             whose classes are COCO's in id order).
         reinit_class_head: keep the model's own (fresh) class head, for other classes.
         what: how messages name the file (``"DetectionTask: pretrained_weights fcos.pth"``).
+        drop: key prefixes of the file this model deliberately leaves out (e.g. RLE's ``flow.`` when training with
+            the L1 loss); anything else unmatched stays an error.
 
     Raises:
         ValueError: both options given; a class head of another size without either; keys unmatched in either
@@ -195,7 +198,7 @@ def load_converted(
     """
     if class_rows is not None and reinit_class_head:
         raise ValueError(f"{what}: give class rows or reinit_class_head, not both")
-    sd = dict(converted.state_dict)
+    sd = {k: v for k, v in converted.state_dict.items() if not k.startswith(tuple(drop))}
     own = model.state_dict()
     head = [k for k in converted.class_head if k in sd]
     if (class_rows is not None or reinit_class_head) and not head:
@@ -281,10 +284,10 @@ class PublishedWeights:
     converted: Converted
 
     def load_into(self, model: nn.Module, class_rows: Sequence[int] | None = None,
-                  reinit_class_head: bool = False) -> None:
+                  reinit_class_head: bool = False, drop: Sequence[str] = ()) -> None:
         """:func:`load_converted` into the built network."""
         load_converted(model, self.converted, class_rows=class_rows, reinit_class_head=reinit_class_head,
-                       what=f"{self.owner}: pretrained_weights {self.path}")
+                       what=f"{self.owner}: pretrained_weights {self.path}", drop=drop)
 
     def eval_hint(self, current: Mapping[str, Any]) -> str | None:
         """A line naming the reference's evaluation settings this run does not use (None when it uses them all)."""
