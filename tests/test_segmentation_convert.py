@@ -134,3 +134,69 @@ def test_class_heads_and_option_mismatches(tmp_path):
         SemanticSegmentationTask(num_classes=21, **fcn, fcn_heads="mmseg")
     with pytest.raises(ValueError, match="choose the class head of pretrained_weights"):
         SemanticSegmentationTask(num_classes=21, reinit_class_head=True)
+
+
+# -- mmsegmentation PSPNet R50-D8: key names and shapes (mmseg does not install here) -------------------------------
+def _bn(prefix, c):
+    return [(f"{prefix}.{n}", () if n == "num_batches_tracked" else (c,))
+            for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def mmseg_pspnet_keys(depth: int = 50, num_classes: int = 21) -> list[tuple[str, tuple[int, ...]]]:
+    """mmseg ``pspnet_r{50,101}-d8`` state dict, transcribed from ``ResNetV1c`` (deep stem ``stem.{0,1,3,4,6,7}``,
+    Bottleneck ``conv1-3`` / ``bn1-3``, ``downsample.0/1``), ``PSPHead(channels=512)`` (``psp_modules.i.1`` and
+    ``bottleneck`` ConvModules: ``.conv`` / ``.bn``; ``conv_seg``) and the auxiliary ``FCNHead(channels=256)``."""
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    keys = [("backbone.stem.0.weight", (32, 3, 3, 3)), *_bn("backbone.stem.1", 32), ("backbone.stem.3.weight", (32, 32, 3, 3)),
+            *_bn("backbone.stem.4", 32), ("backbone.stem.6.weight", (64, 32, 3, 3)), *_bn("backbone.stem.7", 64)]
+    inplanes = 64
+    for s, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for b in range(n):
+            p = f"backbone.layer{s}.{b}"
+            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1)), *_bn(f"{p}.bn1", planes),
+                     (f"{p}.conv2.weight", (planes, planes, 3, 3)), *_bn(f"{p}.bn2", planes),
+                     (f"{p}.conv3.weight", (planes * 4, planes, 1, 1)), *_bn(f"{p}.bn3", planes * 4)]
+            if b == 0:
+                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1)), *_bn(f"{p}.downsample.1", planes * 4)]
+            inplanes = planes * 4
+    for i in range(4):
+        keys += [(f"decode_head.psp_modules.{i}.1.conv.weight", (512, 2048, 1, 1)), *_bn(f"decode_head.psp_modules.{i}.1.bn", 512)]
+    keys += [("decode_head.bottleneck.conv.weight", (512, 2048 + 4 * 512, 3, 3)), *_bn("decode_head.bottleneck.bn", 512),
+             ("decode_head.conv_seg.weight", (num_classes, 512, 1, 1)), ("decode_head.conv_seg.bias", (num_classes,))]
+    keys += [("auxiliary_head.convs.0.conv.weight", (256, 1024, 3, 3)), *_bn("auxiliary_head.convs.0.bn", 256),
+             ("auxiliary_head.conv_seg.weight", (num_classes, 256, 1, 1)), ("auxiliary_head.conv_seg.bias", (num_classes,))]
+    return keys
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_mmseg_pspnet_checkpoint_fills_every_tensor(depth, tmp_path):
+    keys = mmseg_pspnet_keys(depth)
+    generator = torch.Generator().manual_seed(0)
+    sd = {k: torch.tensor(5) if k.endswith("num_batches_tracked") else torch.rand(s, generator=generator) + 0.5
+          for k, s in keys}
+    torch.save({"meta": {"CLASSES": ["background"] * 21, "PALETTE": [[0, 0, 0]] * 21}, "state_dict": sd},
+               tmp_path / "pspnet_r50-d8_512x512_20k_voc12aug.pth")
+    converted = read_segmentation_weights(str(tmp_path / "pspnet_r50-d8_512x512_20k_voc12aug.pth"))
+    assert converted.options == dict(model="pspnet", backbone=f"resnet{depth}c", output_stride=8,
+                                     pool_scales=[1, 2, 3, 6], head_channels=256, fcn_heads="mmseg")
+    task = SemanticSegmentationTask(num_classes=21, model="pspnet", backbone=f"resnet{depth}c", output_stride=8,
+                                    pretrained_weights=str(tmp_path / "pspnet_r50-d8_512x512_20k_voc12aug.pth"),
+                                    num_log_images=0, channels_last=False)
+    own = task.model.state_dict()
+    assert len(own) == len(keys) == len(converted.state_dict)  # every key used, every tensor filled
+    for theirs, ours in (("backbone.stem.7.running_var", "backbone.bn1.running_var"),
+                         ("backbone.stem.3.weight", "backbone.conv1.3.weight"),
+                         ("decode_head.psp_modules.3.1.bn.bias", "head.ppm.stages.3.1.1.bias"),
+                         ("decode_head.bottleneck.conv.weight", "head.bottleneck.0.weight"),
+                         ("auxiliary_head.convs.0.conv.weight", "aux_head.convs.0.0.weight")):
+        assert torch.equal(own[ours], sd[theirs]), ours
+    assert task.hparams.pool_scales == [1, 2, 3, 6]
+    print(f"mmsegmentation pspnet_r{depth}-d8: {len(keys)} keys, {len(converted.state_dict)} mapped")
+
+
+def test_mmseg_deeplab_heads_are_refused_with_the_reason():
+    sd = {k: torch.zeros(s) for k, s in mmseg_pspnet_keys(50) if not k.startswith("decode_head.")}
+    sd.update({"decode_head.image_pool.1.conv.weight": torch.zeros(512, 2048, 1, 1),
+               "decode_head.conv_seg.weight": torch.zeros(21, 512, 1, 1)})
+    with pytest.raises(ValueError, match="only PSPNet maps onto ours"):
+        convert_segmentation_state_dict(sd)

@@ -25,7 +25,8 @@ torchvision's FCN heads are one conv of ``in_channels // 4`` without the input c
 (``align_corners=False``) and ImageNet normalisation are ours already. Dropout (0.5 after torchvision's ASPP
 projection, ours ``dropout``) only acts in training.
 
-**mmsegmentation** PSPNet R50-D8 / R101-D8 (ResNetV1c: deep stem): see :data:`MMSEG_PSP_RULES`.
+**mmsegmentation** PSPNet R50-D8 / R101-D8 (ResNetV1c: deep stem): see :data:`MMSEG_PSP_RULES`. Its DeepLabV3 /
+DeepLabV3+ heads do not map onto ours (see :func:`convert_mmseg_pspnet`).
 
 **lit_tasks**: our own names, taken as they are.
 """
@@ -110,8 +111,46 @@ def read_segmentation_weights(path: str) -> Converted:
 
 
 # -- mmsegmentation PSPNet ----------------------------------------------------------------------------------------
-MMSEG_PSP_RULES: list[Rule] = []
+# mmsegmentation ``configs/_base_/models/pspnet_r50-d8.py``: ``ResNetV1c`` (deep stem of three 3x3 convs, no average
+# pooling in the shortcut: timm's ``resnet50c`` / ``resnet101c``; dilations 1, 1, 2, 4 with ``contract_dilation``, i.e.
+# the first block of a dilated stage at half its dilation, as timm's ``output_stride=8``), ``PSPHead(channels=512,
+# pool_scales=(1, 2, 3, 6))``, auxiliary ``FCNHead(in_channels=1024, channels=256, num_convs=1, concat_input=False)``.
+# ``ConvModule`` keeps its conv under ``.conv`` and its (Sync)BN under ``.bn``.
+MMSEG_PSP_RULES: list[Rule] = [
+    (r"^backbone\.stem\.([0-7])\.", lambda m: "backbone.bn1." if m[1] == "7" else f"backbone.conv1.{m[1]}."),
+    (r"^backbone\.", "backbone."),
+    (r"^decode_head\.psp_modules\.(\d+)\.1\.conv\.", r"head.ppm.stages.\1.1.0."),
+    (r"^decode_head\.psp_modules\.(\d+)\.1\.bn\.", r"head.ppm.stages.\1.1.1."),
+    (r"^decode_head\.bottleneck\.conv\.", "head.bottleneck.0."),
+    (r"^decode_head\.bottleneck\.bn\.", "head.bottleneck.1."),
+    (r"^decode_head\.conv_seg\.", "head.classifier."),
+    (r"^auxiliary_head\.convs\.(\d+)\.conv\.", r"aux_head.convs.\1.0."),
+    (r"^auxiliary_head\.convs\.(\d+)\.bn\.", r"aux_head.convs.\1.1."),
+    (r"^auxiliary_head\.conv_seg\.", "aux_head.classifier."),
+]
 
 
-def convert_mmseg_pspnet(state_dict: Mapping[str, Tensor]) -> Converted:  # filled in below
-    raise ValueError("mmsegmentation PSPNet: not supported yet")
+def convert_mmseg_pspnet(state_dict: Mapping[str, Tensor]) -> Converted:
+    """mmsegmentation PSPNet R50-D8 / R101-D8 -> ours (:data:`MMSEG_PSP_RULES`).
+
+    Records ``model="pspnet"``, the backbone (``resnet50c`` / ``resnet101c``), ``output_stride=8``, the pool scales
+    of mmseg's configs (1, 2, 3, 6: the pooling sizes are not in the weights, only their number) and ``head_channels``
+    (our PSP bottleneck is twice it: mmseg's 512; the auxiliary head has it: 256). The mmsegmentation DeepLabV3 /
+    V3+ checkpoints do not map: their ``ASPPHead`` fuses the branches with a 3x3 bottleneck (ours, as torchvision: a
+    1x1 projection, then a 3x3 conv) and V3+'s ``DepthwiseSeparableASPPHead`` uses depthwise-separable convolutions
+    in the ASPP branches and the decoder, 512 wide.
+    """
+    sd = rename(state_dict, MMSEG_PSP_RULES, "mmsegmentation PSPNet")
+    if "backbone.conv1.6.weight" not in sd:
+        raise ValueError("mmsegmentation PSPNet: the backbone has no ResNetV1c deep stem (backbone.stem.6)")
+    depth = resnet_name(sd, "backbone.")
+    if depth not in ("resnet50", "resnet101", "resnet152"):
+        raise ValueError("mmsegmentation PSPNet: the backbone is not a ResNetV1c-50 / 101 / 152")
+    scales = len({k.split(".")[3] for k in sd if k.startswith("head.ppm.stages.")})
+    if scales != 4:
+        raise ValueError(f"mmsegmentation PSPNet with {scales} pyramid levels: only mmseg's (1, 2, 3, 6) is known")
+    bottleneck = int(sd["head.bottleneck.0.weight"].shape[0])
+    options = dict(model="pspnet", backbone=f"{depth}c", output_stride=8, pool_scales=[1, 2, 3, 6],
+                   head_channels=bottleneck // 2, fcn_heads="mmseg")
+    return Converted(sd, options, f"mmsegmentation pspnet_{depth.replace('resnet', 'r')}-d8",
+                     tuple(k for k in CLASS_HEAD if k in sd))
