@@ -47,7 +47,6 @@ from lit_tasks.callbacks.pose_images import PoseImageLogger
 from lit_tasks.losses.rle import Q_DISTRIBUTIONS, CoordinateL1Loss, RLELoss
 from lit_tasks.metrics.pose import EPE, PCK, PCKAUC, KeypointAP, format_keypoint_table
 from lit_tasks.models.pose.convert import read_pose_weights
-from lit_tasks.models.published import published_weights
 from lit_tasks.models.pose.rle import (
     KeypointPredictor,
     RLERegressor,
@@ -56,6 +55,7 @@ from lit_tasks.models.pose.rle import (
     normalized_to_pixels,
     pixels_to_normalized,
 )
+from lit_tasks.models.published import published_weights
 from lit_tasks.ops.keypoints import COCO_FLIP_INDEX, affine_points, crop_to_image
 from lit_tasks.ops.oks import COCO_KEYPOINT_SIGMAS
 from lit_tasks.schedules import warmup_multistep

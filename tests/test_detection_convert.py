@@ -308,3 +308,15 @@ def test_mmdet_vfnet_with_dcn_backbone_names_the_keys_it_cannot_map(tmp_path):
     with pytest.raises(ValueError, match="1 key\\(s\\) of the file the model does not use: backbone.layer3.0.conv2"):
         DetectionTask(num_classes=80, model="vfnet", pretrained_weights=str(save_converted(
             convert_detection_state_dict(sd), "detection", tmp_path / "dcn.pt")))
+
+
+def test_fcos_checkpoint_keeps_the_points_the_file_set(fcos_pair):
+    """A fit's checkpoint names no file but keeps ``points="torchvision"`` and the freezing, so the rebuilt network
+    is the same function (DetectionTask.on_save_checkpoint)."""
+    _, path, task = fcos_pair
+    checkpoint = {"hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    hp = checkpoint["hyper_parameters"]
+    assert hp["pretrained_weights"] is None and hp["points"] == "torchvision" and hp["frozen_bn"] is True
+    rebuilt = DetectionTask(**hp)
+    assert rebuilt.model.points == "torchvision" and rebuilt.frozen() == (1, True)

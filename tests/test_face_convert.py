@@ -137,3 +137,19 @@ def test_face_weights_name_what_differs(tmp_path):
                                          "does not use: layer2.1.prelu.alpha"):
         FaceRecognitionTask(num_identities=10, backbone="iresnet18", embedding_size=128,
                             pretrained_weights=str(tmp_path / "broken.pth"))
+
+
+def test_checkpoint_of_a_published_start_needs_no_file(tmp_path):
+    """What a fit's checkpoint saves: the options the file set, no file name (BaseTask.on_save_checkpoint); the task
+    rebuilds from those hyperparameters once the file is gone."""
+    _backbone_pth(arcface_iresnet_keys([2, 2, 2, 2], num_features=128), tmp_path / "backbone.pth")
+    task = FaceRecognitionTask(num_identities=10, backbone="iresnet18", embedding_size=128, num_log_images=0,
+                               pretrained_weights=str(tmp_path / "backbone.pth"))
+    checkpoint = {"hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    (tmp_path / "backbone.pth").unlink()
+    assert checkpoint["hyper_parameters"]["pretrained_weights"] is None
+    assert checkpoint["pretrained_weights_file"] == str(tmp_path / "backbone.pth")
+    rebuilt = FaceRecognitionTask(**checkpoint["hyper_parameters"])
+    rebuilt.load_state_dict(task.state_dict())
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in task.state_dict().items())
