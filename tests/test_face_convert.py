@@ -39,7 +39,7 @@ def arcface_iresnet_keys(layers: list[int], num_features: int = 512) -> list[tup
     return keys
 
 
-def arcface_mbf_keys(blocks=(1, 4, 6, 2), scale=2, num_features=512) -> list[tuple[str, tuple[int, ...]]]:
+def arcface_mbf_keys(blocks=(1, 4, 6, 2), scale=2, num_features=512, side=7) -> list[tuple[str, tuple[int, ...]]]:
     """arcface_torch ``MobileFaceNet(blocks=..., scale=...)`` (``get_mbf`` / ``get_mbf_large``)."""
     def conv_block(p, i, o, k=1, groups=1):  # ConvBlock: Conv2d, BatchNorm2d, PReLU under .layers
         return [(f"{p}.layers.0.weight", (o, i // groups, k, k)), *_bn(f"{p}.layers.1", o), (f"{p}.layers.2.weight", (o,))]
@@ -60,7 +60,7 @@ def arcface_mbf_keys(blocks=(1, 4, 6, 2), scale=2, num_features=512) -> list[tup
     keys += depthwise("layers.4", c1, c2, 256) + residual("layers.5", c2, blocks[2], 256)
     keys += depthwise("layers.6", c2, c2, 512) + residual("layers.7", c2, blocks[3], 256)
     keys += conv_block("conv_sep", c2, 512)
-    keys += linear_block("features.layers.0", 512, 512, 7, 512) + [("features.layers.2.weight", (num_features, 512))]
+    keys += linear_block("features.layers.0", 512, 512, side, 512) + [("features.layers.2.weight", (num_features, 512))]
     keys += _bn("features.layers.3", num_features)
     return keys
 
@@ -153,3 +153,24 @@ def test_checkpoint_of_a_published_start_needs_no_file(tmp_path):
     rebuilt = FaceRecognitionTask(**checkpoint["hyper_parameters"])
     rebuilt.load_state_dict(task.state_dict())
     assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in task.state_dict().items())
+
+
+def test_published_start_through_the_cli(tmp_path, monkeypatch):
+    """``lit-tasks fit --model.pretrained_weights backbone.pth`` (a MobileFaceNet for the 64-px synthetic config: a
+    4x4 GDC), then ``validate --ckpt_path last.ckpt`` after the file is gone: the checkpoint holds the weights and
+    the options the file set."""
+    from test_face_task import ROOT, SMALL_SYNTHETIC
+
+    from lit_tasks.cli import run_cli
+
+    _backbone_pth(arcface_mbf_keys(num_features=128, side=4), tmp_path / "backbone.pth")
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), "--trainer.accelerator=cpu", *SMALL_SYNTHETIC]
+    cli = run_cli(["fit", *config, "--model.backbone=mbf", f"--model.pretrained_weights={tmp_path / 'backbone.pth'}",
+                   "--trainer.max_steps=1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
+    assert cli.model.hparams.backbone == "mbf" and cli.model.hparams.image_size == 64
+    last = next(tmp_path.glob("lightning_logs/arcface_synthetic/version_*/checkpoints/last.ckpt"))
+    state = torch.load(last, weights_only=True, map_location="cpu")
+    assert state["hyper_parameters"]["pretrained_weights"] is None and state["hyper_parameters"]["backbone"] == "mbf"
+    (tmp_path / "backbone.pth").unlink()
+    run_cli(["validate", *config, "--model.backbone=mbf", f"--ckpt_path={last}", "--trainer.limit_val_batches=1"])
