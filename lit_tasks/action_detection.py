@@ -20,7 +20,7 @@ Model selection: the checkpoint callback follows ``val/mAP`` on VALIDATION sessi
 DataModules take out of the training sessions (a seeded split unless ``val_sessions`` names them). The
 released OadTR evaluates on the test set after every epoch, so its reported checkpoint is chosen on test.
 
-Batches (``datamodules.features.streams.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
+Batches (``datamodules.features.samples.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
 ``target`` ``(B, C)``, ``future_target`` ``(B, Q, C)`` (all-zero rows past the end of a video), ``session``
 ``(B,)`` and ``frame`` ``(B,)`` int64 (the current frame's session index and frame number).
 

@@ -122,7 +122,7 @@ class SemanticSegmentationTask(BaseTask):
             raise ValueError(f"class_weights has {len(class_weights)} entries for num_classes={num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.masks.check_ignore_index)
+        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.samples.check_ignore_index)
             raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
                              "can hold a negative value; use an id >= num_classes, e.g. 255")
         if ignore_index < num_classes:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.faces.identities.folders import FaceDataModule
+from datamodules.faces.folders import FaceDataModule
 from datamodules.faces.samples import face_transform, identity_sample
 from datamodules.images import decode_image
 from datamodules.recordio import RecordIODataset, class_of

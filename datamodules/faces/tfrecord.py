@@ -12,7 +12,7 @@ the folder DataModule's mapping (both scan the identity folders with ``scan_iden
 
 Records are decoded by the folder DataModule's own code (``decode_image`` + ``identity_sample``), so an
 image gives the same tensor from a shard as from its file. Verification pairs for validation and test
-stay a pairs file over an image folder, exactly as for :class:`~datamodules.faces.identities.folders.IdentityFolderDataModule`.
+stay a pairs file over an image folder, exactly as for :class:`~datamodules.faces.folders.IdentityFolderDataModule`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from datamodules.faces.identities.folders import FaceDataModule, NamedIdentities, scan_identity_folders
+from datamodules.faces.folders import FaceDataModule, NamedIdentities, scan_identity_folders
 from datamodules.faces.samples import face_transform, identity_sample
 from datamodules.tfrecord import (
     FixedLen,

@@ -2,14 +2,14 @@
 
 :class:`FeatureDataModule` holds what they share (splits, validation hold-out, frame rules, the sizes the CLI
 links); :class:`LSTRFeatureDataModule` and :class:`OadTRFeatureDataModule` read the two on-disk layouts
-(:mod:`datamodules.features.streams.layouts`), the synthetic streams' and the TFRecord one subclass it too
+(:mod:`datamodules.features.layouts`), the synthetic streams' and the TFRecord one subclass it too
 (``datamodules.synthetic.streams``, ``datamodules.features.tfrecord``). Samples: :mod:`datamodules.features.samples`.
 """
 
 from __future__ import annotations
 
 from datamodules.base import BaseDataModule
-from datamodules.features.streams.layouts import read_lstr_features, read_oadtr_pickles
+from datamodules.features.layouts import read_lstr_features, read_oadtr_pickles
 from datamodules.features.samples import (FRAME_RULES, PAD_MODES, FeatureSet, FeatureWindowDataset, check_feature_set,
                                           holdout_sessions)
 
@@ -234,7 +234,7 @@ class OadTRFeatureDataModule(FeatureDataModule):
     def read_split(self, split: str) -> FeatureSet:
         tag = {"train": "val", "test": "test"}[split]
         # The ambiguous column is needed while reading: OadTR's argmax rule is applied there (see
-        # datamodules.features.streams.layouts).
+        # datamodules.features.layouts).
         return read_oadtr_pickles(self.root, split, data_info=self.data_info, dataset=self.dataset_key,
                                   feature_file=self.feature_file.format(split=tag),
                                   anno_file=self.anno_file.format(split=tag), streams=self.streams,

@@ -2,7 +2,7 @@
 
 A :class:`FeatureSet` holds the sessions (videos) of one split, each a :class:`FeatureSession` with its feature
 streams and per-frame targets, plus the class names and the background / "ambiguous" class indices; every reader
-(:mod:`datamodules.features.streams.layouts`, :mod:`datamodules.features.tfrecord`) and the synthetic generator
+(:mod:`datamodules.features.layouts`, :mod:`datamodules.features.tfrecord`) and the synthetic generator
 (:mod:`datamodules.synthetic.streams`) returns one, checked by :func:`check_feature_set`. Streams are concatenated
 (rgb then flow) into one feature vector per frame, as OadTR does. :class:`FeatureWindowDataset` cuts the windows a
 windowed model sees, at stride 1; :func:`holdout_sessions` draws the validation sessions.

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from datamodules.features.streams.datamodules import FeatureDataModule
+from datamodules.features.datamodules import FeatureDataModule
 from datamodules.features.samples import FeatureSession, FeatureSet, check_feature_set
 from datamodules.tfrecord import (
     FixedLen,
@@ -169,7 +169,7 @@ class TFRecordFeatureDataModule(FeatureDataModule):
     """Online action detection on SequenceExample shards (one session per record, see the module docstring).
 
     Sessions are read whole into memory when a split is first used. Splits, frame rules and class overrides
-    as :class:`~datamodules.features.streams.datamodules.FeatureDataModule`; with ``val_files`` the validation sessions are
+    as :class:`~datamodules.features.datamodules.FeatureDataModule`; with ``val_files`` the validation sessions are
     those shards' (no hold-out from the training ones).
 
     Args:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.features.streams.datamodules import FeatureDataModule
+from datamodules.features.datamodules import FeatureDataModule
 from datamodules.features.samples import FeatureSession, FeatureSet, check_feature_set
 
 
@@ -97,7 +97,7 @@ class SyntheticStreamsDataModule(FeatureDataModule):
     Three disjoint seed streams: ``num_train`` training sessions (seed ``3 * seed``), ``num_val`` validation
     sessions (``3 * seed + 1``, model selection) and ``num_test`` held-out test sessions (``3 * seed + 2``),
     all showing the same classes (one ``pattern_seed``). Classes: Background, ``Action1..N``, Ambiguous.
-    Windows and frame rules: :class:`~datamodules.features.streams.datamodules.FeatureDataModule`.
+    Windows and frame rules: :class:`~datamodules.features.datamodules.FeatureDataModule`.
 
     Args:
         num_train, num_val, num_test: sessions per split.
