@@ -177,7 +177,8 @@ class TasksCLI(LightningCLI):
                 callback.resuming = True
 
     def _warn_if_untrained(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path") is None:
+        # A model built with --model.pretrained_weights holds published weights: evaluating them is the point.
+        if self.config[self.subcommand].get("ckpt_path") is None and not self.model.hparams.get("pretrained_weights"):
             rank_zero_warn(
                 "\n" + "!" * 78 + f"\n`lit-tasks {self.subcommand}` without --ckpt_path evaluates the model as "
                 "built from the config: freshly initialised, UNTRAINED weights.\nPass --ckpt_path "
