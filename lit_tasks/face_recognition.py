@@ -38,7 +38,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lit_tasks.base import BaseTask
 from lit_tasks.callbacks.embeddings import EmbeddingProjector
@@ -48,6 +47,7 @@ from lit_tasks.metrics.verification import VerificationMetric
 from lit_tasks.models.face.convert import read_face_weights
 from lit_tasks.models.face.embedding import NormalisedEmbedder, build_face_network
 from lit_tasks.models.published import published_weights
+from lit_tasks.run.lightning_seams import attached_trainer, grad_scale, ignore_in_ddp
 from lit_tasks.schedules import warmup_poly
 
 
@@ -154,9 +154,7 @@ class FaceRecognitionTask(BaseTask):
         if h.partial_fc:
             self.head: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, self.head.ddp_ignored_buffers("head.")
-            )
+            ignore_in_ddp(self, self.head.ddp_ignored_buffers("head."))
         else:
             self.head = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
 
@@ -237,9 +235,8 @@ class FaceRecognitionTask(BaseTask):
 
     def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self.head.step(optimizer.param_groups[0], scale)
+        trainer = attached_trainer(self)
+        self.head.step(optimizer.param_groups[0], grad_scale(trainer) if trainer is not None else 1.0)
 
     def _verification_step(self, batch: dict[str, Any], metrics: nn.ModuleList, dataloader_idx: int
                            ) -> dict[str, torch.Tensor]:
