@@ -26,6 +26,7 @@ from datamodules.faces.samples import (
     GRAY_P,
     JITTER,
     JITTER_P,
+    TorchSeeded,
     face_transform,
     small_set_augmentations,
 )
@@ -119,19 +120,38 @@ def test_erasing_blanks_one_grey_rectangle_of_the_stated_area_and_aspect() -> No
     assert min(areas) < 0.1 < max(areas)
 
 
-def test_each_op_of_the_small_set_preset_fires_with_its_probability() -> None:
+def test_each_op_of_the_small_set_preset_fires_with_its_probability_independently() -> None:
+    """As ``face_transform`` draws them (:class:`TorchSeeded`): every op at its rate, and no two ops tied together."""
     image = np.random.default_rng(3).integers(0, 256, (S, S, 3)).astype(np.uint8)
-    pipeline = A.Compose(small_set_augmentations(S), save_applied_params=True, seed=0)
+    pipeline = TorchSeeded(A.Compose(small_set_augmentations(S), save_applied_params=True))
     draws = 600
-    counts: dict[str, int] = {}
+    fired = []
     for _ in range(draws):
-        for name, _params in pipeline(image=image)["applied_transforms"]:
-            counts[name] = counts.get(name, 0) + 1
+        fired.append({name for name, _params in pipeline(image=image)["applied_transforms"]})
     expected = {"RandomResizedCrop": 1.0, "HorizontalFlip": 0.5, "ColorJitter": JITTER_P, "ToGray": GRAY_P,
                 "Erasing": ERASE_P}
-    assert set(counts) == set(expected)
+    assert set().union(*fired) == set(expected)
+
+    def near(count: int, p: float) -> bool:
+        return abs(count / draws - p) < 4 * np.sqrt(p * (1 - p) / draws) + 1e-9
+
     for name, p in expected.items():
-        assert abs(counts[name] / draws - p) < 4 * np.sqrt(p * (1 - p) / draws) + 1e-9, (name, counts[name])
+        assert near(sum(name in f for f in fired), p), name
+    # albumentations' Compose(seed=...) seeds every op alike: flips and erasures (both p = 0.5) would coincide.
+    for a, b in [("HorizontalFlip", "Erasing"), ("ColorJitter", "ToGray"), ("HorizontalFlip", "ToGray")]:
+        assert near(sum(a in f and b in f for f in fired), expected[a] * expected[b]), (a, b)
+
+
+def test_augmentations_follow_torchs_generator() -> None:
+    """``seed_everything`` fixes them and an exact resume (which restores torch's state) replays them."""
+    image = np.random.default_rng(7).integers(0, 256, (48, 48, 3)).astype(np.uint8)
+    transform = face_transform(32, "small_set")
+    torch.manual_seed(3)
+    first = [transform(image=image)["image"] for _ in range(4)]
+    torch.manual_seed(3)
+    again = [face_transform(32, "small_set")(image=image)["image"] for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
 
 
 def test_small_set_preset_gives_the_network_input_for_any_photo_size() -> None:

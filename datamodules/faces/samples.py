@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -191,7 +192,7 @@ def small_set_augmentations(image_size: int) -> list[A.BasicTransform]:
     ]
 
 
-def face_transform(image_size: int, augment: bool | FaceAugment = "none") -> A.Compose | WorkerSeeded:
+def face_transform(image_size: int, augment: bool | FaceAugment = "none") -> A.Compose | TorchSeeded:
     """``(H, W, 3)`` uint8 face -> ``(3, S, S)`` float tensor in [0, 1], with the training preset ``augment``.
 
     * ``"none"`` (or ``False``): resize to ``image_size`` square (aligned faces are already 112x112): validation,
@@ -201,8 +202,8 @@ def face_transform(image_size: int, augment: bool | FaceAugment = "none") -> A.C
     * ``"small_set"``: :func:`small_set_augmentations` (random resized crop, flip, colour jitter, greyscale, random
       erasing), for a folder of thousands of photos or faces that are not tightly aligned.
 
-    A random preset draws from a generator seeded once per process and DataLoader worker from torch's seed there
-    (:class:`WorkerSeeded`), so workers do not repeat each other's draws and ``seed_everything`` fixes them.
+    A random preset draws each sample's augmentation from torch's generator (:class:`TorchSeeded`): seeded by
+    ``seed_everything``, distinct in each DataLoader worker, restored when a fit resumes exactly.
     """
     preset = face_augment(augment)
     if preset == "small_set":
@@ -212,32 +213,32 @@ def face_transform(image_size: int, augment: bool | FaceAugment = "none") -> A.C
         if preset == "flip":
             steps.append(A.HorizontalFlip(p=0.5))  # insightface trains with flips only
     transform = A.Compose(steps + to_tensor())
-    return transform if preset == "none" else WorkerSeeded(transform)
+    return transform if preset == "none" else TorchSeeded(transform)
 
 
-class WorkerSeeded:
-    """An albumentations pipeline reseeded once per process / DataLoader worker from ``torch.initial_seed()``.
+class TorchSeeded:
+    """An albumentations pipeline whose random draws come from torch's generator: one seed drawn per call.
 
-    albumentations draws from the Compose's own generators, which ``seed_everything`` does not reach and which every
-    DataLoader worker inherits in the same state: without a reseed, all workers (and DDP processes) repeat one
-    sequence of crops and flips. torch gives each worker its own seed, derived from the seeded main process.
-    Called like the pipeline (``transform(image=...)``); picklable.
+    albumentations draws from generators of its own, which ``seed_everything`` does not reach, which every DataLoader
+    worker inherits in the same state (all workers would repeat one sequence of crops and flips) and which a resumed
+    fit does not restore. Seeding them from ``torch.randint`` at every call makes each sample's augmentation a draw
+    of torch's generator in the process that loads it, as a torchvision transform's would be: seeded by
+    ``seed_everything``, distinct per worker (torch seeds each), restored by an exact resume. One generator pair is
+    shared by all the ops (``set_random_state``): albumentations' ``set_random_seed`` / ``Compose(seed=...)`` seeds
+    each op with the same number, so ops of equal probability would fire together. Called like the pipeline
+    (``transform(image=...)``); picklable.
     """
 
     def __init__(self, transform: A.Compose) -> None:
         self.transform = transform
-        self._seeded_in: tuple[int, int] | None = None
 
     def __call__(self, **data: Any) -> dict[str, Any]:
-        worker = torch.utils.data.get_worker_info()
-        here = (os.getpid(), worker.id if worker is not None else -1)
-        if self._seeded_in != here:
-            self.transform.set_random_seed(torch.initial_seed() % 2**32)
-            self._seeded_in = here
+        seed = int(torch.randint(0, 2**62, ()))
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return self.transform(**data)
 
     def __repr__(self) -> str:
-        return f"WorkerSeeded({self.transform!r})"
+        return f"TorchSeeded({self.transform!r})"
 
 
 def identity_sample(image: np.ndarray, label: int, transform: Callable[..., dict]) -> tuple[torch.Tensor, torch.Tensor]:
