@@ -167,16 +167,16 @@ def small_set_augmentations(image_size: int) -> list[A.BasicTransform]:
     1. ``RandomResizedCrop(scale=(0.8, 1), ratio=(3/4, 4/3))`` to ``image_size``, every face: the op and aspect range
        of AdaFace's crop augmentation (Kim et al., CVPR 2022; mk-minchul/AdaFace ``dataset/augmenter.py``:
        torchvision's ``RandomResizedCrop``, scale 0.2-1, on 20% of the faces), with the mild scale of VGGFace2's
-       training crops (Cao et al., FG 2018, §4.1: a random 224x224 region of the face resized to 256, about 77% of
-       its area, on every face). A face keeps at least 80% of its area, so an aligned face stays recognisable and a
-       loosely cropped one is seen at several framings. Scale and aspect together bound each side of the crop, so
-       at scale 0.8 the aspect stays within 0.8-1.25.
+       training crops (Cao et al., FG 2018, §4.1: the face box resized to a shorter side of 256, then a random
+       224x224 region, about 77% of its area, on every face). A face keeps at least 80% of its area, so an aligned
+       face stays recognisable and a loosely cropped one is seen at several framings. Scale and aspect together
+       bound each side of the crop: on a square face at scale >= 0.8 the aspect stays within 0.8-1.25.
     2. ``HorizontalFlip(p=0.5)``: arcface_torch's one augmentation (``dataset.py``, REFERENCE.md §1.1).
     3. ``ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0, p=0.2)``: AdaFace's photometric
        augmentation (``transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0)``,
        ``photometric_augmentation_prob`` 0.2 in its training scripts). Hue is left alone: skin tone is identity.
-    4. ``ToGray(p=0.2)``: VGGFace2's monochrome augmentation (§4.1: "used with a probability of 20% to reduce the
-       over-fitting on colour images"); a folder of one's own photos often mixes greyscale ones in.
+    4. ``ToGray(p=0.2)``: VGGFace2's monochrome augmentation (§4.1: with probability 20%, against over-fitting to
+       colour images); a folder of one's own photos often mixes greyscale ones in.
     5. ``Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=128, p=0.5)``: Random Erasing (Zhong et al., AAAI 2020:
        p 0.5, area 0.02-0.4, aspect 0.3-1/0.3; torchvision's ``RandomErasing`` defaults cap the area at 0.33), one
        rectangle of mid-grey, as insightface's own MXNet ArcFace iterator blanks a square to 128 (``cutoff``,
