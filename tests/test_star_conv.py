@@ -72,7 +72,8 @@ def _bounds(x, ltrb, weight, grad, rel: float):
 def _assert_within(name: str, got, want, bound) -> float:
     err = (got - want).abs()
     over = err > bound  # exact zeros (taps wholly outside the map) have a zero bound and must stay exact
-    assert not over.any(), f"{name}: error {err[over].max().item():.3g} exceeds its bound {bound[over].max().item():.3g}"
+    assert not over.any(), (f"{name}: error {err[over].max().item():.3g} exceeds its bound "
+                            f"{bound[over].max().item():.3g}")
     return err.max().item()
 
 

@@ -62,7 +62,8 @@ def star_conv3x3(x: Tensor, ltrb: Tensor, weight: Tensor) -> Tensor:
     """
     b, c, h, w = x.shape
     if ltrb.shape != (b, 4, h, w):
-        raise ValueError(f"star_conv3x3: ltrb must be {(b, 4, h, w)} for features {tuple(x.shape)}, got {tuple(ltrb.shape)}")
+        raise ValueError(f"star_conv3x3: ltrb must be {(b, 4, h, w)} for features {tuple(x.shape)}, "
+                         f"got {tuple(ltrb.shape)}")
     if weight.shape[1:] != (c, 3, 3):
         raise ValueError(f"star_conv3x3: weight must be (O, {c}, 3, 3), got {tuple(weight.shape)}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
