@@ -69,22 +69,24 @@ def test_star_offsets_sample_the_nine_box_points():
     y_taps = (-t / stride, 0.0, b / stride)
     x_taps = (-l / stride, 0.0, r / stride)
     inner = (slice(3, h - 1), slice(2, w - 4))  # locations whose nine samples stay inside the map
-    for i in range(3):
-        for j in range(3):
-            with torch.no_grad():
-                conv.weight.zero_()
-                conv.weight[0, 0, i, j] = 1.0
-                conv.weight[1, 1, i, j] = 1.0
-                out = conv(coords, offset)[0]
-            want_x = xs + x_taps[j]
-            want_y = ys + y_taps[i]
-            torch.testing.assert_close(out[0][inner], want_x[inner], rtol=0, atol=1e-6)
-            torch.testing.assert_close(out[1][inner], want_y[inner], rtol=0, atol=1e-6)
-    # e.g. tap (0, 0) of the location (8, 8) samples the top-left corner (8 - 1.5, 8 - 2.5)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[0, 0, 0, 0] = conv.weight[1, 1, 0, 0] = 1.0
-        assert conv(coords, offset)[0, :, 8, 8].tolist() == [6.5, 5.5]
+    # both computations of the module: the star gather (CPU default) from the distances, deform_conv2d from offsets
+    for run in (lambda: conv(coords, ltrb), lambda: conv.deform(coords, offset)):
+        for i in range(3):
+            for j in range(3):
+                with torch.no_grad():
+                    conv.weight.zero_()
+                    conv.weight[0, 0, i, j] = 1.0
+                    conv.weight[1, 1, i, j] = 1.0
+                    out = run()[0]
+                want_x = xs + x_taps[j]
+                want_y = ys + y_taps[i]
+                torch.testing.assert_close(out[0][inner], want_x[inner], rtol=0, atol=1e-6)
+                torch.testing.assert_close(out[1][inner], want_y[inner], rtol=0, atol=1e-6)
+        # e.g. tap (0, 0) of the location (8, 8) samples the top-left corner (8 - 1.5, 8 - 2.5)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0, 0, 0] = conv.weight[1, 1, 0, 0] = 1.0
+            torch.testing.assert_close(run()[0, :, 8, 8], torch.tensor([6.5, 5.5]), rtol=0, atol=1e-6)
 
 
 def test_head_initial_box_scales_and_star_offsets():
@@ -100,8 +102,8 @@ def test_head_initial_box_scales_and_star_offsets():
     start = 0
     for level, (h, w) in enumerate(sizes):
         ltrb = init[:, start : start + h * w].transpose(1, 2).reshape(2, 4, h, w)
-        torch.testing.assert_close(captured[level], star_dcn_offsets(ltrb / VFNET_STRIDES[level]),
-                                   rtol=1e-6, atol=1e-6)
+        # the star convolutions get the box distances in cells (their offsets: star_dcn_offsets of them)
+        torch.testing.assert_close(captured[level], ltrb / VFNET_STRIDES[level], rtol=1e-6, atol=1e-6)
         start += h * w
     # exp(0) = 1: zero initial-box conv -> boxes of the level's denominator; zero refine conv -> refined = initial
     with torch.no_grad():
