@@ -168,6 +168,8 @@ def test_argument_problems_are_collected_and_prefixed_with_the_class_name():
         ToyTask(width=0, lr_drop_epochs=[3, 2])
     assert str(error.value) == ("ToyTask: lr_drop_epochs must be increasing epochs >= 1, got [3, 2]; "
                                 "width must be >= 1, got 0")
+    with pytest.raises(ValueError, match=r"^DetectionTask: box_loss must be one of .*; unknown model 'yolo'"):
+        tiny_task(model="yolo", box_loss="l7")
 
 
 def test_training_step_sums_the_loss_terms_and_logs_each():
