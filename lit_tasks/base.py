@@ -132,7 +132,9 @@ class BaseTask(LightningModule):
         the shared schedule option ``lr_drop_epochs``.
         """
         drops = args.get("lr_drop_epochs")
-        if isinstance(drops, (list, tuple)) and not (all(e >= 1 for e in drops) and list(drops) == sorted(set(drops))):
+        if drops is not None and not isinstance(drops, (list, tuple)):  # e.g. action detection's former period
+            return [f"lr_drop_epochs must be a list of epochs (e.g. [8, 11]), got {drops!r}"]
+        if drops is not None and not (all(e >= 1 for e in drops) and list(drops) == sorted(set(drops))):
             return [f"lr_drop_epochs must be increasing epochs >= 1, got {drops}"]
         return []
 

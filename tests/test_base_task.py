@@ -168,6 +168,8 @@ def test_argument_problems_are_collected_and_prefixed_with_the_class_name():
         ToyTask(width=0, lr_drop_epochs=[3, 2])
     assert str(error.value) == ("ToyTask: lr_drop_epochs must be increasing epochs >= 1, got [3, 2]; "
                                 "width must be >= 1, got 0")
+    with pytest.raises(ValueError, match=r"^ToyTask: lr_drop_epochs must be a list of epochs .* got 4$"):
+        ToyTask(lr_drop_epochs=4)  # the integer period of older action detection configs
     with pytest.raises(ValueError, match=r"^DetectionTask: box_loss must be one of .*; unknown model 'yolo'"):
         tiny_task(model="yolo", box_loss="l7")
 
@@ -219,3 +221,4 @@ def test_epoch_milestones_need_a_sized_loader():
     task = ToyTask(lr_drop_epochs=[1])
     with pytest.raises(ValueError, match="ToyTask: epoch milestones .* need training epochs of known length"):
         toy_trainer(max_epochs=1, limit_val_batches=0).fit(task, torch.utils.data.DataLoader(Stream(), batch_size=2))
+
