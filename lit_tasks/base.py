@@ -171,8 +171,8 @@ class BaseTask(LightningModule):
         """The sum of the ``loss_*`` terms; raises FloatingPointError naming the task, step and terms if non-finite."""
         loss = loss_sum(losses)
         if not torch.isfinite(loss):
-            parts = {k: float(v) for k, v in losses.items()}
-            raise FloatingPointError(f"{type(self).__name__}: non-finite {stage} loss {float(loss)} at step "
+            parts = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in losses.items()}
+            raise FloatingPointError(f"{type(self).__name__}: non-finite {stage} loss {float(loss.detach())} at step "
                                      f"{self.global_step}: {parts}")
         return loss
 

@@ -222,3 +222,44 @@ def test_epoch_milestones_need_a_sized_loader():
     with pytest.raises(ValueError, match="ToyTask: epoch milestones .* need training epochs of known length"):
         toy_trainer(max_epochs=1, limit_val_batches=0).fit(task, torch.utils.data.DataLoader(Stream(), batch_size=2))
 
+
+# -- every task speaks the dialect -------------------------------------------------------------------------------------
+def every_task():
+    """A tiny instance of each of the five tasks, and arguments each refuses."""
+    from lit_tasks import ActionDetectionTask, FaceRecognitionTask, PoseTask, SemanticSegmentationTask
+
+    pose = dict(num_keypoints=4, backbone="test_resnet", input_size=[32, 24], flip_index=[0, 2, 1, 3],
+                oks_sigmas=[0.05] * 4, num_log_images=0)
+    action = dict(num_classes=6, feature_dim=12, window=8, num_future=4, embed_dim=32, enc_layers=1, enc_heads=4,
+                  enc_mlp_dim=48, dec_layers=1, dec_heads=2, dec_ffn_dim=40, background_index=0, ambiguous_index=5)
+    return {
+        "detection": (lambda **kw: tiny_task(**kw), dict(num_classes=0)),
+        "segmentation": (lambda **kw: SemanticSegmentationTask(**{**dict(num_classes=3, backbone="test_resnet",
+                                                                          head_channels=8, num_log_images=0), **kw}),
+                         dict(output_stride=4)),
+        "face": (lambda **kw: FaceRecognitionTask(**{**dict(num_identities=4, backbone="test_resnet", image_size=32,
+                                                            embedding_size=8, num_log_images=0), **kw}),
+                 dict(num_identities=1)),
+        "pose": (lambda **kw: PoseTask(**{**pose, **kw}), dict(loss="mse")),
+        "action": (lambda **kw: ActionDetectionTask(**{**action, **kw}), dict(model="lstr")),
+    }
+
+
+@pytest.mark.parametrize("name", list(every_task()))
+def test_every_task_runs_the_skeleton(name, monkeypatch):
+    """No task re-spells a common part; each one's argument errors carry its class name, each one's training step
+    stops on a non-finite loss, each one states the export contract and has a metric per stage."""
+    factory, bad = every_task()[name]
+    task = factory()
+    cls = type(task)
+    common = ("training_step", "validation_step", "test_step", "on_validation_epoch_end", "on_test_epoch_end",
+              "steps_per_epoch", "log_epoch_metric", "total_loss")
+    assert not [hook for hook in common if hook in vars(cls)]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: "):
+        factory(**bad)
+    monkeypatch.setattr(task, "compute_losses", lambda batch, outputs=None: {"loss_a": torch.tensor(1.0),
+                                                                              "loss_b": torch.tensor(float("inf"))})
+    with pytest.raises(FloatingPointError, match=rf"^{cls.__name__}: non-finite train loss inf at step 0: "):
+        task.training_step((torch.zeros(2, 3),), 0)
+    assert set(task.metrics) == {"val", "test"}
+    assert task.export_input_names and task.export_output_names and task.export_opset >= 17
