@@ -37,7 +37,7 @@ from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vf
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
-from lit_tasks.param_groups import ParamGroupRules
+from lit_tasks.param_groups import ParamGroupRules, scale_lr
 from lit_tasks.schedules import warmup_cosine
 
 MODELS = ("fcos", "vfnet", "detr")
@@ -247,7 +247,8 @@ class DetectionTask(BaseTask):
         checks = [
             (o["model"] in MODELS, f"unknown model {o['model']!r}; choose one of {list(MODELS)}"),
             (o["num_classes"] >= 1, f"num_classes must be >= 1, got {o['num_classes']}"),
-            *((o[k] >= 1, f"{k} must be >= 1, got {o[k]}") for k in ("fpn_channels", "pre_nms_top_k", "max_detections")),
+            *((o[k] >= 1, f"{k} must be >= 1, got {o[k]}")
+              for k in ("fpn_channels", "pre_nms_top_k", "max_detections")),
             *((o[k] is None or o[k] >= 1, f"{k} must be >= 1 or null, got {o[k]}")
               for k in ("head_convs", "lr_base_batch_size")),
             (o["frozen_stages"] is None or o["frozen_stages"] >= -1,
@@ -266,7 +267,8 @@ class DetectionTask(BaseTask):
             (o["lr"] is None or o["lr"] > 0, f"lr must be > 0, got {o['lr']}"),
             (o["backbone_lr_ratio"] is None or o["backbone_lr_ratio"] >= 0,
              f"backbone_lr_ratio must be >= 0, got {o['backbone_lr_ratio']}"),
-            (o["warmup_steps"] is None or o["warmup_steps"] >= 0, f"warmup_steps must be >= 0, got {o['warmup_steps']}"),
+            (o["warmup_steps"] is None or o["warmup_steps"] >= 0,
+             f"warmup_steps must be >= 0, got {o['warmup_steps']}"),
             (not weights or o["model"] == "detr",
              f"pretrained_weights loads DETR weights; model is {o['model']!r} (for a timm backbone use pretrained)"),
             (not weights or os.path.isfile(weights), f"pretrained_weights: no file {weights}"),
@@ -367,7 +369,8 @@ class DetectionTask(BaseTask):
         images, targets = batch
         return self.criterion(self.model(images, sizes_of(targets)) if outputs is None else outputs, targets)
 
-    def evaluation_step(self, batch: tuple[torch.Tensor, list[dict]], stage: str, dataloader_idx: int = 0) -> list[dict]:
+    def evaluation_step(self, batch: tuple[torch.Tensor, list[dict]], stage: str,
+                        dataloader_idx: int = 0) -> list[dict]:
         """Loss on the training targets; mAP of the detections, mapped to original pixels, against the dataset's
         own annotations (``target["original"]``: boxes before any resize or clipping, with their ``area``), so a
         small object a downscale erased still counts as a miss; without them, the targets mapped back."""
@@ -376,7 +379,8 @@ class DetectionTask(BaseTask):
         outputs = self.model(images, sizes)
         self.log_loss(stage, self.compute_losses(batch, outputs), len(targets))
         preds = self.postprocess(outputs, sizes)
-        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])} for p, t in zip(preds, targets)]
+        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])}
+                      for p, t in zip(preds, targets)]
         self.metrics[stage].update(preds_orig, [evaluation_target(t) for t in targets])
         return preds
 
@@ -410,12 +414,13 @@ class DetectionTask(BaseTask):
         return torch.optim.SGD(params, lr=self.recipe("lr"), momentum=hp.momentum, weight_decay=hp.weight_decay)
 
     def warmup_steps(self) -> int:
+        """``warmup_steps``, or the recipe's (500; DETR 0)."""
         return int(self.recipe("warmup_steps"))
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """Linear warm-up from ``warmup_ratio`` of the LR, then x ``lr_gamma`` at each of ``lr_drop_epochs`` (mmdet's step
-        policy, DETR's StepLR), or cosine decay over the fit without them; stepped per optimizer step."""
+        """Linear warm-up from ``warmup_ratio`` of the LR, then x ``lr_gamma`` at each of ``lr_drop_epochs`` (mmdet's
+        step policy, DETR's StepLR), or cosine decay over the fit without them; stepped per optimizer step."""
         drops, start = self.hparams.lr_drop_epochs, self.recipe("warmup_ratio")
         if not drops:
             return torch.optim.lr_scheduler.LambdaLR(
@@ -450,21 +455,9 @@ class DetectionTask(BaseTask):
         """BaseTask's groups (the recipe's rules), the backbone's parameters in groups of their own at
         ``backbone_lr_ratio`` times their rule's ratio, every group scaled by :meth:`lr_scale` (through ``lr_ratio``,
         so injected optimizers follow too)."""
-        groups = super().param_groups()
-        ratio = float(self.recipe("backbone_lr_ratio"))
-        if ratio != 1.0:
-            backbone = {id(p) for p in self.model.backbone.parameters()}
-            split = []
-            for group in groups:
-                rest = [p for p in group["params"] if id(p) not in backbone]
-                mine = [p for p in group["params"] if id(p) in backbone]
-                split += [{**group, "params": rest}] if rest else []
-                split += [{**group, "params": mine, "lr_ratio": group.get("lr_ratio", 1.0) * ratio}] if mine else []
-            groups = split
-        scale = self.lr_scale()
-        if scale != 1.0:
-            groups = [{**group, "lr_ratio": group.get("lr_ratio", 1.0) * scale} for group in groups]
-        return groups
+        groups = scale_lr(super().param_groups(), float(self.recipe("backbone_lr_ratio")),
+                          self.model.backbone.parameters())
+        return scale_lr(groups, self.lr_scale())
 
     # -- export (tools/export.py) -------------------------------------------------------------------
     @property
