@@ -164,7 +164,8 @@ class BaseTask(LightningModule):
         """Samples in ``batch`` (the logged values' weight): the first dimension of its first tensor."""
         first = first_tensor(batch)
         if first is None:
-            raise TypeError(f"{type(self).__name__}: no tensor in the batch to count its samples; override batch_size_of")
+            raise TypeError(f"{type(self).__name__}: no tensor in the batch to count its samples; "
+                            "override batch_size_of")
         return int(first.shape[0])
 
     def total_loss(self, losses: Mapping[str, Tensor], stage: str) -> Tensor:
@@ -177,7 +178,7 @@ class BaseTask(LightningModule):
         return loss
 
     def log_loss(self, stage: str, losses: Mapping[str, Tensor], batch_size: int) -> Tensor:
-        """Log the sum of the ``loss_*`` terms of ``losses`` as ``{stage}/loss`` (averaged over processes); returns it."""
+        """Log the sum of the ``loss_*`` terms of ``losses`` as ``{stage}/loss`` (process-averaged); returns it."""
         loss = loss_sum(losses)
         self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True)
         return loss

@@ -350,7 +350,7 @@ def test_partial_fc_resume_with_adamw_continues_exactly(tmp_path) -> None:
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     state = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
     assert {"criterion.exp_avg", "criterion.exp_avg_sq", "criterion.row_steps"} <= set(state)
-    assert len(set(state["criterion.row_steps"].tolist())) > 1  # rows sampled a different number of times: per-row state
+    assert len(set(state["criterion.row_steps"].tolist())) > 1  # rows sampled a different number of times
     resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
         assert torch.equal(getattr(resumed.criterion, name), getattr(straight.criterion, name)), name
