@@ -1,12 +1,15 @@
 """DataModules for lit-tasks: standard formats on disk and generated data (never imports ``lit_tasks``).
 
 Names are imported on first use (PEP 562), so ``from datamodules.tfrecord import read_records`` loads
-neither Lightning nor albumentations. Layout: ``base`` (loader plumbing), ``images`` (the one image
-decoder), ``transforms``; a family per task: ``detection`` + ``coco`` + ``tfrecord_detection``,
-``faces`` + ``tfrecord_faces`` + ``recordio_faces`` (with the formats ``recordio``, ``face_bin`` and
-``face_align``), ``masks`` + ``tfrecord_masks``, ``keypoints`` + ``topdown`` + ``coco_keypoints`` (pose),
-``features`` + ``tfrecord_features`` (feature streams); ``synthetic`` (generated data); ``tfrecord`` (the
-TFRecord format itself, knowing no DataModule).
+neither Lightning nor albumentations. Layout: plumbing at the top (``base``, ``loaders``, ``transfer``,
+``images`` the one image decoder, ``transforms``; ``tfrecord_images`` and ``tfrecord_shards``, the keys and the
+argument block every TFRecord DataModule shares); one folder per family with its sample contract, its on-disk
+DataModules and its TFRecord DataModule: ``detection/`` (``samples``, ``coco``),
+``segmentation/`` (``samples``, ``folders``), ``faces/`` (``samples``, ``folders``, ``recordio``, ``align``),
+``keypoints/`` (``topdown``, ``geometry``, ``coco``), ``features/`` (``samples``, ``layouts``, ``datamodules``);
+``synthetic/`` (generated data). The formats know no DataModule and import nothing else of
+``datamodules`` (a family passes the image decoder): ``tfrecord/``, ``recordio`` (MXNet RecordIO) and
+``face_bin`` (insightface's ``.bin`` verification sets).
 """
 
 import importlib
@@ -28,16 +31,16 @@ _EXPORTS = {
     "DetectionDataset": "detection.samples",
     "detection_collate": "detection.samples",
     "detection_sample": "detection.samples",
-    "IdentityFolderDataModule": "faces.identities",
-    "LSTRFeatureDataModule": "features.streams",
-    "OadTRFeatureDataModule": "features.streams",
+    "IdentityFolderDataModule": "faces.folders",
+    "LSTRFeatureDataModule": "features.datamodules",
+    "OadTRFeatureDataModule": "features.datamodules",
     "SyntheticStreamsDataModule": "synthetic",
     "TFRecordFeatureDataModule": "features.tfrecord",
-    "FolderSegmentationDataModule": "segmentation.masks",
+    "FolderSegmentationDataModule": "segmentation.folders",
     "RecordIOFaceDataModule": "faces.recordio",
-    "SegmentationDataset": "segmentation.masks",
-    "VOCSegmentationDataModule": "segmentation.masks",
-    "segmentation_collate": "segmentation.masks",
+    "SegmentationDataset": "segmentation.samples",
+    "VOCSegmentationDataModule": "segmentation.folders",
+    "segmentation_collate": "segmentation.samples",
     "FiguresKeypointDataModule": "synthetic",
     "ShapesDetectionDataModule": "synthetic",
     "ShapesSegmentationDataModule": "synthetic",

@@ -94,6 +94,7 @@ class BaseDataModule(pl.LightningDataModule):
     def make_loader(
         self,
         dataset: Dataset,
+        *,
         train: bool,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         batch_size: int | None = None,

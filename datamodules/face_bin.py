@@ -29,8 +29,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from datamodules.images import decode_image
-
 
 class RefusedPickleError(pickle.UnpicklingError):
     """The pickle names a global (function, class) that a verification ``.bin`` has no business holding."""
@@ -136,29 +134,38 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 class VerificationBinDataset:
     """Map-style pairs of a ``.bin``: ``dataset[i] -> {"image_a", "image_b", "same", "index"}``.
 
-    ``image_a`` / ``image_b`` are the decoded ``(H, W, 3)`` uint8 RGB images ``2 i`` and ``2 i + 1``
-    (:func:`~datamodules.images.decode_image`), each passed through ``transform`` if given; ``same`` a bool,
-    ``index`` the pair number. The encoded images stay in memory (as insightface's ``load_bin`` does; LFW is
-    ~60 MB); they are decoded per item, in the DataLoader workers. Unlike ``load_bin``, images are not resized:
-    a transform does that if the file's images are not the network's size.
+    ``image_a`` / ``image_b`` are images ``2 i`` and ``2 i + 1`` as ``decode`` gives them (the face family passes
+    :func:`datamodules.images.decode_image`: ``(H, W, 3)`` uint8 RGB; without a decoder, the encoded bytes), each
+    passed through ``transform`` if given; ``same`` a bool, ``index`` the pair number. The encoded images stay in
+    memory (as insightface's ``load_bin`` does; LFW is ~60 MB); they are decoded per item, in the DataLoader
+    workers. Unlike ``load_bin``, images are not resized: a transform does that if the file's images are not the
+    network's size.
+
+    Args:
+        path: the ``.bin`` file.
+        transform: called on each decoded image.
+        decode: ``(encoded bytes, where) -> image``, ``where`` naming the file and image number for its errors.
 
     Attributes:
         name: the set's name, the file stem (``lfw``, ``cfp_fp``), for metric keys such as ``val/lfw/accuracy``.
         images: the ``2 P`` encoded images; ``issame``: ``(P,)`` bool.
     """
 
-    def __init__(self, path: str | os.PathLike, transform: Callable[[np.ndarray], Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, transform: Callable[[np.ndarray], Any] | None = None, *,
+                 decode: Callable[[bytes, str], Any] | None = None) -> None:
         self.path = str(path)
         self.name = Path(path).stem
         self.images, self.issame = load_bin(path)
-        self.transform = transform
+        self.transform, self.decode = transform, decode
 
     def __len__(self) -> int:
         return len(self.issame)
 
-    def image(self, n: int) -> np.ndarray:
-        """Decoded image ``n`` (of ``2 P``), before ``transform``."""
-        return decode_image(self.images[n], f"{self.path}: image {n}")
+    def image(self, n: int) -> Any:
+        """Image ``n`` (of ``2 P``) as ``decode`` gives it (its encoded bytes without a decoder), before ``transform``."""
+        if self.decode is None:
+            return self.images[n]
+        return self.decode(self.images[n], f"{self.path}: image {n}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

@@ -6,7 +6,7 @@ keypoints and masks are in upright pixels: ``decode_image`` applies the tag (the
 ``PIL.ImageOps.exif_transpose``) and ``image_header`` reports the upright size. Folder, COCO and
 TFRecord readers all decode through here, so a file and its TFRecord copy give the same pixels.
 
-Masks are class-id arrays, not photos: ``datamodules.segmentation.masks.read_mask`` reads them as stored and refuses
+Masks are class-id arrays, not photos: ``datamodules.segmentation.samples.read_mask`` reads them as stored and refuses
 one that carries an orientation tag of its own.
 """
 

@@ -24,6 +24,7 @@ position support) the loader says so and what the resumed epoch will do.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -31,6 +32,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.transfer import PackSmall, unpack_small
+
+SUPPORTED_TORCH = "torch>=2.4,<2.15"  # as pyproject.toml pins it (tests/test_lightning_seams.py checks they agree)
+
+
+def torch_index_sampler(loader: DataLoader) -> Any:
+    """DataLoader's private ``_index_sampler`` property of ``loader`` (the sampler its iterators draw indices from).
+
+    The one private torch member of ``datamodules`` (it cannot use :mod:`lit_tasks.run.lightning_seams`): no public
+    hook lets a DataLoader start a pass mid-way. Raises RuntimeError naming the installed torch when DataLoader has
+    no such property; ``tests/test_lightning_seams.py`` also checks that torch's iterators still read it.
+    """
+    seam = inspect.getattr_static(DataLoader, "_index_sampler", None)
+    if not isinstance(seam, property):
+        raise RuntimeError(f"datamodules.loaders.ResumableDataLoader needs torch's DataLoader._index_sampler property "
+                           f"(its iterators draw indices from it), which the installed torch {torch.__version__} "
+                           f"lacks: a resumed epoch would repeat samples. Supported range: {SUPPORTED_TORCH} "
+                           "(pyproject.toml)")
+    return seam.fget(loader)
 
 
 class _SkipFirst:
@@ -118,7 +137,8 @@ class ResumableDataLoader(TransferDataLoader):
 
     @property
     def _index_sampler(self) -> Any:
-        inner = super()._index_sampler
+        """Override of DataLoader's private property (:func:`torch_index_sampler`): the pass starts at the position."""
+        inner = torch_index_sampler(self)
         if isinstance(self.dataset, IterableDataset):
             return inner
         wrapper = self.__dict__.get("_resume_skipper")
@@ -144,6 +164,7 @@ class ResumableDataLoader(TransferDataLoader):
             restore = self.__dict__.pop("_resume_restore", None)
             self._position = restore["batches"] if restore else 0
         else:
+            torch_index_sampler(self)  # fails loudly on a torch without the seam (the override would never be called)
             self._position = 0  # set again when the pass begins (at its first batch)
         return _CountingIterator(self, super().__iter__())
 

@@ -42,8 +42,6 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from datamodules.images import decode_image
-
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LENGTH_MASK = (1 << 29) - 1
@@ -434,12 +432,13 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
 class RecordIODataset:
     """Map-style face-recognition dataset over an insightface RecordIO pair: ``dataset[i] -> (image, label)``.
 
-    ``image`` is ``(H, W, 3)`` uint8 RGB passed through ``transform`` if given, ``label`` an ``int``. Images are
-    decoded by the DataModules' one decoder, :func:`datamodules.images.decode_image` (Pillow: libjpeg-turbo's
+    ``image`` is what ``decode`` makes of the record's encoded image (its bytes without a decoder), passed through
+    ``transform`` if given; ``label`` an ``int``. This module is the format only and decodes nothing itself: the face
+    family passes the DataModules' one decoder, :func:`datamodules.images.decode_image` (Pillow: libjpeg-turbo's
     accurate integer IDCT and "fancy" chroma upsampling, the mode OpenCV's ``imdecode`` uses inside
-    ``mx.image.imdecode``), so the pixels equal MXNet's: every golden image hashes to the ``rgb_sha256`` of
-    ``values.json``. Greyscale and palette images become RGB (MXNet's default ``flag=1`` also gives 3
-    channels); a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's.
+    ``mx.image.imdecode``), which gives ``(H, W, 3)`` uint8 RGB whose pixels equal MXNet's: every golden image
+    hashes to the ``rgb_sha256`` of ``values.json``. Greyscale and palette images become RGB (MXNet's default
+    ``flag=1`` also gives 3 channels); a rare CMYK JPEG may differ, as Pillow's CMYK->RGB conversion is not OpenCV's.
 
     Item ``i`` is the i-th image key: keys ``1 .. header0[0] - 1`` with a header record, else every key in
     ``.idx`` order, as insightface's ``MXFaceDataset``. Record 0 is the header record when its ``flag > 0`` and it
@@ -452,6 +451,8 @@ class RecordIODataset:
         idx_path: its index; default beside it with suffix ``.idx``.
         transform: called on the decoded image (e.g. an albumentations pipeline wrapped to take and return an array
             or tensor); ``None`` returns the array.
+        decode: ``(encoded bytes, where) -> image``, ``where`` naming the file, key and byte offset for its errors
+            (e.g. :func:`datamodules.images.decode_image`); ``None`` gives the encoded bytes.
 
     Attributes:
         header0: ``(first identity key, one past the last key)`` from the header record's label, or ``None``
@@ -470,9 +471,11 @@ class RecordIODataset:
         rec_path: str | os.PathLike,
         idx_path: str | os.PathLike | None = None,
         transform: Callable[[np.ndarray], Any] | None = None,
+        *,
+        decode: Callable[[bytes | memoryview, str], Any] | None = None,
     ) -> None:
         self.records = IndexedRecordIO(rec_path, idx_path)
-        self.transform = transform
+        self.transform, self.decode = transform, decode
         self.header0: tuple[int, int] | None = None
         records = self.records
         zero = records.position(0, missing_ok=True)
@@ -513,7 +516,7 @@ class RecordIODataset:
     def __getitem__(self, i: int) -> tuple[Any, int]:
         header, data, where = self.read(i)
         label = class_of(header.label, where)
-        image = decode_image(data, where)
+        image = self.decode(data, where) if self.decode is not None else bytes(data)
         return (self.transform(image) if self.transform is not None else image), label
 
     def label(self, i: int) -> int:

@@ -75,9 +75,3 @@ def decode_image_feature(example: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"image/height x image/width say {stored[0]}x{stored[1]} but image/encoded is "
                          f"{image.shape[0]}x{image.shape[1]} (upright by its EXIF orientation)")
     return image
-
-
-def uneven_for(split: str) -> str:
-    """How a TFRecord split is divided over DDP ranks: training pads ranks to equal length (every rank must run
-    the same number of steps), evaluation splits exactly so no record is counted twice by the metrics."""
-    return "pad" if split == "train" else "none"

@@ -145,7 +145,7 @@ def detr_scales(image_size: int = DETR_BASE_SIZE) -> list[int]:
     return _scaled(DETR_SCALES, image_size)
 
 
-def check_resize_options(resize: str, image_size: int, max_size: int | None, train_scales: Sequence[int] | None,
+def check_resize_options(*, resize: str, image_size: int, max_size: int | None, train_scales: Sequence[int] | None,
                          augment: bool | str) -> str:
     """Fail early, naming the option, on resize / augmentation settings that do not fit together.
 
@@ -190,6 +190,7 @@ def detection_resize(resize: ResizeMode, image_size: int | Sequence[int],
 
 def detection_train_transforms(
     image_size: int,
+    *,
     label_fields: Sequence[str] = DETECTION_LABEL_FIELDS,
     hflip: float = 0.5,
     scale_jitter: tuple[float, float] = (0.9, 1.1),

@@ -20,7 +20,7 @@ Model selection: the checkpoint callback follows ``val/mAP`` on VALIDATION sessi
 DataModules take out of the training sessions (a seeded split unless ``val_sessions`` names them). The
 released OadTR evaluates on the test set after every epoch, so its reported checkpoint is chosen on test.
 
-Batches (``datamodules.features.streams.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
+Batches (``datamodules.features.samples.FeatureWindowDataset``): dicts with ``features`` ``(B, T, D)`` float32,
 ``target`` ``(B, C)``, ``future_target`` ``(B, Q, C)`` (all-zero rows past the end of a video), ``session``
 ``(B,)`` and ``frame`` ``(B,)`` int64 (the current frame's session index and frame number).
 
@@ -44,8 +44,10 @@ from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.action_timelines import ActionTimelineLogger
 from lit_tasks.losses.soft_cross_entropy import OadTRCriterion
 from lit_tasks.metrics.action import FrameLevelMAP, format_ap_table
+from lit_tasks.models.action.convert import read_action_weights
 from lit_tasks.models.action.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
                                     class_probabilities)
+from lit_tasks.models.published import published_weights
 
 
 class ActionDetectionTask(BaseTask):
@@ -67,6 +69,11 @@ class ActionDetectionTask(BaseTask):
         enc_layers, enc_heads, enc_mlp_dim: encoder depth (3), heads (8), MLP width (1024).
         dec_layers, dec_heads, dec_ffn_dim: decoder depth (5), heads (4), FFN width (1024).
         dropout, attn_dropout: dropout (0.1) and encoder attention dropout (0.1).
+
+        pretrained_weights: a local official OadTR checkpoint (``checkpoint*.pth`` of its ``main.py``) or a
+            ``tools/convert_weights.py`` output, loaded when the task is built; the sizes it fixes (feature_dim,
+            window, num_future, embed_dim, layer counts and widths) must be the task's (a difference is an error
+            naming it), every key is matched both ways. The numbers of heads are not in the file.
 
         Loss: current_weight (1.0), anticipation_weight (0.5).
 
@@ -110,6 +117,7 @@ class ActionDetectionTask(BaseTask):
         dec_ffn_dim: int = 1024,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
+        pretrained_weights: str | None = None,
         current_weight: float = 1.0,
         anticipation_weight: float = 0.5,
         lr: float = 1e-4,
@@ -138,9 +146,12 @@ class ActionDetectionTask(BaseTask):
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
+        published = published_weights(h, "ActionDetectionTask", read_action_weights)
         self.model = OadTR(h.feature_dim, h.num_classes, h.window, h.embed_dim, h.enc_layers, h.enc_heads,
                            h.enc_mlp_dim, h.dec_layers, h.dec_heads, h.dec_ffn_dim, h.num_future, h.dropout,
                            h.attn_dropout)
+        if published is not None:
+            published.load_into(self.model)
 
     def configure_losses(self) -> None:
         h = self.hparams

@@ -138,6 +138,17 @@ class BaseTask(LightningModule):
             return [f"lr_drop_epochs must be increasing epochs >= 1, got {drops}"]
         return []
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds the weights ``pretrained_weights`` gave (the published file a task started from): it
+        names no file, so loading it (``--ckpt_path``, ``load_from_checkpoint``) needs none; the options the file set
+        are in the hyperparameters already (``lit_tasks.models.published.apply_options``)."""
+        hp = checkpoint.get("hyper_parameters")
+        if hp and hp.get("pretrained_weights"):
+            reset = {k: v for k, v in (("pretrained_weights", None), ("pretrained_class_rows", None),
+                                       ("reinit_class_head", False)) if k in hp}
+            checkpoint["hyper_parameters"] = {**hp, **reset}
+            checkpoint["pretrained_weights_file"] = hp["pretrained_weights"]  # where the start came from
+
     # -- parts a task builds -------------------------------------------------------------------
     def configure_models(self) -> None:
         """Build the network ``self.model`` from ``self.hparams``."""

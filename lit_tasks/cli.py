@@ -16,21 +16,18 @@ Every run also writes checkpoints crash-safely (:class:`~lit_tasks.run.checkpoin
 restores on resume what Lightning does not: random generators and the training data position
 (:class:`~lit_tasks.run.resume.ExactResume`). ``fit --ckpt_path last`` resumes from the newest ``last.ckpt`` of
 the run's versions (in the logger's folder, or ``--checkpoint.dirpath``) and goes on logging in that version's
-folder; when there is none it says where it looked and starts from the beginning.
+folder; when there is none it says where it looked and starts from the beginning
+(:mod:`lit_tasks.run.last_checkpoint`). The CLI uses no private Lightning member: see :class:`TasksCLI`.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import inspect
 import os
-import re
 import sys
-import typing
 from typing import Any
 
-import torch
 import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -39,8 +36,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_tasks.run.checkpoint_io import TEMP_SUFFIX, install_atomic_checkpoint_io
+from lit_tasks.run.checkpoint_io import install_atomic_checkpoint_io
 from lit_tasks.run.callbacks import LRMonitor, TaskCheckpoint
+from lit_tasks.run.last_checkpoint import continue_logging_in, resolve_last_checkpoint
+from lit_tasks.run.lightning_seams import parse_integer_limits_as_counts
 from lit_tasks.run.resume import ExactResume
 
 LINKED_SIZES = ("num_classes", "num_identities", "num_keypoints", "class_names", "ignore_index", "verification_sets",
@@ -72,7 +71,20 @@ class FitConfigCallback(SaveConfigCallback):
 
 
 class TasksCLI(LightningCLI):
-    """LightningCLI with the project's links and default callbacks."""
+    """LightningCLI with the project's links and default callbacks.
+
+    Its overrides, all of public LightningCLI hooks: ``add_arguments_to_parser`` (the checkpoint and LR monitor
+    callbacks, the size links); ``parse_arguments`` (``--help`` lists the chosen classes' options; resolves
+    ``--ckpt_path last`` and notes the model options typed on the command line, before LightningCLI reads the
+    checkpoint's hyperparameters into the config); ``before_instantiate_classes`` (after that read: typed options win
+    over the checkpoint's, unknown checkpoint keys are dropped, a resumed fit's logger gets the run's ``version``);
+    ``instantiate_classes`` (refuses a linked size that differs from the data's); ``instantiate_trainer`` (atomic
+    checkpoint writes, ExactResume); ``before_fit`` / ``before_validate`` / ``before_test`` (a resumed fit's config
+    goes beside the run's; evaluating untrained weights warns).
+    """
+
+    _resumed_from: str | None = None  # the last.ckpt ``--ckpt_path last`` resolved to
+    _typed_model_options: dict[str, Any] = {}  # model options typed on the command line, as parsed
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
@@ -83,11 +95,13 @@ class TasksCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes."""
+        """As LightningCLI, but ``--help`` also documents the options of the task and DataModule classes; then
+        resolves ``--ckpt_path last`` and keeps the model options typed on the command line."""
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        self._argv = argv
         if not any(a in ("-h", "--help") for a in argv) or not argv or argv[0] not in self.subcommands():
-            return super().parse_arguments(parser, args)
+            super().parse_arguments(parser, args)
+            self._before_checkpoint_hyperparameters(argv)
+            return
         try:
             super().parse_arguments(parser, args)
         except SystemExit:
@@ -99,29 +113,39 @@ class TasksCLI(LightningCLI):
                     pass
             raise
 
-    def _parse_ckpt_path(self) -> None:
-        """As LightningCLI (the checkpoint's hyperparameters rebuild the model it holds), but model options
-        typed on the command line win over the checkpoint's: ``test --ckpt_path X --model.score_threshold 0.3``
-        must test with 0.3. Values from config files and defaults still yield to the checkpoint.
-        ``--ckpt_path last`` is first resolved to a file (:func:`resolve_last_checkpoint`)."""
+    def _before_checkpoint_hyperparameters(self, argv: list[str]) -> None:
+        """Resolve ``--ckpt_path last`` to a file (:func:`resolve_last_checkpoint`), so LightningCLI reads that
+        checkpoint's hyperparameters, and keep the model options typed on the command line."""
         subcommand = self.config.get("subcommand")
-        self._resumed_from = None
-        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
-            self._resumed_from = self.config[subcommand]["ckpt_path"] = resolve_last_checkpoint(
-                self.config[subcommand], subcommand)
-        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
-        typed = command_line_model_options(getattr(self, "_argv", []))
-        kept = {name: init_args[name] for name in typed if init_args is not None and name in init_args}
-        super()._parse_ckpt_path()
-        if subcommand:
-            drop_unknown_checkpoint_arguments(self.config[subcommand])
-        if not kept:
+        self._resumed_from, self._typed_model_options = None, {}
+        if not subcommand:
             return
-        init_args = self.config[subcommand]["model.init_args"]
-        for name, value in kept.items():
-            if name in init_args and init_args[name] != value:
-                rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's {init_args[name]!r}")
-            init_args[name] = value
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            self._resumed_from = config["ckpt_path"] = resolve_last_checkpoint(config, subcommand)
+        init_args = config.get("model.init_args")
+        self._typed_model_options = {name: init_args[name] for name in command_line_model_options(argv)
+                                     if init_args is not None and name in init_args}
+
+    def before_instantiate_classes(self) -> None:
+        """After LightningCLI put the checkpoint's hyperparameters in the config (the checkpoint rebuilds the model it
+        holds): model options typed on the command line win over the checkpoint's (``test --ckpt_path X
+        --model.score_threshold 0.3`` tests with 0.3; config files and defaults still yield to the checkpoint), keys
+        the task does not take are dropped, and a fit resumed with ``--ckpt_path last`` logs in its run's folder."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        drop_unknown_checkpoint_arguments(config)
+        if self._typed_model_options:
+            init_args = config["model.init_args"]
+            for name, value in self._typed_model_options.items():
+                if name in init_args and init_args[name] != value:
+                    rank_zero_info(f"--model.{name}={value!r} from the command line replaces the checkpoint's "
+                                   f"{init_args[name]!r}")
+                init_args[name] = value
+        if subcommand == "fit" and self._resumed_from:
+            continue_logging_in(config, self._resumed_from)
 
     def instantiate_classes(self) -> None:
         """As LightningCLI, then refuse a task value of a linked size that differs from the DataModule's.
@@ -145,17 +169,16 @@ class TasksCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """A fit resumed with ``--ckpt_path last`` logs on in the folder of the run it continues."""
-        resumed = getattr(self, "_resumed_from", None)
-        if not resumed:
+        """A fit resumed with ``--ckpt_path last`` writes its config.yaml beside the run's."""
+        if not self._resumed_from:
             return
-        continue_logging_in(self.trainer, resumed)
         for callback in self.trainer.callbacks:
             if isinstance(callback, FitConfigCallback):
                 callback.resuming = True
 
     def _warn_if_untrained(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path") is None:
+        # A model built with --model.pretrained_weights holds published weights: evaluating them is the point.
+        if self.config[self.subcommand].get("ckpt_path") is None and not self.model.hparams.get("pretrained_weights"):
             rank_zero_warn(
                 "\n" + "!" * 78 + f"\n`lit-tasks {self.subcommand}` without --ckpt_path evaluates the model as "
                 "built from the config: freshly initialised, UNTRAINED weights.\nPass --ckpt_path "
@@ -168,87 +191,6 @@ class TasksCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._warn_if_untrained()
-
-
-LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")
-
-
-def checkpoint_folders(config: Any) -> list[str]:
-    """Glob patterns of the folders ``fit`` writes checkpoints to, for every version of the run, from the config.
-
-    ``--checkpoint.dirpath`` if given; else ``<logger root>/*/checkpoints`` (TensorBoard, CSV and other loggers
-    with a ``root_dir``: every version of the run); without a logger ``<default_root_dir>/checkpoints``.
-    """
-    dirpath = (config.get("checkpoint") or {}).get("dirpath") if hasattr(config.get("checkpoint"), "get") else None
-    if dirpath:
-        return [glob.escape(str(dirpath))]
-    trainer = config.get("trainer") or {}
-    logger = trainer.get("logger") if hasattr(trainer, "get") else None
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    root_dir = trainer.get("default_root_dir") if hasattr(trainer, "get") else None
-    root_dir = str(root_dir) if root_dir else os.getcwd()
-    if logger is not None and logger is not False and hasattr(logger, "get") and logger.get("class_path"):
-        module, _, name = str(logger["class_path"]).rpartition(".")
-        init_args = logger.get("init_args") or {}
-        init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
-        try:
-            instance = getattr(importlib.import_module(module), name)(**init_args)  # creates no folder yet
-            logger_root = getattr(instance, "root_dir", None)
-        except Exception:  # noqa: BLE001  (an unusual logger: fall back to the Trainer's default folder)
-            logger_root = None
-        if logger_root:
-            return [os.path.join(glob.escape(str(logger_root)), "*", "checkpoints")]
-    elif logger is True or logger is None:
-        return [os.path.join(glob.escape(os.path.join(root_dir, "lightning_logs")), "*", "checkpoints")]
-    return [os.path.join(glob.escape(root_dir), "checkpoints")]
-
-
-def find_last_checkpoint(patterns: list[str]) -> str | None:
-    """The newest ``last.ckpt`` (or ``last-vN.ckpt``) in the folders matching ``patterns``; None if there is none."""
-    found = [os.path.join(folder, name) for pattern in patterns for folder in glob.glob(pattern) if os.path.isdir(folder)
-             for name in os.listdir(folder) if LAST_NAME.fullmatch(name) and not name.endswith(TEMP_SUFFIX)]
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def resolve_last_checkpoint(config: Any, subcommand: str) -> str | None:
-    """The file ``--ckpt_path last`` means: the newest last.ckpt of the run (see :func:`checkpoint_folders`).
-
-    When there is none, ``fit`` starts from the beginning (a warning names the folders searched, e.g. a first run of
-    a job script that always passes ``--ckpt_path last``); the other subcommands stop with that message.
-    """
-    patterns = checkpoint_folders(config)
-    path = find_last_checkpoint(patterns)
-    if path is not None:
-        step = ""
-        try:
-            step = f" (step {torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('global_step')})"
-        except Exception:  # noqa: BLE001  (the message only)
-            pass
-        rank_zero_info(f"--ckpt_path last: {path}{step}")
-        return path
-    searched = ", ".join(patterns)
-    message = f"--ckpt_path last: no last.ckpt in {searched} (no earlier run of this config saved one"
-    if subcommand != "fit":
-        raise FileNotFoundError(message + "): pass the checkpoint file to evaluate")
-    rank_zero_warn(message + ": it was stopped before its first checkpoint, or this is the first run); training starts "
-                   "from the beginning. Save mid-epoch with --checkpoint.every_n_train_steps N.")
-    return None
-
-
-def continue_logging_in(trainer: pl.Trainer, checkpoint: str) -> None:
-    """Point the first logger at the version folder holding ``checkpoint`` (``<root>/<version>/checkpoints/x.ckpt``)
-    when it is one of the logger's versions, so the resumed run's logs and checkpoints continue that run's."""
-    if not trainer.loggers:
-        return
-    logger = trainer.loggers[0]
-    root = getattr(logger, "root_dir", None)
-    version_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if not root or os.path.dirname(version_dir) != os.path.abspath(root) or not hasattr(logger, "_version"):
-        return
-    name = os.path.basename(version_dir)
-    match = re.fullmatch(r"version_(\d+)", name)
-    logger._version = int(match.group(1)) if match else name
 
 
 def drop_unknown_checkpoint_arguments(config: Any) -> None:
@@ -327,30 +269,6 @@ def classes_named(argv: list[str]) -> list[tuple[str, str]]:
         found["data"] = [f"datamodules.{n}" for n in getattr(datamodules, "__all__", []) if n.endswith("DataModule")
                          and n != "BaseDataModule"]
     return [(part, path) for part in ("model", "data") for path in dict.fromkeys(found[part])]
-
-
-def int_before_float(hint: Any) -> Any:
-    """``hint`` with ``int`` tried before ``float`` when it is a Union of both (else ``hint`` itself)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is not typing.Union or int not in args or float not in args:
-        return hint
-    if args.index(int) < args.index(float):
-        return hint
-    return typing.Union[tuple(sorted(args, key=lambda a: a is not int))]  # a tuple of plain types: cached by order
-
-
-def parse_integer_limits_as_counts(cls: type = pl.Trainer) -> None:
-    """Make ``--trainer.limit_train_batches 1`` mean one batch, as Lightning documents, on every machine.
-
-    The Trainer annotates ``limit_*_batches``, ``val_check_interval`` and ``overfit_batches`` as
-    ``Optional[Union[int, float]]``; jsonargparse tries a Union's members in order and ``float`` accepts "1". Python's
-    typing cache treats ``Union[int, float]`` and ``Union[float, int]`` as equal keys, so which order the annotation
-    ends up with depends on what other imports built first (installing ``rich`` changed it): without this, "1" became
-    1.0, i.e. 100 % of the batches. The annotations are rewritten int-first once, before the parser reads them.
-    """
-    annotations = cls.__init__.__annotations__
-    for name, hint in list(annotations.items()):
-        annotations[name] = int_before_float(hint)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> TasksCLI:

@@ -31,9 +31,11 @@ from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
 from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
+from lit_tasks.models.detection.convert import read_detection_weights
 from lit_tasks.models.detection.detr_convert import load_pretrained_detr
 from lit_tasks.models.detection.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
 from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
+from lit_tasks.models.published import published_weights
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
@@ -117,6 +119,10 @@ class DetectionTask(BaseTask):
             the model's: 1.5 for FCOS (mmdet ``center_sampling=True``), 0 for VFNet (``center_sampling=False``).
 
         FCOS:
+        points: where each feature cell's location is: ``"center"`` (x + 1/2) x stride (mmdetection, the FCOS
+            repo) or ``"torchvision"`` (x x stride, torchvision's FCOS, whose published weights need it; see
+            :func:`~lit_tasks.models.detection.fcos.fcos_points`). None = ``"center"``, or what
+            ``pretrained_weights`` needs.
         box_loss: ``"giou"`` (default, FCOS imprv), ``"iou"`` (-ln IoU), ``"linear_iou"``, ``"diou"`` or ``"ciou"``.
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2.0).
 
@@ -134,18 +140,24 @@ class DetectionTask(BaseTask):
         eos_coef: weight of the no-object class in the class loss (0.1).
         cost_class, cost_bbox, cost_giou: Hungarian matching costs (1, 5, 2).
         weight_ce, weight_bbox, weight_giou: loss weights (1, 5, 2).
-        pretrained_weights: a local DETR weights file loaded when the task is built: a file written by
-            ``tools/convert_detr.py``, or a facebookresearch/detr ``.pth`` or Hugging Face ``DetrForObjectDetection``
-            ``model.safetensors`` / ``pytorch_model.bin`` directly. The architecture options must be the file's; the
-            file holds the backbone too (leave ``pretrained`` off). Checkpoints of a fit do not name the file again
-            (its weights are in them): evaluating one needs no file.
+        Published weights (every model):
+        pretrained_weights: a local weights file loaded when the task is built, as published or converted once by
+            ``tools/convert_weights.py``: torchvision's ``fcos_resnet50_fpn`` (FCOS), mmdetection's VFNet
+            checkpoints (VFNet), a facebookresearch/detr ``.pth`` or Hugging Face ``DetrForObjectDetection`` file or a
+            ``tools/convert_detr.py`` output (DETR). The architecture options the file needs are checked (a
+            difference is an error naming it; an option left at None takes the file's value) and every key is
+            matched both ways (see ``lit_tasks.models.published``); the file holds the backbone too (leave
+            ``pretrained`` off). Checkpoints of a fit do not name the file again (its weights are in them).
         pretrained_class_rows: the file's class-head row for each of our classes (e.g. COCO category ids for a
             COCO subset); reinit_class_head: load everything but the class head (another dataset). Published
-            COCO models have 92 class logits (91 = max category id + 1, plus no-object): for another number of
-            classes, give one of the two; see README "Fine-tuning DETR".
+            COCO models have 91 class rows (torchvision: index = COCO category id) or 92 logits (DETR: plus
+            no-object): for another number of classes, give one of the two; see README "Start from published
+            weights".
 
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
-        score_threshold: minimum raw class probability kept at inference (0.05; FCOS / VFNet).
+        score_threshold: minimum score kept at inference (0.05; FCOS / VFNet).
+        score_threshold_on: FCOS: the score ``score_threshold`` applies to, ``"class"`` (the raw class probability)
+            or ``"joint"`` (sqrt(class x centerness), torchvision's: with 0.2 it reproduces its evaluation).
         pre_nms_top_k: candidates per level before NMS (1000; FCOS / VFNet).
         nms_threshold: class-wise NMS IoU (0.6; FCOS / VFNet).
         max_detections: detections kept per image (100); DETR keeps its best-scoring queries (no threshold, no NMS).
@@ -171,7 +183,8 @@ class DetectionTask(BaseTask):
 
     monitor = "val/map"
     mode = "max"
-    eval_options = ("score_threshold", "pre_nms_top_k", "nms_threshold", "max_detections", "num_log_images")
+    eval_options = ("score_threshold", "score_threshold_on", "pre_nms_top_k", "nms_threshold", "max_detections",
+                    "num_log_images")
     logged_metric_keys = LOGGED_MAP_KEYS
 
     def __init__(
@@ -191,6 +204,7 @@ class DetectionTask(BaseTask):
         regress_ranges: list[list[float]] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        points: Literal["center", "torchvision"] | None = None,
         use_atss: bool = True,
         vfl_alpha: float = 0.75,
         vfl_gamma: float = 2.0,
@@ -215,6 +229,7 @@ class DetectionTask(BaseTask):
         pretrained_class_rows: list[int] | None = None,
         reinit_class_head: bool = False,
         score_threshold: float = 0.05,
+        score_threshold_on: Literal["class", "joint"] = "class",
         pre_nms_top_k: int = 1000,
         nms_threshold: float = 0.6,
         max_detections: int = 100,
@@ -269,9 +284,11 @@ class DetectionTask(BaseTask):
              f"backbone_lr_ratio must be >= 0, got {o['backbone_lr_ratio']}"),
             (o["warmup_steps"] is None or o["warmup_steps"] >= 0,
              f"warmup_steps must be >= 0, got {o['warmup_steps']}"),
-            (not weights or o["model"] == "detr",
-             f"pretrained_weights loads DETR weights; model is {o['model']!r} (for a timm backbone use pretrained)"),
             (not weights or os.path.isfile(weights), f"pretrained_weights: no file {weights}"),
+            (o["points"] in (None, "center", "torchvision"),
+             f"points must be 'center' or 'torchvision', got {o['points']!r}"),
+            (o["score_threshold_on"] in ("class", "joint"),
+             f"score_threshold_on must be 'class' or 'joint', got {o['score_threshold_on']!r}"),
             (weights or (rows is None and not o["reinit_class_head"]),
              "pretrained_class_rows / reinit_class_head choose the class head of pretrained_weights; none is given"),
             (rows is None or not o["reinit_class_head"], "give pretrained_class_rows or reinit_class_head, not both"),
@@ -297,6 +314,7 @@ class DetectionTask(BaseTask):
     def configure_models(self) -> None:
         """Build the trio of ``hparams.model`` once: ``self.model``, ``self.criterion``, ``self.postprocess``."""
         hp = self.hparams
+        published = published_weights(hp, "DetectionTask", read_detection_weights) if hp.model != "detr" else None
         frozen_stages, frozen_bn = self.frozen()
         backbone = dict(backbone=hp.backbone, pretrained=hp.pretrained, frozen_stages=frozen_stages,
                         frozen_bn=frozen_bn)
@@ -309,7 +327,8 @@ class DetectionTask(BaseTask):
                 self.model, self.criterion, self.postprocess = build_fcos(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs,
                     box_loss=hp.box_loss, focal_alpha=hp.focal_alpha, focal_gamma=hp.focal_gamma,
-                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"), **inference)
+                    regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"),
+                    points=hp.points or "center", score_threshold_on=self.score_threshold_on, **inference)
             case "vfnet":
                 self.model, self.criterion, self.postprocess = build_vfnet(
                     hp.num_classes, **backbone, fpn_channels=hp.fpn_channels, **head_convs, use_atss=hp.use_atss,
@@ -331,6 +350,11 @@ class DetectionTask(BaseTask):
                                          hp.reinit_class_head, build_args=architecture)
             case _:
                 raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose one of {list(MODELS)}")
+        if published is not None:
+            published.load_into(self.model, hp.pretrained_class_rows, hp.reinit_class_head)
+            hint = published.eval_hint({**inference, "score_threshold_on": self.score_threshold_on})
+            if hint:
+                rank_zero_info(hint)
         if hp.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
 
@@ -343,7 +367,7 @@ class DetectionTask(BaseTask):
             checkpoint["hyper_parameters"] = {**hp, "pretrained_weights": None, "pretrained_class_rows": None,
                                               "reinit_class_head": False, "frozen_stages": frozen_stages,
                                               "frozen_bn": frozen_bn}
-            checkpoint["detr_pretrained_weights"] = hp["pretrained_weights"]  # where the start came from
+            checkpoint["pretrained_weights_file"] = hp["pretrained_weights"]  # where the start came from
 
     def configure_metrics(self) -> None:
         self.metrics = nn.ModuleDict({stage: coco_map_metric(class_metrics=True) for stage in STAGES})

@@ -38,14 +38,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
 from lit_tasks.metrics.verification import VerificationMetric
+from lit_tasks.models.face.convert import read_face_weights
 from lit_tasks.models.face.embedding import NormalisedEmbedder, build_face_network
+from lit_tasks.models.published import published_weights
+from lit_tasks.run.lightning_seams import attached_trainer, grad_scale, ignore_in_ddp
 from lit_tasks.schedules import warmup_poly
 
 
@@ -75,6 +77,12 @@ class FaceRecognitionTask(BaseTask):
         warmup_steps: linear warm-up of the default schedule (arcface_torch's: warm-up, then linear decay to 0).
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
+        pretrained_weights: a local insightface arcface_torch ``backbone.pth`` (IResNet-18 ... 200, MobileFaceNet;
+            or its ``checkpoint_gpu_*.pt``, or a ``tools/convert_weights.py`` output) loaded into the embedding
+            network when the task is built: ``backbone`` / ``embedding_size`` / ``image_size`` must be the file's (a
+            difference is an error naming it), every key is matched both ways. The margin head's class centres
+            are not in the file (they belong to the training identities): they start fresh. Checkpoints of a fit do
+            not name the file.
 
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
         flip_test: fuse the embedding of the mirrored image at validation, test, predict and export time.
@@ -117,6 +125,7 @@ class FaceRecognitionTask(BaseTask):
         warmup_steps: int = 0,
         channels_last: bool = True,
         pretrained: bool = False,
+        pretrained_weights: str | None = None,
         flip_test: bool = True,
         num_log_images: int = 300,
         verification_sets: list[str] | None = None,
@@ -140,9 +149,12 @@ class FaceRecognitionTask(BaseTask):
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
+        published = published_weights(h, "FaceRecognitionTask", read_face_weights)
         self.model = build_face_network(
             h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
         )
+        if published is not None:
+            published.load_into(self.model)
 
     def configure_losses(self) -> None:
         """The margin softmax over the identities' centres (their ``(B, D)`` embeddings -> the mean loss)."""
@@ -151,9 +163,7 @@ class FaceRecognitionTask(BaseTask):
         if h.partial_fc:
             self.criterion: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, self.criterion.ddp_ignored_buffers("criterion.")
-            )
+            ignore_in_ddp(self, self.criterion.ddp_ignored_buffers("criterion."))
         else:
             self.criterion = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
 
@@ -273,9 +283,8 @@ class FaceRecognitionTask(BaseTask):
 
     def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self.criterion.step(optimizer.param_groups[0], scale)
+        trainer = attached_trainer(self)
+        self.criterion.step(optimizer.param_groups[0], grad_scale(trainer) if trainer is not None else 1.0)
 
     # -- export (tools/export.py) -------------------------------------------------------------------
     def export_module(self) -> nn.Module:

@@ -44,6 +44,7 @@ from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.pose_images import PoseImageLogger
 from lit_tasks.losses.rle import Q_DISTRIBUTIONS, CoordinateL1Loss, RLELoss
 from lit_tasks.metrics.pose import EPE, PCK, PCKAUC, KeypointAP, format_keypoint_table
+from lit_tasks.models.pose.convert import read_pose_weights
 from lit_tasks.models.pose.rle import (
     KeypointPredictor,
     RLERegressor,
@@ -52,6 +53,7 @@ from lit_tasks.models.pose.rle import (
     normalized_to_pixels,
     pixels_to_normalized,
 )
+from lit_tasks.models.published import published_weights
 from lit_tasks.ops.keypoints import COCO_FLIP_INDEX, affine_points, crop_to_image
 from lit_tasks.ops.oks import COCO_KEYPOINT_SIGMAS
 
@@ -81,6 +83,14 @@ class PoseTask(BaseTask):
             references' [170, 200] (of 270 / 210 epochs).
         lr_gamma: the decay factor (0.1).
         warmup_steps: linear warm-up of the default schedule (0 official; mmpose 500).
+        coord_norm: the coordinate head divides by the feature's L2 norm (official RLE); False: plain linear
+            (mmpose). None = True, or what ``pretrained_weights`` needs.
+        input_normalization: ``"imagenet"`` mean / std, or ``"rle"`` (the official code's mean-only). None =
+            ``"imagenet"``, or what ``pretrained_weights`` needs.
+        pretrained_weights: a local RLE weights file loaded when the task is built (the official release's
+            ``RegressFlow`` file, mmpose's RLE checkpoints, or a ``tools/convert_weights.py`` output): the regressor,
+            and the loss's flow with ``loss="rle"`` (with ``"l1"`` the flow is left out). ``backbone`` must be the
+            file's; every key is matched both ways. Checkpoints of a fit do not name the file.
 
         Evaluation-time (not saved in checkpoints: ``test --ckpt_path`` takes them from its own config):
         flip_test: average with the prediction on the mirrored crop (validation, test, predict, forward, export).
@@ -106,6 +116,9 @@ class PoseTask(BaseTask):
         frozen_stages: int = -1,
         frozen_bn: bool = False,
         loss: Literal["rle", "l1"] = "rle",
+        coord_norm: bool | None = None,
+        input_normalization: Literal["imagenet", "rle"] | None = None,
+        pretrained_weights: str | None = None,
         q_distribution: Literal["official", "laplace", "gaussian"] = "official",
         flow_xavier_gain: float | None = None,
         input_size: list[int] | None = None,
@@ -166,7 +179,10 @@ class PoseTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = RLERegressor(hp.backbone, hp.num_keypoints, hp.pretrained, hp.frozen_stages, hp.frozen_bn)
+        self._published = published_weights(hp, "PoseTask", read_pose_weights)  # loaded with the flow, below
+        self.model = RLERegressor(hp.backbone, hp.num_keypoints, hp.pretrained, hp.frozen_stages, hp.frozen_bn,
+                                  coord_norm=hp.coord_norm is not False,
+                                  input_normalization=hp.input_normalization or "imagenet")
         if hp.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
 
@@ -175,6 +191,10 @@ class PoseTask(BaseTask):
         # The flow is a submodule of the task, so BaseTask.param_groups hands its parameters to the optimizer.
         self.criterion = (RLELoss(hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain) if hp.loss == "rle"
                           else CoordinateL1Loss())
+        if self._published is not None:  # the regressor and, for the RLE loss, its learned flow
+            parts = {"model": self.model, **({"flow": self.criterion.flow} if hp.loss == "rle" else {})}
+            self._published.load_into(nn.ModuleDict(parts), drop=() if hp.loss == "rle" else ("flow.",))
+            self._published = None
 
     def configure_metrics(self) -> None:
         """PCK, its AUC and EPE on ground-truth-box crops, OKS AP over every instance; per stage."""

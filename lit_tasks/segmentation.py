@@ -26,6 +26,8 @@ from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.segmentation_images import SegmentationImageLogger
 from lit_tasks.losses.cross_entropy import SegmentationCriterion
 from lit_tasks.metrics.segmentation import SegmentationMetrics, format_class_table
+from lit_tasks.models.published import published_weights
+from lit_tasks.models.segmentation.convert import read_segmentation_weights
 from lit_tasks.models.segmentation.segmenter import Segmenter, SegmenterName
 from lit_tasks.ops.images import group_by_size, sliding_windows
 from lit_tasks.schedules import warmup_poly
@@ -48,6 +50,16 @@ class SemanticSegmentationTask(BaseTask):
         head_channels: width of the ASPP / decoder / FCN convs (the PSP bottleneck uses twice this).
         dropout: dropout before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss on stage 3 (0 builds no auxiliary head).
+        fcn_heads: the FCN heads (``fcn``'s head, every auxiliary head): ``"mmseg"`` (``head_channels`` wide; ``fcn``:
+            two convs, input concatenated) or ``"torchvision"`` (one conv of in_channels // 4, torchvision's FCNHead).
+            None = ``"mmseg"``, or what ``pretrained_weights`` needs.
+        pretrained_weights: a local published weights file loaded when the task is built (torchvision
+            ``deeplabv3_resnet50/101`` / ``fcn_resnet50/101``, mmsegmentation PSPNet R50/R101-D8), as downloaded or
+            converted by ``tools/convert_weights.py``; architecture options left at None take the file's values, a
+            different value is an error naming it; every key is matched both ways. Checkpoints of a fit do not name
+            the file. BatchNorm keeps training, as torchvision's and mmsegmentation's recipes do (SyncBN).
+        pretrained_class_rows: the file's class row for each of our classes (a subset); reinit_class_head: new class
+            heads (main and auxiliary) for other classes.
         class_weights: optional per-class cross-entropy weights (length ``num_classes``).
         ignore_index: mask label that is neither trained on nor scored; linked from the DataModule. Must be
             >= num_classes: negative values are refused (mask files hold unsigned ids, so none can carry one).
@@ -86,6 +98,10 @@ class SemanticSegmentationTask(BaseTask):
         head_channels: int = 256,
         dropout: float = 0.1,
         aux_weight: float = 0.4,
+        fcn_heads: Literal["mmseg", "torchvision"] | None = None,
+        pretrained_weights: str | None = None,
+        pretrained_class_rows: list[int] | None = None,
+        reinit_class_head: bool = False,
         class_weights: list[float] | None = None,
         ignore_index: int = 255,
         class_names: list[str] | None = None,
@@ -111,7 +127,7 @@ class SemanticSegmentationTask(BaseTask):
             (args["output_stride"] in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {args['output_stride']}"),
             *((args[k] is None or len(args[k]) == n, f"{k} has {len(args[k] or ())} entries for num_classes={n}")
               for k in ("class_weights", "class_names")),
-            # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.masks.check_ignore_index)
+            # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.samples.check_ignore_index)
             (ignore >= 0, f"ignore_index={ignore}: masks store unsigned class ids (PNG, TFRecord), so no mask can hold "
                           "a negative value; use an id >= num_classes, e.g. 255"),
             (ignore < 0 or ignore >= n, f"ignore_index={ignore} must lie outside [0, num_classes={n})"),
@@ -121,10 +137,14 @@ class SemanticSegmentationTask(BaseTask):
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         hp = self.hparams
+        published = published_weights(hp, "SemanticSegmentationTask", read_segmentation_weights)
         self.model = Segmenter(
             hp.num_classes, hp.model, hp.backbone, hp.pretrained, hp.output_stride, tuple(hp.feature_indices or (1, 3, 4)),
             hp.aspp_rates, tuple(hp.pool_scales or (1, 2, 3, 6)), hp.head_channels, hp.dropout, aux_head=hp.aux_weight > 0,
+            fcn_heads=hp.fcn_heads or "mmseg",
         )
+        if published is not None:
+            published.load_into(self.model, hp.pretrained_class_rows, hp.reinit_class_head)
         if hp.channels_last:
             self.model.to(memory_format=torch.channels_last)
 

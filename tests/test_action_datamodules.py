@@ -14,7 +14,7 @@ import torch
 
 from datamodules import (LSTRFeatureDataModule, OadTRFeatureDataModule, SyntheticStreamsDataModule,
                          TFRecordFeatureDataModule)
-from datamodules.features.streams import FeatureSession, FeatureSet, holdout_sessions
+from datamodules.features.samples import FeatureSession, FeatureSet, holdout_sessions
 from datamodules.synthetic.streams import make_feature_streams
 from datamodules.tfrecord import TFRecordWriter, build_sequence_example, write_sharded
 from datamodules.features.tfrecord import read_feature_records, session_examples

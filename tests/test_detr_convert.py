@@ -183,3 +183,18 @@ def test_guess_backbone_for_resnet50() -> None:
             for s, n in zip(range(1, 5), (3, 4, 6, 3)) for b in range(n)}
     assert tool.guess_backbone(keys) == "resnet50"
     assert tool.guess_backbone({k.replace("conv3", "conv2"): v for k, v in keys.items()}) is None
+
+
+def test_convert_weights_tool_forwards_detr_files(tmp_path: Path) -> None:
+    """tools/convert_weights.py detection: a DETR file goes through tools/convert_detr.py (same output)."""
+    spec = importlib.util.spec_from_file_location("convert_weights_tool", ROOT / "tools" / "convert_weights.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    source = _model(num_classes=3)
+    torch.save({"model": to_facebookresearch(source.state_dict())}, tmp_path / "detr-tiny.pth")
+    out = tool.main(["detection", str(tmp_path / "detr-tiny.pth"), str(tmp_path / "ours.pt"), "--backbone", BACKBONE,
+                     "--nheads", "4", "--class_rows", "2,0"])
+    saved = torch.load(out, weights_only=True)
+    assert saved["build_detr"]["num_classes"] == 2 and saved["build_detr"]["nheads"] == 4
+    expected = source.state_dict()["class_embed.weight"][[2, 0, 3]]
+    torch.testing.assert_close(saved["state_dict"]["class_embed.weight"], expected, rtol=0, atol=0)

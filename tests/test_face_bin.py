@@ -47,7 +47,7 @@ def test_golden_bins_give_every_image_and_flag(name):
     for n, (data, expected) in enumerate(zip(images, lfw["images"])):
         assert isinstance(data, bytes) and len(data) == expected["jpeg_len"], n
         assert hashlib.sha256(data).hexdigest() == expected["jpeg_sha256"], n
-    ds = VerificationBinDataset(GOLDEN / name)
+    ds = VerificationBinDataset(GOLDEN / name, decode=decode_image)
     assert len(ds) == 12 and ds.name == Path(name).stem
     for i in range(len(ds)):
         pair = ds[i]
@@ -90,8 +90,16 @@ def test_other_legitimate_encodings_load(tmp_path):
     for name, (obj, protocol) in variants.items():
         images, issame = load_bin(dump(tmp_path / name, obj, protocol))
         assert images == encoded and issame.tolist() == flags, name
-    ds = VerificationBinDataset(tmp_path / "numpy2.bin", transform=lambda im: im.mean())
+    ds = VerificationBinDataset(tmp_path / "numpy2.bin", transform=lambda im: im.mean(), decode=decode_image)
     assert ds[1]["image_a"] == pytest.approx(decode_image(encoded[2]).mean()) and ds[1]["same"] is False
+
+
+def test_without_a_decoder_the_format_gives_the_encoded_bytes(tmp_path):
+    """The format decodes nothing itself (the face family passes the decoder): no decoder, the stored bytes."""
+    encoded = [jpeg(n) for n in range(4)]
+    ds = VerificationBinDataset(dump(tmp_path / "raw.bin", (encoded, [True, False]), 2))
+    assert ds[1]["image_a"] == encoded[2] and ds[1]["image_b"] == encoded[3] and ds.image(0) == encoded[0]
+    assert VerificationBinDataset(tmp_path / "raw.bin", transform=len)[0]["image_a"] == len(encoded[0])
 
 
 class _RunsAShellCommand:
@@ -147,6 +155,6 @@ def test_malformed_bins_are_named(tmp_path):
     (tmp_path / "cut.bin").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(pickle.UnpicklingError, match=r"cut.bin: not a readable pickle"):
         load_bin(tmp_path / "cut.bin")
-    ds = VerificationBinDataset(dump(tmp_path / "broken.bin", ([encoded[0], encoded[1][:40]], [False])))
+    ds = VerificationBinDataset(dump(tmp_path / "broken.bin", ([encoded[0], encoded[1][:40]], [False])), decode=decode_image)
     with pytest.raises(OSError, match=r"cannot read image .*broken.bin: image 1: "):
         ds[0]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.faces.identities import IdentityFolderDataModule, parse_pairs, scan_identity_folders
+from datamodules.faces.folders import IdentityFolderDataModule, scan_identity_folders
+from datamodules.faces.samples import parse_pairs
 from datamodules.synthetic.identities import (
     SyntheticFacesDataModule,
     identity_params,

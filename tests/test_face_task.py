@@ -401,7 +401,7 @@ def write_synthetic_bin(path: Path, num_pairs: int, first_identity: int, image_s
 
 
 def two_set_data(tmp_path: Path, batch_size: int = 4):
-    from datamodules.faces.identities import IdentityFolderDataModule
+    from datamodules.faces.folders import IdentityFolderDataModule
 
     write_face_folder(tmp_path / "faces", size=32)
     bins = [str(write_synthetic_bin(tmp_path / "setA.bin", 13, 1000)),

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.features.streams import (FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set, load_pickle,
-                                  read_lstr_features, read_oadtr_pickles)
+from datamodules.features.layouts import load_pickle, read_lstr_features, read_oadtr_pickles
+from datamodules.features.samples import FeatureSession, FeatureSet, FeatureWindowDataset, check_feature_set
 from golden import shared_dir
 
 

@@ -22,7 +22,7 @@ from datamodules import (
     TFRecordIdentityDataModule,
     TFRecordMaskDataModule,
 )
-from datamodules.faces.identities import face_transform
+from datamodules.faces.samples import face_transform
 from datamodules.images import IMAGE_EXTENSIONS, decode_image, image_header
 from datamodules.tfrecord import TFRecordWriter, build_example, read_examples
 

@@ -9,12 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.segmentation.masks import (
-    FolderSegmentationDataModule,
+from datamodules.segmentation.folders import FolderSegmentationDataModule, VOCSegmentationDataModule, read_class_names
+from datamodules.segmentation.samples import (
     SegmentationDataset,
-    VOCSegmentationDataModule,
     check_mask,
-    read_class_names,
     read_mask,
     segmentation_collate,
     segmentation_eval_transforms,

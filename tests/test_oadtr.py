@@ -166,8 +166,8 @@ def test_class_probabilities_drop_the_ambiguous_column() -> None:
 
 @pytest.mark.parametrize("pad", ["replicate", "zeros"])
 def test_streaming_equals_the_window_dataset(pad: str) -> None:
-    """The DataModule's windows (datamodules.features.streams) and the streaming detector share one padding rule."""
-    from datamodules.features.streams import FeatureWindowDataset
+    """The DataModule's windows (datamodules.features.samples) and the streaming detector share one padding rule."""
+    from datamodules.features.samples import FeatureWindowDataset
     from datamodules.synthetic.streams import make_feature_streams
 
     data = make_feature_streams(num_sessions=2, num_actions=4, feature_dim=12, min_frames=20, max_frames=30, seed=3)

@@ -77,7 +77,7 @@ def jpeg(seed: int, size: int = 16) -> bytes:
 @needs_golden
 def test_golden_train_every_record_matches_mxnet():
     train = VALUES["train"]
-    ds = RecordIODataset(GOLDEN / "train.rec")
+    ds = RecordIODataset(GOLDEN / "train.rec", decode=decode_image)
     assert ds.header0 == (train["header0"]["label"][0], train["header0"]["label"][1]) == (25, 31)
     assert len(ds) == train["num_images"] == 24
     assert ds.image_keys.tolist() == train["image_keys"]
@@ -138,7 +138,7 @@ def test_golden_multi_part_record_joins_chunks_with_magic():
 @needs_golden
 def test_golden_plain_layout_every_key_is_an_image():
     plain = VALUES["plain"]
-    ds = RecordIODataset(GOLDEN / "plain.rec")
+    ds = RecordIODataset(GOLDEN / "plain.rec", decode=decode_image)
     assert ds.header0 is None
     assert ds.image_keys.tolist() == plain["image_keys"] == list(range(24))
     assert [ds.label(i) for i in range(len(ds))] == plain["labels_in_key_order"]
@@ -188,7 +188,7 @@ def test_flipped_magic_is_named(tmp_path):
     rec = golden_copy(tmp_path, "train")
     offset = VALUES["train"]["records"]["5"]["offset"]
     patch(rec, offset, struct.pack("<I", MAGIC ^ 0x1))
-    ds = RecordIODataset(rec)
+    ds = RecordIODataset(rec, decode=decode_image)
     assert ds[3][1] == 0  # the record before it still reads
     with pytest.raises(RecordIOError, match=rf"train.rec: key 5 at byte offset {offset}: bad magic") as info:
         ds[4]
@@ -207,7 +207,7 @@ def test_truncated_tail_is_named(tmp_path):
     rec = golden_copy(tmp_path, "plain")
     last = VALUES["plain"]["records"]["23"]["offset"]
     os.truncate(rec, VALUES["plain"]["rec_size"] - 100)
-    ds = RecordIODataset(rec)
+    ds = RecordIODataset(rec, decode=decode_image)
     assert ds[22][1] == 2
     with pytest.raises(RecordIOError, match=rf"key 23 at byte offset {last}: truncated.*past the end of the file"):
         ds[23]
@@ -238,14 +238,14 @@ def test_index_offset_into_a_record_is_named(tmp_path):
     # An aligned offset inside key 5's JPEG: no magic there (the writer escapes aligned magic words).
     inside = VALUES["plain"]["records"]["5"]["offset"] + 1000
     idx.write_text(original.replace(f"5\t{VALUES['plain']['records']['5']['offset']}\n", f"5\t{inside}\n"))
-    ds = RecordIODataset(rec)
+    ds = RecordIODataset(rec, decode=decode_image)
     with pytest.raises(RecordIOError, match=rf"key 5 at byte offset {inside}: bad magic .* not the start of a record"):
         ds[5]
     # The second chunk of the multi-part key 14: a real chunk header, but not a record start.
     start = VALUES["plain"]["records"]["14"]["offset"]
     idx.write_text(original.replace(f"14\t{start}\n", f"14\t{start + 8 + 48}\n"))
     with pytest.raises(RecordIOError, match=r"key 14 .* points into the middle of a multi-part record"):
-        RecordIODataset(rec)[14]
+        RecordIODataset(rec, decode=decode_image)[14]
     # An offset that is not 4-byte aligned can never be a record start.
     idx.write_text(original.replace(f"14\t{start}\n", f"14\t{start + 2}\n"))
     with pytest.raises(RecordIOError, match=rf"plain.idx: key 14 at byte offset {start + 2}: line 15: offset is not a multiple of 4"):
@@ -257,7 +257,7 @@ def test_length_past_end_and_into_next_record_are_named(tmp_path):
     rec = golden_copy(tmp_path, "plain")
     offset = VALUES["plain"]["records"]["7"]["offset"]
     patch(rec, offset + 4, struct.pack("<I", 2**29 - 1))  # cflag 0, the largest length
-    ds = RecordIODataset(rec)
+    ds = RecordIODataset(rec, decode=decode_image)
     with pytest.raises(RecordIOError, match=rf"key 7 at byte offset {offset}: truncated.*past the end of the file"):
         ds[7]
     length = VALUES["plain"]["records"]["7"]["parts"][0][1]
@@ -274,7 +274,7 @@ def test_length_past_end_and_into_next_record_are_named(tmp_path):
 def test_errors_cross_worker_boundaries_with_their_fields(tmp_path):
     rec = golden_copy(tmp_path, "plain")
     patch(rec, VALUES["plain"]["records"]["2"]["offset"], b"\0\0\0\0")
-    loader = torch.utils.data.DataLoader(RecordIODataset(rec), batch_size=None, num_workers=1,
+    loader = torch.utils.data.DataLoader(RecordIODataset(rec, decode=decode_image), batch_size=None, num_workers=1,
                                          multiprocessing_context="fork", sampler=[2])
     with pytest.raises(RecordIOError, match=r"(?s)Caught RecordIOError in DataLoader worker.*plain.rec: key 2 at byte offset "
                        + str(VALUES["plain"]["records"]["2"]["offset"]) + ": bad magic"):
@@ -299,6 +299,15 @@ def test_bad_index_lines_are_named(tmp_path):
         IndexedRecordIO(tmp_path / "b.rec")
 
 
+def test_without_a_decoder_the_format_gives_the_encoded_bytes(tmp_path):
+    """The format decodes nothing itself (the face family passes the decoder): no decoder, the stored image bytes."""
+    images = [jpeg(k) for k in range(3)]
+    write_recordio(tmp_path / "raw.rec", [(k, pack_record(IRHeader(0, float(k), k, 0), images[k])) for k in range(3)])
+    ds = RecordIODataset(tmp_path / "raw.rec")
+    assert [ds[k] for k in range(3)] == [(images[k], k) for k in range(3)]
+    assert RecordIODataset(tmp_path / "raw.rec", transform=len)[2] == (len(images[2]), 2)
+
+
 def test_bad_payloads_and_labels_are_named(tmp_path):
     good = jpeg(1)
     records = [
@@ -311,7 +320,7 @@ def test_bad_payloads_and_labels_are_named(tmp_path):
         (6, pack_record(IRHeader(0, -1.0, 6, 0), good)),
     ]
     write_recordio(tmp_path / "b.rec", records)
-    ds = RecordIODataset(tmp_path / "b.rec")  # record 0 has flag 0: every key is an image
+    ds = RecordIODataset(tmp_path / "b.rec", decode=decode_image)  # record 0 has flag 0: every key is an image
     assert ds.header0 is None and len(ds) == 7 and ds.num_identities is None
     assert ds[0][1] == 1 and ds[5][1] == 3
     assert np.array_equal(ds[5][0], decode_image(good))
@@ -341,7 +350,7 @@ def test_header_layout_refuses_missing_keys(tmp_path):
 def test_without_key_zero_every_key_is_an_image_in_index_order(tmp_path):
     keys = [7, 3, 11]
     write_recordio(tmp_path / "d.rec", [(k, pack_record(IRHeader(0, float(k), k, 0), jpeg(k))) for k in keys])
-    ds = RecordIODataset(tmp_path / "d.rec")
+    ds = RecordIODataset(tmp_path / "d.rec", decode=decode_image)
     assert ds.image_keys.tolist() == keys and [ds[i][1] for i in range(3)] == keys
     assert np.array_equal(ds[1][0], decode_image(jpeg(3)))
     assert 3 in ds.records and 4 not in ds.records
@@ -365,7 +374,7 @@ def test_key_zero_with_array_label_and_an_image_is_an_image_not_the_header(tmp_p
     (class 1: images ``1..0``)."""
     classes = [first_class, 1, 0, 2, 1]
     images = im2rec_array_label_pack(tmp_path / "im2rec.rec", classes)
-    ds = RecordIODataset(tmp_path / "im2rec.rec")
+    ds = RecordIODataset(tmp_path / "im2rec.rec", decode=decode_image)
     assert ds.header0 is None and ds.num_identities is None
     assert ds.image_keys.tolist() == [0, 1, 2, 3, 4] and len(ds) == 5
     assert ds.labels().tolist() == classes
@@ -385,7 +394,7 @@ def test_a_header_record_is_still_recognised_by_its_empty_payload(tmp_path):
     header = (0, pack_record(IRHeader(2, [4.0, 6.0], 0, 1)))
     for name, ordered in (("last", records + [header]), ("first", [header] + records)):
         write_recordio(tmp_path / f"{name}.rec", ordered)
-        ds = RecordIODataset(tmp_path / f"{name}.rec")
+        ds = RecordIODataset(tmp_path / f"{name}.rec", decode=decode_image)
         assert ds.header0 == (4, 6) and ds.num_identities == 2 and ds.image_keys.tolist() == [1, 2, 3]
         assert [ds[i][1] for i in range(3)] == [0, 0, 1] and np.array_equal(ds[2][0], decode_image(images[2]))
         assert ds.identity_ranges().tolist() == [[1, 3], [3, 4]]
@@ -422,7 +431,7 @@ def test_reads_only_the_record_not_the_file(tmp_path, monkeypatch):
         sizes.append(n)
         return real(fd, n, offset)
 
-    ds = RecordIODataset(GOLDEN / "train.rec")
+    ds = RecordIODataset(GOLDEN / "train.rec", decode=decode_image)
     monkeypatch.setattr(os, "pread", spy)
     for i in range(len(ds)):
         ds[i]
@@ -462,7 +471,7 @@ def _read_in_child(ds: RecordIODataset, queue) -> None:
 
 @needs_golden
 def test_forked_process_opens_its_own_descriptor():
-    ds = RecordIODataset(GOLDEN / "train.rec")
+    ds = RecordIODataset(GOLDEN / "train.rec", decode=decode_image)
     image, label = ds[5]
     parent_fd = ds.records._fd
     assert ds.records._pid == os.getpid() and parent_fd >= 0
@@ -480,7 +489,7 @@ def test_forked_process_opens_its_own_descriptor():
 @needs_golden
 @pytest.mark.parametrize("name", ["train", "plain"])
 def test_two_fork_workers_give_the_same_samples_as_none(name):
-    ds = RecordIODataset(GOLDEN / f"{name}.rec")
+    ds = RecordIODataset(GOLDEN / f"{name}.rec", decode=decode_image)
 
     def batches(workers: int) -> list:
         loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=workers, shuffle=False,

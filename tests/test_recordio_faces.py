@@ -22,7 +22,8 @@ from test_recordio import GOLDEN, VALUES, golden_copy, needs_golden, patch, sha
 
 from datamodules.faces.align import ARCFACE_TEMPLATE, norm_crop, transform_points
 from datamodules.face_bin import RefusedPickleError
-from datamodules.faces.identities import IdentityFolderDataModule, face_transform
+from datamodules.faces.folders import IdentityFolderDataModule
+from datamodules.faces.samples import face_transform
 from datamodules.images import decode_image
 from datamodules.recordio import RecordIOError
 from datamodules.faces.recordio import RecordIOFaceDataModule

@@ -15,7 +15,7 @@ from PIL import Image
 from layouts import write_voc  # other test files import it from here
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datamodules.segmentation.masks import FolderSegmentationDataModule
+from datamodules.segmentation.folders import FolderSegmentationDataModule
 from datamodules.synthetic.shapes_segmentation import ShapesSegmentationDataModule
 from lit_tasks.callbacks.segmentation_images import class_palette, overlay_mask
 from lit_tasks.callbacks.segmentation_writer import SegmentationPredictionWriter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.features.streams import FeatureSet
+from datamodules.features.samples import FeatureSet
 from datamodules.synthetic.streams import class_patterns, make_feature_streams
 
 

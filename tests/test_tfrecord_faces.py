@@ -15,7 +15,7 @@ from test_tfrecord_detection import make_tfrecords  # the converter tool, run in
 from layouts import write_face_dataset
 
 from datamodules import IdentityFolderDataModule, TFRecordIdentityDataModule
-from datamodules.faces.identities import face_transform
+from datamodules.faces.samples import face_transform
 from datamodules.tfrecord import (
     CorruptRecordError,
     TFRecordWriter,

@@ -39,7 +39,7 @@ def read_feature_sessions(args: argparse.Namespace):
         return make_feature_streams(args.num_sessions, seed=args.seed)
     if not args.root:
         raise SystemExit(f"--root is required for --layout {args.layout}")
-    from datamodules.features.streams import read_lstr_features, read_oadtr_pickles
+    from datamodules.features.layouts import read_lstr_features, read_oadtr_pickles
 
     if args.layout == "lstr":
         return read_lstr_features(args.root, args.split, data_info=args.data_info or "data_info.json",

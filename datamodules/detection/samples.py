@@ -153,11 +153,12 @@ class DetectionDataModule(BaseDataModule):
 
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, image_size: int, augment: bool | AugmentPreset, batch_size: int, num_workers: int,
+    def __init__(self, *, image_size: int, augment: bool | AugmentPreset, batch_size: int, num_workers: int,
                  pin_memory: bool, resize: ResizeMode = "longest", max_size: int | None = None,
                  train_scales: list[int] | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-        self.preset = check_resize_options(resize, image_size, max_size, train_scales, augment)
+        self.preset = check_resize_options(resize=resize, image_size=image_size, max_size=max_size,
+                                           train_scales=train_scales, augment=augment)
         self.image_size = image_size
         self.augment = augment
         self.resize, self.max_size = resize, max_size

@@ -24,7 +24,6 @@ import numpy as np
 from datamodules.detection.coco import COCODetectionSource
 from datamodules.detection.samples import DetectionDataModule, DetectionRecord, detection_sample
 from datamodules.tfrecord import (
-    FixedLen,
     TFRecordDataset,
     VarLen,
     build_example,
@@ -35,7 +34,8 @@ from datamodules.tfrecord import (
     read_label_map,
 )
 from datamodules.tfrecord.example_pb2 import Example
-from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, uneven_for
+from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features
+from datamodules.tfrecord_shards import TFRecordShards
 from datamodules.transforms import AugmentPreset, ResizeMode
 
 BOX_KEYS = tuple(f"image/object/bbox/{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
@@ -124,9 +124,7 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         on_corrupt: ``"raise"`` or ``"skip"`` damaged records (see ``TFRecordDataset``).
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
 
-    Training splits records across DDP ranks and workers with equal batch counts per rank (padding by
-    repetition); indexes beside the shards (``python -m datamodules.tfrecord.index``) give exact epoch
-    lengths and record-level balancing.
+    The shard arguments and how each split is read: :mod:`datamodules.tfrecord_shards`.
     """
 
     def __init__(
@@ -150,9 +148,9 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         super().__init__(image_size=image_size, augment=augment, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, resize=resize, max_size=max_size, train_scales=train_scales)
         self.save_hyperparameters()
-        self.files = {"train": train_files, "val": val_files, "test": test_files or val_files}
+        self.shards = TFRecordShards.of_splits(train_files=train_files, val_files=val_files, test_files=test_files,
+                                               shuffle_buffer=shuffle_buffer, seed=seed, on_corrupt=on_corrupt)
         self.label_map = label_map
-        self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt
         self._labels: tuple[list[int], list[str]] | None = None
 
     def classes(self) -> tuple[list[int], list[str]]:
@@ -162,9 +160,6 @@ class TFRecordDetectionDataModule(DetectionDataModule):
         return self._labels
 
     def build_dataset(self, split: str) -> TFRecordDataset:
-        return TFRecordDataset(
-            self.files[split], features=DETECTION_FEATURES,
-            decode=DetectionDecoder(self.category_ids, self.transform(split)), shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
-            on_corrupt=self.on_corrupt,
-        )
+        return self.shards.dataset(split, features=DETECTION_FEATURES,
+                                   decode=DetectionDecoder(self.category_ids, self.transform(split)),
+                                   batch_size=self.batch_size)

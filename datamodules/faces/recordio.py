@@ -5,7 +5,7 @@ sets beside them as pickled ``.bin`` files (``lfw.bin``, ``cfp_fp.bin``, ``agedb
 by our own code: :mod:`datamodules.recordio` (random access through the ``.idx`` offsets, one file descriptor per
 process, opened lazily after a DataLoader worker forks; never the whole file in memory) and
 :mod:`datamodules.face_bin` (a restricted unpickler). Images are decoded by :func:`datamodules.images.decode_image`
-and go through the face family's sample function (:func:`datamodules.faces.identities.identity_sample`), so a record gives
+and go through the face family's sample function (:func:`datamodules.faces.samples.identity_sample`), so a record gives
 the same tensor as the same JPEG in an identity folder or a TFRecord shard.
 
 Training augmentation is arcface_torch's (REFERENCE.md §1.5): a random horizontal flip only; images whose size is
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.faces.identities import FaceDataModule, face_transform, identity_sample
+from datamodules.faces.folders import FaceDataModule
+from datamodules.faces.samples import face_transform, identity_sample
 from datamodules.images import decode_image
 from datamodules.recordio import RecordIODataset, class_of
 
@@ -104,7 +105,7 @@ class RecordIOFaceDataModule(FaceDataModule):
     def records(self) -> RecordIODataset:
         """The pack's images (the ``.idx`` is read once; records are read on demand)."""
         if self._records is None:
-            self._records = RecordIODataset(self.rec, self.idx)
+            self._records = RecordIODataset(self.rec, self.idx, decode=decode_image)
         return self._records
 
     def bins_base(self) -> Path:

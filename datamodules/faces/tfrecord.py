@@ -12,7 +12,7 @@ the folder DataModule's mapping (both scan the identity folders with ``scan_iden
 
 Records are decoded by the folder DataModule's own code (``decode_image`` + ``identity_sample``), so an
 image gives the same tensor from a shard as from its file. Verification pairs for validation and test
-stay a pairs file over an image folder, exactly as for :class:`~datamodules.faces.identities.IdentityFolderDataModule`.
+stay a pairs file over an image folder, exactly as for :class:`~datamodules.faces.folders.IdentityFolderDataModule`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import albumentations as A
 import numpy as np
 import torch
 
-from datamodules.faces.identities import FaceDataModule, NamedIdentities, face_transform, identity_sample, scan_identity_folders
+from datamodules.faces.folders import FaceDataModule, NamedIdentities, scan_identity_folders
+from datamodules.faces.samples import face_transform, identity_sample
 from datamodules.tfrecord import (
     FixedLen,
     TFRecordDataset,
@@ -37,6 +38,7 @@ from datamodules.tfrecord import (
 from datamodules.tfrecord.example_pb2 import Example
 from datamodules.recordio import RecordIODataset, class_of
 from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, encoded_image_features, image_features
+from datamodules.tfrecord_shards import TFRecordShards
 
 LABEL_KEY, TEXT_KEY = "image/class/label", "image/class/text"
 IDENTITY_FEATURES = normalize_spec({
@@ -138,6 +140,8 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
             has to vary the order from epoch to epoch.
         on_corrupt: ``"raise"`` or ``"skip"`` damaged records (see ``TFRecordDataset``).
         batch_size, num_workers, pin_memory: as ``BaseDataModule``.
+
+    The shard arguments and how training reads them: :mod:`datamodules.tfrecord_shards`.
     """
 
     def __init__(
@@ -161,8 +165,9 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
                          predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory)
         self.save_hyperparameters()
-        self.train_files, self.label_map = train_files, label_map
-        self.augment, self.shuffle_buffer, self.seed, self.on_corrupt = augment, shuffle_buffer, seed, on_corrupt
+        self.shards = TFRecordShards({"train": train_files}, shuffle_buffer=shuffle_buffer, seed=seed,
+                                     on_corrupt=on_corrupt)
+        self.label_map, self.augment = label_map, augment
         self._labels: tuple[list[int], list[str]] | None = None
 
     def _label_map(self) -> tuple[list[int], list[str]]:
@@ -180,8 +185,4 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
     def train_dataset(self) -> TFRecordDataset:
         ids, names = self._label_map()
         decoder = IdentityDecoder(ids, names, face_transform(self.image_size, train=self.augment), self.label_map)
-        return TFRecordDataset(
-            self.train_files, features=IDENTITY_FEATURES, decode=decoder, shuffle=True,
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven="pad", batch_size=self.batch_size,
-            on_corrupt=self.on_corrupt,
-        )
+        return self.shards.dataset("train", features=IDENTITY_FEATURES, decode=decoder, batch_size=self.batch_size)

@@ -24,7 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from datamodules.features.streams import FeatureDataModule, FeatureSession, FeatureSet, check_feature_set
+from datamodules.features.datamodules import FeatureDataModule
+from datamodules.features.samples import FeatureSession, FeatureSet, check_feature_set
 from datamodules.tfrecord import (
     FixedLen,
     VarLen,
@@ -38,6 +39,7 @@ from datamodules.tfrecord import (
 )
 from datamodules.tfrecord.example_pb2 import SequenceExample
 from datamodules.tfrecord.reader import RecordReader, parse_record
+from datamodules.tfrecord_shards import TFRecordShards
 
 CONTEXT = normalize_spec({
     "session/name": FixedLen((), "bytes"),
@@ -167,7 +169,7 @@ class TFRecordFeatureDataModule(FeatureDataModule):
     """Online action detection on SequenceExample shards (one session per record, see the module docstring).
 
     Sessions are read whole into memory when a split is first used. Splits, frame rules and class overrides
-    as :class:`~datamodules.features.streams.FeatureDataModule`; with ``val_files`` the validation sessions are
+    as :class:`~datamodules.features.datamodules.FeatureDataModule`; with ``val_files`` the validation sessions are
     those shards' (no hold-out from the training ones).
 
     Args:
@@ -175,6 +177,9 @@ class TFRecordFeatureDataModule(FeatureDataModule):
         test_files: test shards.
         val_files: validation shards; None holds out ``val_sessions`` / a seeded ``val_fraction`` of the
             training sessions.
+
+    Shards as :mod:`datamodules.tfrecord_shards` takes them; a record is a whole session, so there is no record
+    shuffle here (``seed`` is the validation hold-out's, as for every feature DataModule).
     """
 
     def __init__(self, train_files: str | list[str], test_files: str | list[str],
@@ -184,17 +189,19 @@ class TFRecordFeatureDataModule(FeatureDataModule):
                  predict_split: str = "test", class_names: list[str] | None = None,
                  background_index: int | None = None, ambiguous_index: int | None = None, batch_size: int = 128,
                  num_workers: int = 2, pin_memory: bool = False) -> None:
-        super().__init__(window, num_future, frames, train_frames, pad, val_sessions, val_fraction, seed, predict_split,
-                         class_names, background_index, ambiguous_index, batch_size, num_workers, pin_memory)
-        self.files = {"train": train_files, "test": test_files, "val": val_files}
+        super().__init__(window=window, num_future=num_future, frames=frames, train_frames=train_frames, pad=pad,
+                         val_sessions=val_sessions, val_fraction=val_fraction, seed=seed, predict_split=predict_split,
+                         class_names=class_names, background_index=background_index, ambiguous_index=ambiguous_index,
+                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.shards = TFRecordShards({"train": train_files, "test": test_files, "val": val_files})
 
     def read_split(self, split: str) -> FeatureSet:
-        return read_feature_records(self.files[split])
+        return read_feature_records(self.shards.files[split])
 
     def feature_set(self, split: str) -> FeatureSet:
-        if self.files["val"] is None or split not in ("train", "val"):
+        if self.shards.files["val"] is None or split not in ("train", "val"):
             return super().feature_set(split)
         if split not in self._sets:
-            self._sets[split] = self._relabel(read_feature_records(self.files[split]),
+            self._sets[split] = self._relabel(read_feature_records(self.shards.files[split]),
                                               f"TFRecordFeatureDataModule {split} split")
         return self._sets[split]

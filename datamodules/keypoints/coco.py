@@ -405,8 +405,9 @@ class COCOKeypointDataModule(BaseDataModule):
             if split != "val" and (ann, images) == self.splits["val"][:2]:
                 return self.source("val")
             names = self._keypoint_names
-            src = COCOKeypointSource(self._path(ann), self._path(images), None if names is None else len(names),
-                                     self.category_id, self.check_files)
+            src = COCOKeypointSource(self._path(ann), self._path(images),
+                                     num_keypoints=None if names is None else len(names),
+                                     category_id=self.category_id, check_files=self.check_files)
             if names is not None and src.category.names is not None and src.category.names != names:
                 raise ValueError(f"keypoint_names {names} differ from the names of category {src.category.id} in "
                                  f"{src.annotation_file}: {src.category.names}")

@@ -312,7 +312,7 @@ class TopDownAffine:
     DataModule seeds it per sample / worker. ``where`` names the annotation in errors.
     """
 
-    def __init__(self, input_size: tuple[int, int] = DEFAULT_INPUT_SIZE, train: bool = False,
+    def __init__(self, input_size: tuple[int, int] = DEFAULT_INPUT_SIZE, *, train: bool = False,
                  flip_index: Sequence[int] | None = None, flip_prob: float = 0.5, rotation: float = 45.0,
                  rotation_prob: float = 0.5, scale_factor: float = 0.25, half_body_prob: float = 0.3,
                  half_body_min_keypoints: int = 3, upper_body_ids: Sequence[int] | None = None,

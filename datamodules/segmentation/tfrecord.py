@@ -5,7 +5,7 @@ Besides the ``image/*`` keys (:mod:`datamodules.tfrecord_images`) a record holds
 ``image/segmentation/class/format``, as ``tools/make_tfrecords.py masks`` (``mask_examples``) and
 TensorFlow DeepLab's converters write them.
 
-Image and mask are decoded by :mod:`datamodules.segmentation.masks`' own readers (the image upright, the mask as
+Image and mask are decoded by :mod:`datamodules.segmentation.samples`' own readers (the image upright, the mask as
 stored; palette PNGs give their indices), checked by its ``check_mask`` (ids in ``[0, num_classes)`` or
 ``ignore_index``, ``reduce_zero_label``) and packed by its ``segmentation_sample`` with its transforms, so
 a record gives exactly the sample ``MaskDataModule`` gives for the same image + mask files; ``path`` is
@@ -27,18 +27,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.images import list_images
-from datamodules.segmentation.masks import (
-    MaskDataModule,
+from datamodules.segmentation.folders import MaskDataModule, pair_by_stem
+from datamodules.segmentation.samples import (
     check_mask,
     check_mask_orientation,
     check_mask_size,
-    pair_by_stem,
     read_mask,
     segmentation_sample,
 )
-from datamodules.tfrecord import FixedLen, TFRecordDataset, build_example, bytes_feature, normalize_spec
+from datamodules.tfrecord import FixedLen, build_example, bytes_feature, normalize_spec
 from datamodules.tfrecord.example_pb2 import Example
-from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes, uneven_for
+from datamodules.tfrecord_images import IMAGE_FEATURES, decode_image_feature, image_features, read_bytes
+from datamodules.tfrecord_shards import TFRecordShards
 
 MASK_KEY, MASK_FORMAT_KEY = "image/segmentation/class/encoded", "image/segmentation/class/format"
 LOSSY_FORMATS = frozenset({"jpeg", "jpg"})  # class ids do not survive lossy compression
@@ -88,7 +88,7 @@ def mask_examples(pairs: Sequence[tuple[str, str]]) -> Iterator[Example]:
 
 
 class _NamedBytes(io.BytesIO):
-    """Encoded bytes that print as a feature key, so ``datamodules.segmentation.masks``' readers name it in their errors."""
+    """Encoded bytes that print as a feature key, so ``datamodules.segmentation.samples``' readers name it in their errors."""
 
     def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)
@@ -109,7 +109,7 @@ class MaskDecoder:
         with_mask: False for prediction: the mask (if any) is neither read nor returned.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int, reduce_zero_label: bool, transform: A.Compose,
+    def __init__(self, *, num_classes: int, ignore_index: int, reduce_zero_label: bool, transform: A.Compose,
                  with_mask: bool = True) -> None:
         self.num_classes, self.ignore_index, self.reduce_zero_label = num_classes, ignore_index, reduce_zero_label
         self.transform, self.with_mask = transform, with_mask
@@ -125,7 +125,8 @@ class MaskDecoder:
             raise ValueError(f"{MASK_FORMAT_KEY} is {fmt!r}: masks must be stored losslessly (PNG), lossy "
                              "compression changes class ids")
         mask = read_mask(_NamedBytes(example[MASK_KEY], MASK_KEY))
-        mask = check_mask(mask, self.num_classes, self.ignore_index, self.reduce_zero_label, MASK_KEY)
+        mask = check_mask(mask, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                          reduce_zero_label=self.reduce_zero_label, path=MASK_KEY)
         check_mask_size(mask, image, MASK_KEY, "image/encoded")
         return segmentation_sample(image, mask, self.transform, self.ignore_index, path)
 
@@ -140,9 +141,7 @@ class TFRecordMaskDataModule(MaskDataModule):
         predict_dir: folder of images for ``predict``; default the validation shards (masks not read).
         Other arguments: as ``MaskDataModule`` (``num_classes`` or ``class_names_file`` is required).
 
-    Training splits records across DDP ranks and workers with equal batch counts per rank (padding by
-    repetition); indexes beside the shards (``python -m datamodules.tfrecord.index``) give exact epoch
-    lengths and record-level balancing.
+    The shard arguments and how each split is read: :mod:`datamodules.tfrecord_shards`.
     """
 
     def __init__(
@@ -174,19 +173,16 @@ class TFRecordMaskDataModule(MaskDataModule):
         )
         self.save_hyperparameters()
         self.record_resolved(num_classes=self.num_classes)  # what the CLI links, not the argument (None)
-        self.files: dict[str, str | Sequence[str]] = {"train": train_files, "val": val_files,
-                                                      "test": test_files or val_files}
-        self.shuffle_buffer, self.seed, self.on_corrupt = shuffle_buffer, seed, on_corrupt
+        self.shards = TFRecordShards.of_splits(train_files=train_files, val_files=val_files, test_files=test_files,
+                                               shuffle_buffer=shuffle_buffer, seed=seed, on_corrupt=on_corrupt)
 
     def build_dataset(self, split: str) -> Dataset:
         if split == "predict" and self.predict_dir is not None:
             return super().build_dataset(split)  # an image folder, read as MaskDataModule reads it
         with_mask = split != "predict"
-        decoder = MaskDecoder(self.num_classes, self.ignore_index, self.reduce_zero_label, self.transform(split),
-                              with_mask)
-        return TFRecordDataset(
-            self.files["val" if split == "predict" else split],
-            features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder, shuffle=split == "train",
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed, uneven=uneven_for(split), batch_size=self.batch_size,
-            on_corrupt=self.on_corrupt,
-        )
+        decoder = MaskDecoder(num_classes=self.num_classes, ignore_index=self.ignore_index,
+                              reduce_zero_label=self.reduce_zero_label, transform=self.transform(split),
+                              with_mask=with_mask)
+        return self.shards.dataset("val" if split == "predict" else split,  # predict: the validation shards, in order
+                                   features=MASK_FEATURES if with_mask else IMAGE_ONLY_FEATURES, decode=decoder,
+                                   batch_size=self.batch_size)

@@ -313,7 +313,8 @@ def write_figures_coco(root: str | Path, splits: dict[str, tuple[int, int]] | No
             raise FileExistsError(f"{image_dir} is not empty and has no {ann.name}: not overwriting it")
         image_dir.mkdir(parents=True, exist_ok=True)
         ann.parent.mkdir(parents=True, exist_ok=True)
-        data = figures_coco_dict(num_images, seed, image_size, max_figures, image_dir=image_dir)
+        data = figures_coco_dict(num_images, seed=seed, image_size=image_size, max_figures=max_figures,
+                                 image_dir=image_dir)
         tmp = ann.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(ann)  # the json appears only once every image is written

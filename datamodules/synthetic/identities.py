@@ -270,8 +270,8 @@ class SyntheticFacesDataModule(BaseDataModule):
     def build_dataset(self, split: str) -> Dataset:
         """Train: the training identities; val and test: pairs of unseen identities; predict: their images."""
         if split == "train":
-            return SyntheticIdentities(self.num_train_identities, self.samples_per_identity, self.image_size,
-                                       self.seed)
+            return SyntheticIdentities(self.num_train_identities, self.samples_per_identity,
+                                       image_size=self.image_size, seed=self.seed)
         if split == "test":
             return self.dataset("val")  # one set of verification pairs serves both
         if split == "val":

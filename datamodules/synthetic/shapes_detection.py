@@ -92,5 +92,6 @@ class ShapesDetectionDataModule(DetectionDataModule):
         """Train: the augmented train stream; val and test: the validation stream."""
         stream = "train" if split == "train" else "val"
         count = self.num_train if split == "train" else self.num_val
-        source = ShapesSource(count, split_seed(self.seed, stream), self.image_size, self.max_objects, self.size_range)
+        source = ShapesSource(count, seed=split_seed(self.seed, stream), image_size=self.image_size,
+                              max_objects=self.max_objects, size_range=self.size_range)
         return DetectionDataset(source, self.transform(split))

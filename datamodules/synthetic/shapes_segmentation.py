@@ -13,7 +13,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule
-from datamodules.segmentation.masks import (
+from datamodules.segmentation.samples import (
     check_ignore_index,
     segmentation_collate,
     segmentation_eval_transforms,
@@ -28,7 +28,8 @@ class ShapesSegmentationDataset(Dataset):
     """Image ``i`` and its semantic mask, rendered on demand from ``(seed, i)``, as ``segmentation_sample`` packs them."""
 
     def __init__(
-        self, num_images: int, seed: int, image_size: int, max_objects: int, transform: Callable[..., dict], ignore_index: int = 255
+        self, num_images: int, *, seed: int, image_size: int, max_objects: int, transform: Callable[..., dict],
+        ignore_index: int = 255,
     ) -> None:
         if num_images < 0:
             raise ValueError(f"ShapesSegmentationDataset: num_images must be >= 0, got {num_images}")
@@ -112,13 +113,14 @@ class ShapesSegmentationDataModule(BaseDataModule):
     def build_dataset(self, split: str) -> ShapesSegmentationDataset:
         train = split == "train"
         if train and self.augment:
-            transform = segmentation_train_transforms(self.image_size, self.ignore_index, self.scale_range)
+            transform = segmentation_train_transforms(self.image_size, ignore_index=self.ignore_index,
+                                                      scale_range=self.scale_range)
         else:
             transform = segmentation_eval_transforms()
         seed = split_seed(self.seed, "train" if train else "val")
         dataset = ShapesSegmentationDataset(
-            self.num_train if train else self.num_val, seed, self.image_size, self.max_objects, transform,
-            self.ignore_index,
+            self.num_train if train else self.num_val, seed=seed, image_size=self.image_size,
+            max_objects=self.max_objects, transform=transform, ignore_index=self.ignore_index,
         )
         dataset.with_masks = split != "predict"
         return dataset

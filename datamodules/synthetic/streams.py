@@ -9,7 +9,7 @@ a pair) while the frames before it can: a temporal model such as OadTR beats a p
 
 Prototypes come from ``pattern_seed`` and everything else (layout, noise) from ``seed``, so training and
 held-out streams with different seeds show the same classes. The output is a
-``datamodules.features.streams.FeatureSet``, the structure the feature readers return;
+``datamodules.features.samples.FeatureSet``, the structure the feature readers return;
 :class:`SyntheticStreamsDataModule` serves train / validation / held-out test streams from three seeds.
 """
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.features.streams import FeatureDataModule, FeatureSession, FeatureSet, check_feature_set
+from datamodules.features.datamodules import FeatureDataModule
+from datamodules.features.samples import FeatureSession, FeatureSet, check_feature_set
 
 
 def class_patterns(num_actions: int, feature_dim: int, phases: int = 2, pattern_seed: int = 0,
@@ -39,7 +40,7 @@ def class_patterns(num_actions: int, feature_dim: int, phases: int = 2, pattern_
     return patterns, background
 
 
-def make_feature_streams(num_sessions: int = 8, num_actions: int = 4, feature_dim: int = 16, min_frames: int = 80,
+def make_feature_streams(num_sessions: int = 8, *, num_actions: int = 4, feature_dim: int = 16, min_frames: int = 80,
                          max_frames: int = 160, min_action: int = 8, max_action: int = 24, min_gap: int = 4,
                          max_gap: int = 16, ambiguous_prob: float = 0.3, max_ambiguous: int = 3, noise: float = 0.5,
                          phases: int = 2, seed: int = 0, pattern_seed: int = 0) -> FeatureSet:
@@ -60,7 +61,7 @@ def make_feature_streams(num_sessions: int = 8, num_actions: int = 4, feature_di
         raise ValueError("make_feature_streams: num_sessions, num_actions and phases must be >= 1")
     if not (1 <= min_frames <= max_frames and 1 <= min_action <= max_action and 0 <= min_gap <= max_gap):
         raise ValueError("make_feature_streams: need 1 <= min <= max for frames and actions, 0 <= min_gap <= max_gap")
-    patterns, background = class_patterns(num_actions, feature_dim, phases, pattern_seed)
+    patterns, background = class_patterns(num_actions, feature_dim, phases=phases, pattern_seed=pattern_seed)
     rng = np.random.default_rng(seed)
     ambiguous = num_actions + 1
     names = ["Background"] + [f"Action{a + 1}" for a in range(num_actions)] + ["Ambiguous"]
@@ -96,7 +97,7 @@ class SyntheticStreamsDataModule(FeatureDataModule):
     Three disjoint seed streams: ``num_train`` training sessions (seed ``3 * seed``), ``num_val`` validation
     sessions (``3 * seed + 1``, model selection) and ``num_test`` held-out test sessions (``3 * seed + 2``),
     all showing the same classes (one ``pattern_seed``). Classes: Background, ``Action1..N``, Ambiguous.
-    Windows and frame rules: :class:`~datamodules.features.streams.FeatureDataModule`.
+    Windows and frame rules: :class:`~datamodules.features.datamodules.FeatureDataModule`.
 
     Args:
         num_train, num_val, num_test: sessions per split.

@@ -14,6 +14,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_tasks.run import lightning_seams as seams
+
 
 class TaskCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that follows the task's ``monitor``/``mode`` and keeps ``last.ckpt`` truly last.
@@ -54,6 +56,7 @@ class TaskCheckpoint(ModelCheckpoint):
                  save_top_k: int = 1, save_last: bool = True, auto_insert_metric_name: bool = True,
                  dirpath: str | None = None, every_n_epochs: int | None = None, every_n_train_steps: int | None = None,
                  stop_on_interrupt: bool = True) -> None:
+        seams.check_model_checkpoint_seams()
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode or "min",
                          save_top_k=save_top_k, save_last=save_last, every_n_epochs=every_n_epochs,
                          auto_insert_metric_name=auto_insert_metric_name)
@@ -109,7 +112,7 @@ class TaskCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if seams.saves_at_train_epoch_end(self, trainer):
             self._refresh_last(trainer)
             if self._stop_after_save:
                 self._stop_at_boundary(trainer)
@@ -117,7 +120,7 @@ class TaskCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         after_stop = self._hold_after_validation and not trainer.sanity_checking
-        if after_stop or not self._should_save_on_train_epoch_end(trainer):
+        if after_stop or not seams.saves_at_train_epoch_end(self, trainer):
             self._refresh_last(trainer)
             if after_stop:
                 self._held_step, self._hold_after_validation = trainer.global_step, False
@@ -168,6 +171,7 @@ class TaskCheckpoint(ModelCheckpoint):
         super().teardown(trainer, pl_module, stage)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        """Every last.ckpt write of ModelCheckpoint goes through here (a private hook, checked at init)."""
         if self._held_step == trainer.global_step:
             return  # the fit stopped mid-epoch: last.ckpt keeps that step's boundary (Lightning's epoch end would
             # follow, with its validation and the cut epoch counted as finished)
@@ -187,9 +191,9 @@ class TaskCheckpoint(ModelCheckpoint):
     def _save_last_only(self, trainer: pl.Trainer) -> None:
         # ModelCheckpoint skips any save at a step it already saved: a last.ckpt written between validations must
         # not stop the best checkpoint of a validation that comes at the same step.
-        previous = self._last_global_step_saved
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_global_step_saved = previous
+        previous = seams.last_saved_step(self)
+        self._save_last_checkpoint(trainer, seams.monitor_candidates(self, trainer))
+        seams.set_last_saved_step(self, previous)
 
     def _unsaveable_reason(self, trainer: pl.Trainer) -> str | None:
         """Why the state at an interruption is not a consistent step boundary, or None if it is."""
@@ -205,7 +209,7 @@ class TaskCheckpoint(ModelCheckpoint):
             step = loop.automatic_optimization.optim_progress.optimizer.step.current
             if step.ready != step.completed:
                 return "it came inside an optimizer step"
-            if loop._should_accumulate():
+            if seams.between_micro_batches(trainer):
                 return "it came between the micro-batches of an accumulated step"
         return None
 
@@ -254,31 +258,18 @@ def step_end_outlook(trainer: pl.Trainer) -> StepEnd:
     * ``between_micro_batches``: this batch only accumulated gradients (no optimizer step).
 
     No public API tells these: the answer comes from private members of Lightning's loops (the ones its own loop
-    calls). When they are missing (another Lightning than the range pinned in ``pyproject.toml``) this raises
-    RuntimeError naming the installed version rather than guess. ``callbacks`` that set ``should_stop`` run before
-    the checkpoint callbacks (Lightning orders them last), so a stop requested at this step is seen; a
-    LightningModule's own ``on_train_batch_end`` runs after every callback and is not.
+    calls), read through :mod:`lit_tasks.run.lightning_seams`. When they are missing (another Lightning than the
+    range pinned in ``pyproject.toml``) this raises RuntimeError naming the installed version rather than guess.
+    ``callbacks`` that set ``should_stop`` run before the checkpoint callbacks (Lightning orders them last), so a stop
+    requested at this step is seen; a LightningModule's own ``on_train_batch_end`` runs after every callback and is
+    not.
     """
-    fit_loop = trainer.fit_loop
-    loop = fit_loop.epoch_loop
-    try:
-        check_val, fetcher = loop._should_check_val_fx, fit_loop._data_fetcher
-        epoch_ends = bool(loop._num_ready_batches_reached())
-        can_stop_early = bool(fit_loop._can_stop_early)
-        accumulating = bool(loop._should_accumulate())
-    except AttributeError as error:
-        raise RuntimeError(
-            f"lit-tasks reads Lightning's training loop to checkpoint a fit that stops mid-epoch, and the installed "
-            f"Lightning {pl.__version__} lacks what it reads ({error}); install the version range pyproject.toml "
-            "pins") from error
-    stop_requested = trainer.should_stop
-    trainer.should_stop = False  # ask the schedule alone (a stop request makes _should_check_val_fx say True)
-    try:
-        validates = bool(check_val(fetcher))
-    finally:
-        trainer.should_stop = stop_requested
+    validates = seams.scheduled_validation_follows(trainer)  # the schedule alone, not a stop request
+    epoch_ends = seams.epoch_batches_done(trainer)
+    accumulating = seams.between_micro_batches(trainer)
+    can_stop = seams.stop_allowed(trainer)
     max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
-    stops = max_steps_reached or (stop_requested and can_stop_early)
+    stops = max_steps_reached or (trainer.should_stop and can_stop)
     return StepEnd(validates=validates, stops_mid_epoch=stops and not epoch_ends, between_micro_batches=accumulating)
 
 

@@ -22,11 +22,11 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
+from fsspec.utils import get_protocol
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 TEMP_SUFFIX = ".tmp"
+CheckpointPath = str | os.PathLike  # a checkpoint path, as Lightning's CheckpointIO takes it
 
 
 def temporary_name_pattern(path: str) -> str:
@@ -49,7 +49,7 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
+def atomic_torch_save(obj: Any, path: CheckpointPath) -> None:
     """``torch.save(obj, path)`` such that ``path`` holds the old file or the complete new one, never a part.
 
     The bytes go to ``.NAME.<random>.tmp`` in the target's folder, are flushed and fsynced, then renamed over
@@ -90,8 +90,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``trainer.save_checkpoint`` call.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: CheckpointPath,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None or get_protocol(str(path)) != "file":  # what Lightning's own local test does
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
 

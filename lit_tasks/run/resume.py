@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+from lit_tasks.run import lightning_seams as seams
 
 
 def collect_random_states() -> dict[str, Any]:
@@ -100,16 +101,14 @@ def hand_over_loader_states(trainer: pl.Trainer) -> bool:
     Lightning applies them when it sets the training loader up in ``fit``; when the loader was set up earlier
     (``estimated_stepping_batches`` in ``configure_optimizers``) they stay pending. Then they are loaded here and
     the loader iterator is made afresh so the next batch comes from the saved position. Returns whether it did.
+    The fit loop's members it needs have no public API (:mod:`lit_tasks.run.lightning_seams`).
     """
-    fit_loop = trainer.fit_loop
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    if not pending or getattr(fit_loop, "_combined_loader", None) is None or not fit_loop.restarting:
+    pending = seams.pending_loader_states(trainer)
+    loaders = seams.training_loaders(trainer)
+    if not pending or loaders is None or not trainer.fit_loop.restarting:
         return False
     # Persistent workers started by the early set-up may already be reading the wrong pass: stop them first.
-    for loader in fit_loop._combined_loader.flattened:
-        _shutdown_workers_and_reset_iterator(loader)
-    fit_loop._load_combined_loader_states()
-    fetcher = getattr(fit_loop, "_data_fetcher", None)
-    if fetcher is not None:
-        iter(fetcher)
+    for loader in loaders:
+        seams.shutdown_loader_workers(loader)
+    seams.apply_pending_loader_states(trainer)
     return True

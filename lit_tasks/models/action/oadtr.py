@@ -316,7 +316,7 @@ class StreamingOadTR:
     input when the window slides (``benchmarks/action_speed.py`` measures where the time goes).
 
     Before T frames have arrived the window is padded at the start, with the same rule as the offline
-    windows of ``datamodules.features.streams.FeatureWindowDataset`` (``pad``):
+    windows of ``datamodules.features.samples.FeatureWindowDataset`` (``pad``):
 
     * ``"replicate"`` (default): the first frame repeated (the window of frame t < T - 1 is
       ``[f_0] * (T - 1 - t) + [f_0 .. f_t]``; index clipping at 0, as LSTR / TeSTra's data layers do);

@@ -24,7 +24,7 @@ from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos
 from lit_tasks.ops.box_ops import distance2bbox
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
 from lit_tasks.ops.distributed import reduce_mean
-from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
+from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone, padded_size
 
 
 def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
@@ -85,6 +85,51 @@ class FCOSOutput:
     points: torch.Tensor  # (P, 2)
     strides: torch.Tensor  # (P,)
     levels: torch.Tensor  # (P,)
+    image_points: torch.Tensor | None = None  # (B, P, 2) where an image's own points differ from the batch's
+
+
+FCOS_POINTS = ("center", "torchvision")
+
+
+def level_sizes_of(image_size: tuple[int, int], num_levels: int = 5) -> list[tuple[int, int]]:
+    """Level sizes P3..P7 of an image padded to a multiple of 32: strides 8, 16, 32, then 3x3 stride-2 convs."""
+    h, w = (int(v) for v in image_size)
+    sizes = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
+    while len(sizes) < num_levels:
+        sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    return sizes
+
+
+def fcos_points(level_sizes: list[tuple[int, int]], strides: list[int], image_size: tuple[int, int],
+                points: str = "center", device: torch.device | None = None,
+                own_level_sizes: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
+    """The location of every cell of levels ``level_sizes`` (finest first) of a padded ``(H, W)`` batch.
+
+    ``points="center"``: cell (x, y) of stride s sits at ``(x*s + s//2, y*s + s//2)`` (FCOS §3.1, mmdetection, the
+    FCOS repo). ``"torchvision"``: torchvision's ``FCOS`` takes its anchor generator's anchor centres,
+    ``(x * (W // w), y * (H // h))`` -- no half-stride offset, and the stride of a level is the padded image size
+    divided by the level size, per axis: at P6 / P7 of a side that is not a multiple of 128 it is not 64 / 128
+    (480 px: P7 has 4 rows, 480 // 4 = 120). The returned strides are the nominal ones either way (the unit of the
+    l, t, r, b distances: torchvision's anchors are ``8 ... 128`` pixels wide whatever the shift).
+
+    ``own_level_sizes``: the level sizes of one image padded alone to ``image_size`` when the grid is a larger
+    batch's (``"torchvision"`` takes its per-level step from them).
+
+    Returns:
+        points (P, 2) xy pixels, strides (P,), level index (P,).
+    """
+    grid, point_strides, levels = grid_points(level_sizes, strides, device)
+    if points == "center":
+        return grid, point_strides, levels
+    if points != "torchvision":
+        raise ValueError(f"points must be one of {FCOS_POINTS}, got {points!r}")
+    per_level = []
+    for (h, w), (own_h, own_w) in zip(level_sizes, own_level_sizes or level_sizes):
+        ys = torch.arange(h, device=device, dtype=torch.float32) * (int(image_size[0]) // own_h)
+        xs = torch.arange(w, device=device, dtype=torch.float32) * (int(image_size[1]) // own_w)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        per_level.append(torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=1))
+    return torch.cat(per_level), point_strides, levels
 
 
 class FCOS(nn.Module):
@@ -97,7 +142,9 @@ class FCOS(nn.Module):
     (:func:`lit_tasks.ops.images.group_same_sizes`): an image's features near its border then never depend on its
     batch-mates. Dense predictions cover the largest image's grid; locations beyond an image's own grid have class
     logit ``PADDED_LOGIT`` (probability 0, no loss). Without ``image_sizes`` every image fills the tensor and runs as
-    given (what an exported graph sees).
+    given (what an exported graph sees). ``points`` places the
+    locations (:func:`fcos_points`): ``"center"`` (ours, mmdetection) or ``"torchvision"`` (its published weights;
+    there, as in torchvision, the P6 / P7 positions follow the padded batch's size).
     """
 
     strides = (8, 16, 32, 64, 128)
@@ -105,8 +152,11 @@ class FCOS(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1,
-                 frozen_bn: FrozenBN = False) -> None:
+                 frozen_bn: FrozenBN = False, points: str = "center") -> None:
         super().__init__()
+        if points not in FCOS_POINTS:
+            raise ValueError(f"points must be one of {FCOS_POINTS}, got {points!r}")
+        self.points = points
         self.normalize = Normalize()
         # C3, C4, C5: the last three stages (strides 8, 16, 32) of any timm feature extractor.
         self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-3, -2, -1),
@@ -118,11 +168,14 @@ class FCOS(nn.Module):
         self.head = FCOSHead(num_classes, fpn_channels, num_convs, num_levels=len(self.strides))
         self._grid_cache: dict = {}
 
-    def grid(self, sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Location grid for these level sizes, cached (the same input size recurs every step)."""
-        key = (tuple(sizes), str(device))
+    def grid(self, sizes: list[tuple[int, int]], device: torch.device,
+             image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Location grid for these level sizes of a padded ``image_size`` batch, cached (the same input size recurs
+        every step)."""
+        image_size = tuple(image_size) if image_size is not None else (sizes[0][0] * 8, sizes[0][1] * 8)
+        key = (tuple(sizes), image_size, str(device))
         if key not in self._grid_cache:
-            self._grid_cache = {key: grid_points(sizes, list(self.strides), device)}
+            self._grid_cache = {key: fcos_points(sizes, list(self.strides), image_size, self.points, device)}
         return self._grid_cache[key]
 
     def level_maps(self, images: torch.Tensor, image_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
@@ -138,8 +191,16 @@ class FCOS(nn.Module):
                                     [PADDED_LOGIT, 0.0, PADDED_LOGIT] * len(self.strides),
                                     group=group_same_sizes(images.device))
         cls_logits, ltrb, centerness = flatten_levels(maps, 3)
-        points, strides, level_ids = self.grid([tuple(m.shape[-2:]) for m in maps[::3]], images.device)
-        return FCOSOutput(cls_logits, ltrb, centerness.squeeze(-1), points, strides, level_ids)
+        level_sizes = [tuple(m.shape[-2:]) for m in maps[::3]]
+        points, strides, level_ids = self.grid(level_sizes, images.device, tuple(images.shape[-2:]))
+        image_points = None
+        if self.points == "torchvision" and not (self.training or image_sizes is None):
+            # torchvision's steps follow the padded size: each image's are those of the image padded alone.
+            own = [padded_size(size, self.size_divisor) for size in image_sizes]
+            image_points = torch.stack([
+                fcos_points(level_sizes, list(self.strides), size, self.points, images.device,
+                            own_level_sizes=level_sizes_of(size, len(self.strides)))[0] for size in own])
+        return FCOSOutput(cls_logits, ltrb, centerness.squeeze(-1), points, strides, level_ids, image_points)
 
 
 class FCOSCriterion(nn.Module):
@@ -209,13 +270,18 @@ class FCOSPostprocess(nn.Module):
     clip to the image; class-wise NMS; keep ``max_detections`` (the shared tail,
     :func:`lit_tasks.ops.dense_postprocess.dense_detections`). The reported score is sqrt(cls * centerness): the
     same ranking as mmdet's cls * centerness (so the same AP) on the probability scale the FCOS author recommends.
+    ``score_threshold_on`` says which score the threshold applies to: ``"class"`` the raw class probability (ours),
+    ``"joint"`` sqrt(cls * centerness) (torchvision's ``FCOS.postprocess_detections``).
 
     Returns per image ``{"boxes": (N, 4) xyxy in input pixels, "scores": (N,), "labels": (N,)}``.
     """
 
     def __init__(self, score_threshold: float = 0.05, pre_nms_top_k: int = 1000, nms_threshold: float = 0.6,
-                 max_detections: int = 100) -> None:
+                 max_detections: int = 100, score_threshold_on: str = "class") -> None:
         super().__init__()
+        if score_threshold_on not in ("class", "joint"):
+            raise ValueError(f"score_threshold_on must be 'class' or 'joint', got {score_threshold_on!r}")
+        self.score_threshold_on = score_threshold_on
         self.score_threshold, self.pre_nms_top_k = score_threshold, pre_nms_top_k
         self.nms_threshold, self.max_detections = nms_threshold, max_detections
 
@@ -223,10 +289,13 @@ class FCOSPostprocess(nn.Module):
     def forward(self, out: FCOSOutput, image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         cls_prob = out.cls_logits.float().sigmoid()
         ctr_prob = out.centerness.float().sigmoid()
+        joint = cls_prob * ctr_prob[..., None]
+        thresholded = cls_prob if self.score_threshold_on == "class" else joint.sqrt()
         counts = torch.bincount(out.levels).tolist()  # levels are contiguous, finest first
         return [
-            dense_detections(cls_prob[i] * ctr_prob[i, :, None], cls_prob[i] > self.score_threshold,
-                             out.ltrb[i].float() * out.strides[:, None], out.points, counts, size,
+            dense_detections(joint[i], thresholded[i] > self.score_threshold,
+                             out.ltrb[i].float() * out.strides[:, None],
+                             out.points if out.image_points is None else out.image_points[i], counts, size,
                              pre_nms_top_k=self.pre_nms_top_k, nms_threshold=self.nms_threshold,
                              max_detections=self.max_detections, top_k="pairs", score_transform=torch.sqrt)
             for i, size in enumerate(image_sizes)
@@ -250,11 +319,17 @@ def build_fcos(
     pre_nms_top_k: int = 1000,
     nms_threshold: float = 0.6,
     max_detections: int = 100,
+    points: str = "center",
+    score_threshold_on: str = "class",
 ) -> tuple[FCOS, FCOSCriterion, FCOSPostprocess]:
-    """The FCOS detector trio: network, criterion (losses with their settings) and post-processor."""
-    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn)
+    """The FCOS detector trio: network, criterion (losses with their settings) and post-processor.
+
+    ``points`` (:func:`fcos_points`) and ``score_threshold_on`` (:class:`FCOSPostprocess`) reproduce torchvision's
+    ``fcos_resnet50_fpn`` with ``"torchvision"`` / ``"joint"`` (and ``score_threshold=0.2``)."""
+    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn, points=points)
     criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
-    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
+    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections,
+                                             score_threshold_on=score_threshold_on)
 
 
 # -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------
@@ -277,7 +352,8 @@ def fcos_output_from_export(tensors: tuple[torch.Tensor, ...], image_size: tuple
     cls_logits, ltrb, centerness = tensors
     h, w = (int(v) for v in image_size)
     sizes = [(-(-h // s), -(-w // s)) for s in model.strides]
-    points, strides, levels = grid_points(sizes, list(model.strides), cls_logits.device)
+    points, strides, levels = fcos_points(sizes, list(model.strides), (h, w), getattr(model, "points", "center"),
+                                          cls_logits.device)
     if points.shape[0] != cls_logits.shape[1]:
         raise ValueError(f"{cls_logits.shape[1]} locations for {h}x{w} images, but FCOS's grid has {points.shape[0]} "
                          f"({sizes}): were the outputs made at another input size?")

@@ -122,7 +122,7 @@ def build_face_network(
     if backbone.startswith((IRESNET_PREFIX, *MOBILEFACENET_PREFIXES)):
         if pretrained:
             raise ValueError(f"backbone={backbone!r}: no pretrained weights are downloaded for insightface's networks; "
-                             "load arcface_torch weights with model.load_state_dict instead")
+                             "load an arcface_torch backbone.pth with pretrained_weights instead")
         if output_stride != 16:
             raise ValueError(f"backbone={backbone!r} has a fixed stride of 16 (7x7 at 112 px); output_stride="
                              f"{output_stride} cannot apply")

@@ -27,7 +27,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_backbone
+
+# Input normalisations: ImageNet mean / std (mmpose, timm), or the official RLE code's: the RGB crop in [0, 1] minus
+# (0.406, 0.457, 0.480) per channel (ImageNet's means in BGR order, inherited from AlphaPose), no division.
+INPUT_NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "rle": ((0.406, 0.457, 0.480), (1.0, 1.0, 1.0))}
 
 
 class FeatureNormLinear(nn.Module):
@@ -61,6 +65,9 @@ class RLERegressor(nn.Module):
         num_keypoints: K.
         pretrained: load timm weights (False by default: nothing is downloaded).
         frozen_stages, frozen_bn: passed to :func:`~lit_tasks.models.backbone.build_backbone`.
+        coord_norm: divide the coordinate head's product by the feature's L2 norm (the official ``Linear(norm=True)``);
+            False: a plain linear layer, as mmpose's ``RLEHead``.
+        input_normalization: ``"imagenet"`` or ``"rle"`` (the official code's, see :data:`INPUT_NORMALIZATIONS`).
 
     ``forward(images)`` returns ``{"coords": (B, K, 2), "sigma": (B, K, 2)}`` in fp32 (the heads run with
     autocast off: they are tiny and the loss wants fp32); ``coords`` are ``(x, y)`` normalised to the input
@@ -69,17 +76,21 @@ class RLERegressor(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet50", num_keypoints: int = 17, pretrained: bool = False,
-                 frozen_stages: int = -1, frozen_bn: bool = False) -> None:
+                 frozen_stages: int = -1, frozen_bn: bool = False, coord_norm: bool = True,
+                 input_normalization: str = "imagenet") -> None:
         super().__init__()
         if num_keypoints < 1:
             raise ValueError(f"RLERegressor: num_keypoints must be >= 1, got {num_keypoints}")
+        if input_normalization not in INPUT_NORMALIZATIONS:
+            raise ValueError(f"RLERegressor: input_normalization must be one of {sorted(INPUT_NORMALIZATIONS)}, "
+                             f"got {input_normalization!r}")
         self.num_keypoints = num_keypoints
-        self.normalize = Normalize()
+        self.normalize = Normalize(*INPUT_NORMALIZATIONS[input_normalization])
         self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-1,),
                                        frozen_stages=frozen_stages, frozen_bn=frozen_bn)
         channels = self.backbone.feature_info.channels()[-1]
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc_coord = FeatureNormLinear(channels, num_keypoints * 2, norm=True)
+        self.fc_coord = FeatureNormLinear(channels, num_keypoints * 2, norm=coord_norm)
         self.fc_sigma = FeatureNormLinear(channels, num_keypoints * 2, norm=False)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

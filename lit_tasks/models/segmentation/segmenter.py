@@ -21,6 +21,7 @@ from lit_tasks.models.segmentation.fcn import FCNHead
 from lit_tasks.models.segmentation.psp import PSPHead
 
 SegmenterName = Literal["deeplabv3plus", "deeplabv3", "pspnet", "fcn"]
+FCN_HEADS = ("mmseg", "torchvision")
 
 
 class Segmenter(nn.Module):
@@ -38,6 +39,10 @@ class Segmenter(nn.Module):
         head_channels: width of the ASPP / decoder / FCN convs (the PSP bottleneck uses twice this).
         dropout: dropout before the classifiers.
         aux_head: build the auxiliary FCN head on the middle feature level.
+        fcn_heads: the FCN heads (the ``fcn`` model's head and every auxiliary head): ``"mmseg"`` (mmsegmentation's
+            FCNHead: ``head_channels`` wide; ``fcn``: two 3x3 convs, the input concatenated before the second) or
+            ``"torchvision"`` (torchvision's FCNHead: one 3x3 conv of ``in_channels // 4``, no concatenation; what
+            its ``fcn_resnet*`` / ``deeplabv3_resnet*`` weights need).
     """
 
     def __init__(
@@ -53,8 +58,12 @@ class Segmenter(nn.Module):
         head_channels: int = 256,
         dropout: float = 0.1,
         aux_head: bool = True,
+        fcn_heads: str = "mmseg",
     ) -> None:
         super().__init__()
+        if fcn_heads not in FCN_HEADS:
+            raise ValueError(f"fcn_heads must be one of {FCN_HEADS}, got {fcn_heads!r}")
+        torchvision = fcn_heads == "torchvision"
         if len(feature_indices) != 3:
             raise ValueError(f"feature_indices must name 3 feature levels (skip, aux, last), got {list(feature_indices)}")
         self.normalize = Normalize()
@@ -70,12 +79,15 @@ class Segmenter(nn.Module):
                 self.head = DeepLabV3Head(high_ch, c, rates, width, dropout)
             case "pspnet":
                 self.head = PSPHead(high_ch, c, tuple(pool_scales), 2 * width, dropout)
+            case "fcn" if torchvision:
+                self.head = FCNHead(high_ch, c, high_ch // 4, num_convs=1, concat_input=False, dropout=dropout)
             case "fcn":
                 self.head = FCNHead(high_ch, c, width, num_convs=2, concat_input=True, dropout=dropout)
             case _:
                 raise ValueError(f"model must be one of deeplabv3plus, deeplabv3, pspnet, fcn; got {model!r}")
         self.uses_skip = isinstance(self.head, DeepLabV3PlusHead)  # the V3+ decoder also reads the stride-4 map
-        self.aux_head = FCNHead(aux_ch, c, width, num_convs=1, concat_input=False, dropout=dropout) if aux_head else None
+        aux_width = aux_ch // 4 if torchvision else width
+        self.aux_head = FCNHead(aux_ch, c, aux_width, num_convs=1, concat_input=False, dropout=dropout) if aux_head else None
 
     def _logits(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
         low, _, high = features
