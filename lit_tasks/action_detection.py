@@ -48,6 +48,7 @@ from lit_tasks.models.action.convert import read_action_weights
 from lit_tasks.models.action.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
                                     class_probabilities)
 from lit_tasks.models.published import published_weights
+from lit_tasks.run.lightning_seams import attached_trainer
 
 
 class ActionDetectionTask(BaseTask):
@@ -175,7 +176,8 @@ class ActionDetectionTask(BaseTask):
 
     def setup(self, stage: str) -> None:
         """Say which frames this run evaluates or predicts (the DataModule's ``frames`` rule)."""
-        rule = getattr(self.trainer.datamodule, "frame_rule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        rule = getattr(trainer.datamodule, "frame_rule", None) if trainer is not None else None
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str Enum)
         if callable(rule) and stage in ("fit", "validate", "test", "predict"):
             split = {"fit": "val", "validate": "val"}.get(stage, stage)
@@ -254,7 +256,8 @@ class ActionDetectionTask(BaseTask):
 
     def test_table(self, values: dict[str, Any]) -> str:
         """Per-class AP / cAP over the evaluated frames, mAP / mcAP, then the anticipation mAP per step."""
-        rule = getattr(self.trainer.datamodule, "frame_rule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        rule = getattr(trainer.datamodule, "frame_rule", None) if trainer is not None else None
         title = f"Per-frame AP / calibrated AP (%) over {rule('test')}" if callable(rule) else None
         skip = (self.hparams.background_index, self.hparams.ambiguous_index)
         table = format_ap_table(self.class_names(), values, skip, title)

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_tasks.param_groups import ParamGroupRules, param_groups
+from lit_tasks.run.lightning_seams import attached_trainer
 from lit_tasks.schedules import warmup_cosine, warmup_multistep
 
 NOT_SAVED = ("optimizer", "lr_scheduler")
@@ -277,7 +278,8 @@ class BaseTask(LightningModule):
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole fit (1 outside a Trainer)."""
-        return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        trainer = attached_trainer(self)
+        return max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one training epoch of the attached Trainer (1 outside a Trainer, as ``total_steps``:
@@ -286,9 +288,9 @@ class BaseTask(LightningModule):
         Raises:
             ValueError: the training loader has no length (an iterable dataset without one), so epochs have none.
         """
-        if not self._trainer:
+        trainer = attached_trainer(self)
+        if trainer is None:
             return 1
-        trainer = self.trainer
         if not math.isfinite(trainer.num_training_batches):
             trainer.fit_loop.setup_data()  # what estimated_stepping_batches does, unless max_steps is set
         batches = trainer.num_training_batches

@@ -40,6 +40,7 @@ from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import stack_padded
 from lit_tasks.param_groups import ParamGroupRules, scale_lr
+from lit_tasks.run.lightning_seams import attached_trainer
 from lit_tasks.schedules import warmup_cosine
 
 MODELS = ("fcos", "vfnet", "detr")
@@ -456,9 +457,9 @@ class DetectionTask(BaseTask):
         base = self.hparams.get("lr_base_batch_size")
         if base is None:
             return 1.0
-        if not self._trainer:
+        trainer = attached_trainer(self)
+        if trainer is None:
             raise ValueError("DetectionTask: lr_base_batch_size scales the LR by the run's batch: it needs a Trainer")
-        trainer = self.trainer
         per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if per_device is None:
             trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader)
