@@ -75,6 +75,9 @@ class FaceRecognitionTask(BaseTask):
         lr, momentum, weight_decay: SGD of the default optimizer (insightface: 0.1, 0.9, 5e-4). With an
             injected optimizer they are unused: its own settings apply, to the Partial FC centres too.
         warmup_steps: linear warm-up of the default schedule (arcface_torch's: warm-up, then linear decay to 0).
+        warmup_fraction: instead of ``warmup_steps``, warm up over this fraction of the run's optimizer steps, a
+            length every dataset size reaches (0.1 in ``arcface_folder.yaml``: arcface_torch's WebFace42M configs
+            warm up for a tenth of the epochs, ``warmup_epoch = num_epoch // 10`` in ``wf42m_pfc03_32gpu_r100.py``).
         channels_last: channels-last backbone (faster on CPU).
         pretrained: timm backbone weights (needs the hub).
         pretrained_weights: a local insightface arcface_torch ``backbone.pth`` (IResNet-18 ... 200, MobileFaceNet;
@@ -123,6 +126,7 @@ class FaceRecognitionTask(BaseTask):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup_steps: int = 0,
+        warmup_fraction: float = 0.0,
         channels_last: bool = True,
         pretrained: bool = False,
         pretrained_weights: str | None = None,
@@ -136,13 +140,16 @@ class FaceRecognitionTask(BaseTask):
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
     def argument_problems(self, args: dict[str, Any]) -> list[str]:
-        """Fewer than two identities, repeated or empty verification set names."""
-        sets = args["verification_sets"]
+        """Fewer than two identities, repeated or empty verification set names, two warm-up lengths."""
+        sets, fraction = args["verification_sets"], args["warmup_fraction"]
         checks = [
             (args["num_identities"] >= 2,
              f"num_identities={args['num_identities']}: a softmax over identities needs at least 2"),
             (sets is None or (bool(sets) and len(set(sets)) == len(sets)),
              f"verification_sets={sets!r}: give distinct names, one per dataloader"),
+            (0.0 <= fraction < 1.0 and not (fraction and args["warmup_steps"]),
+             f"warmup_fraction={fraction} must be in [0, 1) and warmup_steps={args['warmup_steps']} 0 with it (one "
+             "warm-up length, in steps or as a fraction)"),
         ]
         return super().argument_problems(args) + [message for ok, message in checks if not ok]
 
@@ -264,6 +271,11 @@ class FaceRecognitionTask(BaseTask):
         centres are updated with that group's hyperparameters."""
         h = self.hparams
         return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+    def warmup_steps(self) -> int:
+        """``warmup_steps``, or ``warmup_fraction`` of the run's optimizer steps (rounded)."""
+        h = self.hparams
+        return int(h.warmup_steps) or int(round(h.get("warmup_fraction", 0.0) * self.total_steps()))
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

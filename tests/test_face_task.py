@@ -242,7 +242,7 @@ def fixed_loader(num_identities: int = 6, batch_size: int = 8) -> torch.utils.da
     """Synthetic faces in a fixed order without random flips: two runs see exactly the same batches."""
     from datamodules.synthetic.identities import SyntheticIdentities
 
-    dataset = SyntheticIdentities(num_identities, 4, image_size=32, hflip=False)
+    dataset = SyntheticIdentities(num_identities, 4, image_size=32, augment="none")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
 
 

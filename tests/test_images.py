@@ -161,7 +161,7 @@ def test_identity_folders_and_their_tfrecords_read_photos_upright(tmp_path: Path
     upright = {name: photo(root / name / f"{name}_0001.jpg", seed=k) for k, name in enumerate(("alice", "bob"))}
     (root / "pairs.txt").write_text("alice 1 bob 1\n")
     folder = IdentityFolderDataModule(str(root), pairs=str(root / "pairs.txt"), image_size=10, num_workers=0)
-    transform = face_transform(10, train=False)
+    transform = face_transform(10, "none")
     folder.train_set.transform = transform  # no random flip
     expected = [transform(image=upright[name])["image"] for name in ("alice", "bob")]
     sideways = transform(image=np.ascontiguousarray(np.rot90(upright["alice"], 1)))["image"]

@@ -229,7 +229,7 @@ def test_bins_of_another_size_are_resized_as_load_bin_does(tmp_path: Path) -> No
     dm = golden_dm(val_bins=[str(path)], image_size=112)
     pair = dm.val_dataloader()[0].dataset[1]
     assert pair["image_a"].shape == (3, 112, 112)
-    expected = face_transform(112, train=False)(image=decode_image(encoded[2]))["image"]  # bilinear, as cv2.resize
+    expected = face_transform(112, "none")(image=decode_image(encoded[2]))["image"]  # bilinear, as cv2.resize
     assert torch.equal(pair["image_a"], expected) and pair["same"] is False
 
 

@@ -52,7 +52,7 @@ def test_same_identities_and_samples_as_the_folder_datamodule(faces: dict) -> No
     folder.setup("fit")
     # Without flips both decode the same bytes the same way: every image and label must match exactly.
     reference = folder.train_set
-    reference.transform = face_transform(16, train=False)
+    reference.transform = face_transform(16, "none")
     expected = keyed(reference)
     assert len(expected) == 7 and [label for label, _, _ in expected] == [0, 0, 0, 1, 1, 2, 2]
     assert keyed(tfr.train_set) == expected

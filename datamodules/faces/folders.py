@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -27,10 +28,12 @@ from datamodules.faces.align import arcface_template
 from datamodules.faces.samples import (
     ArrayTransform,
     BinImages,
+    FaceAugment,
     FaceLoader,
     IdentityImages,
     ImageFiles,
     PairImages,
+    face_augment,
     face_transform,
     parse_pairs,
     read_landmarks,
@@ -84,16 +87,25 @@ class FaceDataModule(BaseDataModule):
     ``predict`` embeds every image under ``predict_root`` (recursively), else every image of the ``.bin`` sets
     (named ``<set>/<number>``), else the pairs' images (named relative to ``pairs_base()``). ``image_loader``
     (a :class:`FaceLoader`) reads the image files, so a subclass can align them.
+
+    Training samples go through ``train_transform()``, the ``augment`` preset (``"flip"``, ``"small_set"`` or
+    ``"none"``; ``True`` / ``False`` are ``"flip"`` / ``"none"``, see :func:`datamodules.faces.samples.face_transform`);
+    validation, test and predict through ``face_transform(image_size, "none")`` whatever ``augment`` is.
     """
 
     predict_split = "predict"
 
-    def __init__(self, *, image_size: int, pairs: str | None, pairs_root: str | None, val_bins: list[str] | None,
-                 predict_root: str | None, batch_size: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, *, image_size: int, augment: bool | FaceAugment, pairs: str | None, pairs_root: str | None,
+                 val_bins: list[str] | None, predict_root: str | None, batch_size: int, num_workers: int,
+                 pin_memory: bool) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         if pairs is not None and val_bins:
             raise ValueError(f"give verification pairs ({pairs}) or .bin sets ({val_bins}), not both")
-        self.image_size, self.predict_root = image_size, predict_root
+        try:
+            face_augment(augment)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self.image_size, self.predict_root, self.augment = image_size, predict_root, augment
         self.pairs, self.pairs_root = pairs, pairs_root
         self.val_bins = list(val_bins) if val_bins else None
         self._pairs: list[tuple[Path, Path, bool]] | None = None
@@ -116,8 +128,12 @@ class FaceDataModule(BaseDataModule):
         raise NotImplementedError
 
     def train_dataset(self) -> Dataset:
-        """The training samples ``(image (3,S,S), label int64)``."""
+        """The training samples ``(image (3,S,S), label int64)``, through :meth:`train_transform`."""
         raise NotImplementedError
+
+    def train_transform(self) -> Callable[..., dict]:
+        """The training pipeline of the ``augment`` preset (:func:`~datamodules.faces.samples.face_transform`)."""
+        return face_transform(self.image_size, self.augment)
 
     # -- .bin verification sets ----------------------------------------------------------------------
     def bins_base(self) -> Path:
@@ -174,7 +190,7 @@ class FaceDataModule(BaseDataModule):
             return self.train_dataset()
         if split == "test":
             return self.dataset("val")  # the same verification sets serve both
-        transform = face_transform(self.image_size, train=False)
+        transform = face_transform(self.image_size, "none")  # evaluation never augments
         names = self.verification_sets
         if split == "val":
             if names:
@@ -243,6 +259,9 @@ class IdentityFolderDataModule(NamedIdentities, FaceDataModule):
             :mod:`datamodules.faces.align`) at ``image_size``; an image without a row is an error.
         landmarks_layout: ``"interleaved"`` (``x1, y1, ..., x5, y5``) or ``"planar"`` (``x1..x5, y1..y5``).
         image_size: side S the images are resized (or aligned) to.
+        augment: training augmentation: ``"flip"`` (arcface_torch's, for large aligned sets), ``"small_set"``
+            (random resized crop, flip, colour jitter, greyscale, random erasing: for thousands of photos or loosely
+            aligned faces; :func:`datamodules.faces.samples.small_set_augmentations`) or ``"none"``.
         seed: the identity hold-out and pair draw.
     """
 
@@ -258,12 +277,13 @@ class IdentityFolderDataModule(NamedIdentities, FaceDataModule):
         landmarks: str | None = None,
         landmarks_layout: str = "interleaved",
         image_size: int = 112,
+        augment: bool | FaceAugment = "flip",
         seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
+        super().__init__(image_size=image_size, augment=augment, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
                          predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory)
         self.save_hyperparameters()
@@ -301,7 +321,7 @@ class IdentityFolderDataModule(NamedIdentities, FaceDataModule):
         return FaceLoader(read_landmarks(self.landmarks, self.landmarks_layout), self.image_size, self.landmarks)
 
     def train_dataset(self) -> IdentityImages:
-        return IdentityImages(self._split()[1], face_transform(self.image_size, train=True), self.image_loader)
+        return IdentityImages(self._split()[1], self.train_transform(), self.image_loader)
 
     def list_pairs(self) -> list[tuple[Path, Path, bool]]:
         if self.pairs is not None:

@@ -8,8 +8,9 @@ process, opened lazily after a DataLoader worker forks; never the whole file in 
 and go through the face family's sample function (:func:`datamodules.faces.samples.identity_sample`), so a record gives
 the same tensor as the same JPEG in an identity folder or a TFRecord shard.
 
-Training augmentation is arcface_torch's (REFERENCE.md §1.5): a random horizontal flip only; images whose size is
-not ``image_size`` (112 for every insightface pack) are resized to it.
+Training augmentation is arcface_torch's by default (REFERENCE.md §1.1): a random horizontal flip only (``augment``
+``"flip"``; ``"small_set"`` for a small pack, see :func:`datamodules.faces.samples.face_transform`); images whose size
+is not ``image_size`` (112 for every insightface pack) are resized to it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.faces.folders import FaceDataModule
-from datamodules.faces.samples import face_transform, identity_sample
+from datamodules.faces.samples import FaceAugment, identity_sample
 from datamodules.images import decode_image
 from datamodules.recordio import RecordIODataset, class_of
 
@@ -76,7 +77,8 @@ class RecordIOFaceDataModule(FaceDataModule):
             files (relative to ``pairs_root``, default the pairs file's folder).
         predict_root: folder whose images (recursively) ``predict`` embeds; default the ``.bin`` sets' images.
         image_size: side S of the network input (112); other sizes are resized to it.
-        augment: random horizontal flips when training (arcface_torch's only augmentation); off: none.
+        augment: training augmentation: ``"flip"`` (= true; arcface_torch's only augmentation), ``"small_set"``
+            (:func:`datamodules.faces.samples.small_set_augmentations`) or ``"none"`` (= false).
         batch_size, num_workers, pin_memory: as ``BaseDataModule`` (arcface_torch: 128 per GPU, 2 workers).
     """
 
@@ -89,16 +91,16 @@ class RecordIOFaceDataModule(FaceDataModule):
         pairs_root: str | None = None,
         predict_root: str | None = None,
         image_size: int = 112,
-        augment: bool = True,
+        augment: bool | FaceAugment = "flip",
         batch_size: int = 128,
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
+        super().__init__(image_size=image_size, augment=augment, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
                          predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory)
         self.save_hyperparameters()
-        self.rec, self.idx, self.augment = rec, idx, augment
+        self.rec, self.idx = rec, idx
         self._records: RecordIODataset | None = None
         self._num_identities: int | None = None
 
@@ -123,5 +125,4 @@ class RecordIOFaceDataModule(FaceDataModule):
         return self._num_identities
 
     def train_dataset(self) -> RecordIOIdentities:
-        transform = face_transform(self.image_size, train=self.augment)
-        return RecordIOIdentities(self.records(), self.num_identities, transform)
+        return RecordIOIdentities(self.records(), self.num_identities, self.train_transform())

@@ -6,6 +6,11 @@ Batches are the ones the face task documents: train ``(images (B,3,S,S) float [0
 ``image``, ``name`` (:class:`ImageFiles`, :class:`BinImages`). Every face DataModule (identity folders,
 RecordIO, TFRecord) builds its samples here, so the same JPEG gives the same tensor from any of them.
 
+Training augmentation is one preset, the DataModules' ``augment`` argument (:func:`face_transform`): ``"flip"``,
+arcface_torch's flips for millions of aligned faces, or ``"small_set"`` (:func:`small_set_augmentations`: random
+resized crop, flip, colour jitter, greyscale, random erasing) for a folder of one's own photos; ``"none"`` for
+neither. Validation, verification and predict never augment: they take ``face_transform(S, "none")``.
+
 Image files are read by :class:`FaceLoader`: decoded (``datamodules.images.decode_image``; greyscale and palette
 images become RGB, EXIF-rotated photos are read upright), then, given a landmarks table (:func:`read_landmarks`:
 5 points per image), aligned with insightface's ``norm_crop``.
@@ -24,8 +29,9 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import albumentations as A
 import numpy as np
@@ -128,15 +134,114 @@ def sample_pairs(files: list[list[Path]], num_pairs: int, seed: int = 0) -> list
     return pairs
 
 
-def face_transform(image_size: int, train: bool) -> A.Compose:
-    """Resize to ``image_size`` square (aligned faces are already 112x112), random flip when training."""
-    steps: list = [A.Resize(image_size, image_size)]
-    if train:
-        steps.append(A.HorizontalFlip(p=0.5))  # insightface trains with flips only
-    return A.Compose(steps + to_tensor())
+FaceAugment = Literal["none", "flip", "small_set"]
+FACE_AUGMENTS: tuple[str, ...] = ("none", "flip", "small_set")
+
+# The small-set preset's parameters (each op's source in :func:`small_set_augmentations`).
+CROP_SCALE: tuple[float, float] = (0.8, 1.0)  # share of the image's area a training crop keeps
+CROP_RATIO: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect (width / height) range
+JITTER, JITTER_P = 0.5, 0.2  # brightness / contrast / saturation factors in [1 - 0.5, 1 + 0.5], on 20% of the faces
+GRAY_P = 0.2
+ERASE_SCALE: tuple[float, float] = (0.02, 0.33)  # share of the area one erased rectangle covers
+ERASE_RATIO: tuple[float, float] = (0.3, 1 / 0.3)  # its aspect (width / height) range
+ERASE_P, ERASE_FILL = 0.5, 128  # mid-grey: 0 once the network normalises (x - 0.5) / 0.5
 
 
-def identity_sample(image: np.ndarray, label: int, transform: A.Compose) -> tuple[torch.Tensor, torch.Tensor]:
+def face_augment(augment: bool | str) -> FaceAugment:
+    """The preset name of an ``augment`` argument: ``True`` is ``"flip"``, ``False`` is ``"none"``.
+
+    Raises:
+        ValueError: an unknown preset, naming the known ones.
+    """
+    preset = ("flip" if augment else "none") if isinstance(augment, bool) else augment
+    if preset not in FACE_AUGMENTS:
+        raise ValueError(f"augment must be true, false or one of {list(FACE_AUGMENTS)}, got {augment!r}")
+    return preset  # type: ignore[return-value]
+
+
+def small_set_augmentations(image_size: int) -> list[A.BasicTransform]:
+    """The ``"small_set"`` preset: what the face-recognition literature adds to flips when photos are few or loose.
+
+    In this order, on the decoded ``(H, W, 3)`` uint8 face (the crop replaces the plain resize to ``image_size``):
+
+    1. ``RandomResizedCrop(scale=(0.8, 1), ratio=(3/4, 4/3))`` to ``image_size``, every face: the op and aspect range
+       of AdaFace's crop augmentation (Kim et al., CVPR 2022; mk-minchul/AdaFace ``dataset/augmenter.py``:
+       torchvision's ``RandomResizedCrop``, scale 0.2-1, on 20% of the faces), with the mild scale of VGGFace2's
+       training crops (Cao et al., FG 2018, §4.1: the face box resized to a shorter side of 256, then a random
+       224x224 region, about 77% of its area, on every face). A face keeps at least 80% of its area, so an aligned
+       face stays recognisable and a loosely cropped one is seen at several framings. Scale and aspect together
+       bound each side of the crop: on a square face at scale >= 0.8 the aspect stays within 0.8-1.25.
+    2. ``HorizontalFlip(p=0.5)``: arcface_torch's one augmentation (``dataset.py``, REFERENCE.md §1.1).
+    3. ``ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0, p=0.2)``: AdaFace's photometric
+       augmentation (``transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0)``,
+       ``photometric_augmentation_prob`` 0.2 in its training scripts). Hue is left alone: skin tone is identity.
+    4. ``ToGray(p=0.2)``: VGGFace2's monochrome augmentation (§4.1: with probability 20%, against over-fitting to
+       colour images); a folder of one's own photos often mixes greyscale ones in.
+    5. ``Erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), fill=128, p=0.5)``: Random Erasing (Zhong et al., AAAI 2020:
+       p 0.5, area 0.02-0.4, aspect 0.3-1/0.3; torchvision's ``RandomErasing`` defaults cap the area at 0.33), one
+       rectangle of mid-grey, as insightface's own MXNet ArcFace iterator blanks a square to 128 (``cutoff``,
+       ``recognition/ArcFace/image_iter.py``, on half of the faces): occlusions (hands, glasses, masks) are what a
+       few photos per person rarely show.
+    """
+    return [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=CROP_SCALE, ratio=CROP_RATIO, p=1.0),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER, hue=0.0, p=JITTER_P),
+        A.ToGray(num_output_channels=3, p=GRAY_P),
+        A.Erasing(scale=ERASE_SCALE, ratio=ERASE_RATIO, fill=ERASE_FILL, p=ERASE_P),
+    ]
+
+
+def face_transform(image_size: int, augment: bool | FaceAugment = "none") -> A.Compose | TorchSeeded:
+    """``(H, W, 3)`` uint8 face -> ``(3, S, S)`` float tensor in [0, 1], with the training preset ``augment``.
+
+    * ``"none"`` (or ``False``): resize to ``image_size`` square (aligned faces are already 112x112): validation,
+      verification and predict always use this;
+    * ``"flip"`` (or ``True``): the resize, then a horizontal flip with probability 0.5, arcface_torch's recipe for
+      millions of aligned faces (MS1M, Glint360K, WebFace; ``dataset.py``, REFERENCE.md §1.1);
+    * ``"small_set"``: :func:`small_set_augmentations` (random resized crop, flip, colour jitter, greyscale, random
+      erasing), for a folder of thousands of photos or faces that are not tightly aligned.
+
+    A random preset draws each sample's augmentation from torch's generator (:class:`TorchSeeded`): seeded by
+    ``seed_everything``, distinct in each DataLoader worker, restored when a fit resumes exactly.
+    """
+    preset = face_augment(augment)
+    if preset == "small_set":
+        steps = small_set_augmentations(image_size)
+    else:
+        steps = [A.Resize(image_size, image_size)]
+        if preset == "flip":
+            steps.append(A.HorizontalFlip(p=0.5))  # insightface trains with flips only
+    transform = A.Compose(steps + to_tensor())
+    return transform if preset == "none" else TorchSeeded(transform)
+
+
+class TorchSeeded:
+    """An albumentations pipeline whose random draws come from torch's generator: one seed drawn per call.
+
+    albumentations draws from generators of its own, which ``seed_everything`` does not reach, which every DataLoader
+    worker inherits in the same state (all workers would repeat one sequence of crops and flips) and which a resumed
+    fit does not restore. Seeding them from ``torch.randint`` at every call makes each sample's augmentation a draw
+    of torch's generator in the process that loads it, as a torchvision transform's would be: seeded by
+    ``seed_everything``, distinct per worker (torch seeds each), restored by an exact resume. One generator pair is
+    shared by all the ops (``set_random_state``): albumentations' ``set_random_seed`` / ``Compose(seed=...)`` seeds
+    each op with the same number, so ops of equal probability would fire together. Called like the pipeline
+    (``transform(image=...)``); picklable.
+    """
+
+    def __init__(self, transform: A.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        seed = int(torch.randint(0, 2**62, ()))
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return self.transform(**data)
+
+    def __repr__(self) -> str:
+        return f"TorchSeeded({self.transform!r})"
+
+
+def identity_sample(image: np.ndarray, label: int, transform: Callable[..., dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """A training sample ``(image (3,S,S) float [0,1], label int64)`` from an ``(H, W, 3)`` uint8 RGB face."""
     return transform(image=image)["image"], torch.tensor(label, dtype=torch.int64)
 
@@ -179,7 +284,7 @@ def read_landmarks(path: str | os.PathLike, layout: str = "interleaved") -> dict
 class IdentityImages(Dataset):
     """``(image (3,S,S) float [0,1], label int64)`` for every file of every identity."""
 
-    def __init__(self, files: list[list[Path]], transform: A.Compose, load: FaceLoader | None = None) -> None:
+    def __init__(self, files: list[list[Path]], transform: Callable[..., dict], load: FaceLoader | None = None) -> None:
         self.items = [(p, label) for label, paths in enumerate(files) for p in paths]
         self.transform, self.load = transform, load or FaceLoader()
 

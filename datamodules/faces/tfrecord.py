@@ -18,14 +18,13 @@ stay a pairs file over an image folder, exactly as for :class:`~datamodules.face
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import albumentations as A
 import numpy as np
 import torch
 
 from datamodules.faces.folders import FaceDataModule, NamedIdentities, scan_identity_folders
-from datamodules.faces.samples import face_transform, identity_sample
+from datamodules.faces.samples import FaceAugment, identity_sample
 from datamodules.tfrecord import (
     FixedLen,
     TFRecordDataset,
@@ -104,7 +103,8 @@ class IdentityDecoder:
     label map from different conversions fail loudly instead of training on wrong labels.
     """
 
-    def __init__(self, ids: Sequence[int], names: Sequence[str], transform: A.Compose, label_map: str = "") -> None:
+    def __init__(self, ids: Sequence[int], names: Sequence[str], transform: Callable[..., dict],
+                 label_map: str = "") -> None:
         self.label_of = {int(i): label for label, i in enumerate(ids)}
         self.names, self.transform, self.label_map = list(names), transform, label_map
 
@@ -134,7 +134,8 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
             or absolute), one validation dataloader each.
         predict_root: folder whose images (recursively) ``predict`` embeds; default the pairs' images.
         image_size: side S the images are resized to.
-        augment: random horizontal flips when training (off: the evaluation transform).
+        augment: training augmentation: ``"flip"`` (= true; arcface_torch's), ``"small_set"``
+            (:func:`datamodules.faces.samples.small_set_augmentations`) or ``"none"`` (= false).
         shuffle_buffer, seed: training shuffle (shard order per epoch + a buffer of this many records).
             ``make_tfrecords.py folder`` shuffles the records when it writes them, so the buffer only
             has to vary the order from epoch to epoch.
@@ -153,7 +154,7 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
         val_bins: list[str] | None = None,
         predict_root: str | None = None,
         image_size: int = 112,
-        augment: bool = True,
+        augment: bool | FaceAugment = "flip",
         shuffle_buffer: int = 4096,
         seed: int = 0,
         on_corrupt: str = "raise",
@@ -161,13 +162,13 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__(image_size=image_size, pairs=pairs, pairs_root=pairs_root, val_bins=val_bins,
-                         predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
+        super().__init__(image_size=image_size, augment=augment, pairs=pairs, pairs_root=pairs_root,
+                         val_bins=val_bins, predict_root=predict_root, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory)
         self.save_hyperparameters()
         self.shards = TFRecordShards({"train": train_files}, shuffle_buffer=shuffle_buffer, seed=seed,
                                      on_corrupt=on_corrupt)
-        self.label_map, self.augment = label_map, augment
+        self.label_map = label_map
         self._labels: tuple[list[int], list[str]] | None = None
 
     def _label_map(self) -> tuple[list[int], list[str]]:
@@ -184,5 +185,5 @@ class TFRecordIdentityDataModule(NamedIdentities, FaceDataModule):
 
     def train_dataset(self) -> TFRecordDataset:
         ids, names = self._label_map()
-        decoder = IdentityDecoder(ids, names, face_transform(self.image_size, train=self.augment), self.label_map)
+        decoder = IdentityDecoder(ids, names, self.train_transform(), self.label_map)
         return self.shards.dataset("train", features=IDENTITY_FEATURES, decode=decoder, batch_size=self.batch_size)

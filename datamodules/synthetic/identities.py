@@ -12,6 +12,10 @@ Train and validation identities are disjoint (validation ids follow the training
 validation pairs open-set, as LFW is for a model trained on MS1M. Rendering is analytic in numpy on
 the pixel grid (pose applied by inverting it per pixel): a 112x112 sample takes about 2 ms.
 
+Training augmentation is one of the face family's presets (``augment``: ``"flip"``, arcface_torch's, or
+``"small_set"``, see :func:`datamodules.faces.samples.face_transform`), so the demo shows what a preset does on
+identities it never trained on; the validation pairs and predict images are never augmented.
+
 Batches: train ``(image (B,3,S,S) float [0,1], label (B,) int64)``; validation / test pairs a dict with
 ``image_a``, ``image_b`` ``(B,3,S,S)``, ``same`` ``(B,)`` bool, ``index`` ``(B,)`` int64 pair index,
 ``identity_a``/``identity_b`` lists of str; predict a dict with ``image`` and ``name`` (list of str).
@@ -27,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule
+from datamodules.faces.samples import FaceAugment, face_augment, face_transform, identity_sample
 
 STREAM_IDENTITY, STREAM_SAMPLE, STREAM_PAIR = 1, 2, 3  # separate random streams per purpose
 
@@ -167,22 +172,24 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SyntheticIdentities(Dataset):
-    """Training samples ``(image (3,S,S) float [0,1], label int64)`` of identities ``0..num_identities-1``."""
+    """Training samples ``(image (3,S,S) float [0,1], label int64)`` of identities ``0..num_identities-1``.
+
+    ``augment``: the face family's training preset (``"flip"``, ``"small_set"``, ``"none"``; ``True`` / ``False``
+    are ``"flip"`` / ``"none"``), applied to the rendered face as to a decoded photo.
+    """
 
     def __init__(self, num_identities: int, samples_per_identity: int, image_size: int = 112, seed: int = 0,
-                 hflip: bool = True) -> None:
+                 augment: bool | FaceAugment = "flip") -> None:
         self.num_identities, self.samples = num_identities, samples_per_identity
-        self.image_size, self.seed, self.hflip = image_size, seed, hflip
+        self.image_size, self.seed = image_size, seed
+        self.transform = face_transform(image_size, augment)
 
     def __len__(self) -> int:
         return self.num_identities * self.samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         identity, sample = divmod(index, self.samples)
-        image = render_identity(identity, sample, self.seed, self.image_size)
-        if self.hflip and torch.rand(()) < 0.5:  # the insightface training augmentation
-            image = image[:, ::-1]
-        return _to_tensor(np.ascontiguousarray(image)), torch.tensor(identity, dtype=torch.int64)
+        return identity_sample(render_identity(identity, sample, self.seed, self.image_size), identity, self.transform)
 
 
 class SyntheticPairs(Dataset):
@@ -233,6 +240,8 @@ class SyntheticFacesDataModule(BaseDataModule):
         num_val_pairs: validation pairs, half same-identity (use a multiple of 20 for balanced folds).
         image_size: square side S of every image.
         seed: selects the whole dataset.
+        augment: training augmentation, as the face DataModules': ``"flip"`` (arcface_torch's), ``"small_set"``
+            (:func:`datamodules.faces.samples.small_set_augmentations`) or ``"none"``.
         batch_size: training images per batch; validation batches hold ``batch_size`` pairs.
     """
 
@@ -247,6 +256,7 @@ class SyntheticFacesDataModule(BaseDataModule):
         num_val_pairs: int = 1000,
         image_size: int = 112,
         seed: int = 0,
+        augment: bool | FaceAugment = "flip",
         batch_size: int = 64,
         num_workers: int = 2,
         pin_memory: bool = False,
@@ -254,6 +264,11 @@ class SyntheticFacesDataModule(BaseDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         if num_train_identities < 2:
             raise ValueError(f"num_train_identities={num_train_identities}: need at least 2 identities to train")
+        try:
+            face_augment(augment)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        self.augment = augment
         self.num_train_identities, self.samples_per_identity = num_train_identities, samples_per_identity
         self.num_val_identities, self.val_samples_per_identity = num_val_identities, val_samples_per_identity
         self.num_val_pairs, self.image_size, self.seed = num_val_pairs, image_size, seed
@@ -271,7 +286,7 @@ class SyntheticFacesDataModule(BaseDataModule):
         """Train: the training identities; val and test: pairs of unseen identities; predict: their images."""
         if split == "train":
             return SyntheticIdentities(self.num_train_identities, self.samples_per_identity,
-                                       image_size=self.image_size, seed=self.seed)
+                                       image_size=self.image_size, seed=self.seed, augment=self.augment)
         if split == "test":
             return self.dataset("val")  # one set of verification pairs serves both
         if split == "val":
