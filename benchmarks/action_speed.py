@@ -47,13 +47,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: busy-waiting threads on a shared machine
 
+import itertools  # noqa: E402
 import statistics  # noqa: E402
-import time
 from collections import defaultdict  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from timing import Stopwatch, time_call, time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from lit_tasks.models.action.oadtr import OadTR, StreamingOadTR, class_probabilities  # noqa: E402
 
@@ -70,16 +71,18 @@ def paper_model(fold: bool, seed: int = 0) -> OadTR:
 
 
 def interleaved(cases: dict[str, Callable[[int], object]], frames: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, process CPU) seconds per frame of each case; ``case(t)`` processes frame t. Cases alternate
-    every round. CPU time (all threads of this process) is what a busy machine disturbs least."""
-    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in range(rounds):
-        for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
-            for t in range(frames):
-                start, cpu = time.perf_counter(), time.process_time()
-                cases[name](t)
-                times[name].append((time.perf_counter() - start, time.process_time() - cpu))
-    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for name, ts in times.items()}
+    """Median (wall, process CPU) seconds per frame of each case; ``case(t)`` processes frame t, t = 0 .. frames - 1
+    in every round. Cases alternate every round. CPU time (all threads of this process) is what a busy machine
+    disturbs least."""
+
+    def frame_by_frame(case: Callable[[int], object]) -> Callable[[], object]:
+        """``case`` as a call without arguments that steps through frames 0 .. frames - 1, round after round."""
+        t = itertools.cycle(range(frames))
+        return lambda: case(next(t))
+
+    times = time_calls({name: frame_by_frame(case) for name, case in cases.items()}, warmup=0, repeats=rounds,
+                       per_round=frames)
+    return {name: (timing.median, timing.median_cpu) for name, timing in times.items()}
 
 
 def latency(frames: int, rounds: int, streams: int) -> dict[str, tuple[float, float]]:
@@ -123,9 +126,9 @@ def profile_step(detector: StreamingOadTR, feature: torch.Tensor, repeats: int) 
     parts: dict[str, list[float]] = defaultdict(list)
 
     def timed(name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        start = time.perf_counter()
-        out = fn()
-        parts[name].append(time.perf_counter() - start)
+        with Stopwatch() as watch:
+            out = fn()
+        parts[name].append(watch.wall)
         return out
 
     with torch.no_grad():
@@ -180,17 +183,16 @@ def training(batch: int, steps: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(2)
         x = torch.randn(batch, 64, PAPER["in_dim"], generator=g)
         y = torch.randint(0, 21, (batch,), generator=g)
-        times = []
-        for step in range(steps + 1):
-            start = time.perf_counter()
+
+        def step() -> None:
             o = model(x)
             loss = F.cross_entropy(o.current, y) + 0.5 * F.cross_entropy(o.anticipation.flatten(0, 1), y.repeat_interleave(8))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if step:  # the first step allocates Adam's state
-                times.append(time.perf_counter() - start)
-        out["folded" if fold else "unfolded"] = batch / statistics.median(times)
+
+        # The warm-up step allocates Adam's state.
+        out["folded" if fold else "unfolded"] = batch / time_call(step, warmup=1, repeats=steps).median
     return out
 
 

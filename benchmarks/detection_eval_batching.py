@@ -15,7 +15,7 @@ per image in every way) over ``--steps`` interleaved rounds.
     python benchmarks/detection_eval_batching.py [--model fcos] [--backbone resnet50] [--steps 3] [--threads 2]
                                                  [--device cuda]
 
-On a GPU (``--device cuda``; timed_pair synchronises) it shows whether grouping pays there, as assumed.
+On a GPU (``--device cuda``; every timed call is synchronised) it shows whether grouping pays there, as assumed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import argparse
 import os
 
 import torch
-from detection_speed import timed_pair  # noqa: E402  (benchmarks/ is on the path when a script runs)
+from timing import time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from lit_tasks import DetectionTask
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT
@@ -67,8 +67,12 @@ def main() -> None:
         def padded_batch() -> None:
             model.level_maps(batch, sizes)
 
-        t_grouped, t_single = timed_pair(grouped, per_image, args.steps)
-        t_padded, t_grouped_again = timed_pair(padded_batch, grouped, args.steps)
+        times = time_calls({"grouped": grouped, "per image": per_image}, warmup=1, repeats=args.steps,
+                           alternate=False, sync=True)
+        t_grouped, t_single = times["grouped"].median, times["per image"].median
+        times = time_calls({"padded": padded_batch, "grouped": grouped}, warmup=1, repeats=args.steps,
+                           alternate=False, sync=True)
+        t_padded, t_grouped_again = times["padded"].median, times["grouped"].median
         print(f"{name:>6} {sizes}: grouped {t_grouped:.2f}  per image {t_single:.2f}  (grouped / per image "
               f"{t_grouped / t_single:.2f}); padded batch, the previous way: {t_padded:.2f} (grouped / padded "
               f"{t_grouped_again / t_padded:.2f})")

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torchvision
+from timing import time_call, time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from lit_tasks import DetectionTask
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
@@ -47,24 +46,10 @@ def make_batch(num_classes: int, size: int = 512, seed: int = 0) -> tuple[torch.
     return images, targets
 
 
-def synchronize() -> None:
-    """Wait for queued GPU work, so a wall time covers it (no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def timed_pair(a, b, steps: int) -> tuple[float, float]:
     """Median wall times of ``a()`` and ``b()``, run alternately (after one warm-up each) so load hits both alike."""
-    a(), b()
-    times_a, times_b = [], []
-    for _ in range(steps):
-        for fn, times in ((a, times_a), (b, times_b)):
-            synchronize()
-            t0 = time.perf_counter()
-            fn()
-            synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times_a), statistics.median(times_b)
+    times = time_calls({"a": a, "b": b}, warmup=1, repeats=steps, alternate=False, sync=True)
+    return times["a"].median, times["b"].median
 
 
 def sizes_of(images: torch.Tensor) -> list[tuple[int, int]]:
@@ -204,7 +189,7 @@ def bench_detr(args, images, targets) -> None:
     layers = out.logits.shape[0]
     match = lambda: hungarian_match(out.logits.flatten(0, 1), out.boxes.flatten(0, 1),  # noqa: E731
                                     tgt_labels * layers, tgt_boxes * layers)
-    t_match = timed_pair(match, match, args.steps)[0]
+    t_match = time_call(match, warmup=1, repeats=args.steps, sync=True).median
     print(f"matching in our train step ({layers} decoder layers x 2 images): {t_match * 1e3:.1f} ms = "
           f"{100 * t_match / rows[0][1]:.1f} % of the step")
 

@@ -37,7 +37,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from timing import Stopwatch  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from datamodules.recordio import (  # noqa: E402
     CHUNK_HEADER,
@@ -122,10 +122,10 @@ def read_ours(rec: str, keys: list[int]) -> float:
     reader = IndexedRecordIO(rec)
     rows = reader.positions(np.asarray(keys))
     reader.read_at(int(rows[0]))  # opens the descriptor, as MXNet's reader is opened before its clock starts
-    start = time.process_time()
-    for row in rows.tolist():
-        _split_payload(reader.read_at(row))
-    return time.process_time() - start
+    with Stopwatch() as watch:
+        for row in rows.tolist():
+            _split_payload(reader.read_at(row))
+    return watch.cpu
 
 
 def read_plain_python(rec: str, keys: list[int]) -> float:
@@ -135,8 +135,7 @@ def read_plain_python(rec: str, keys: list[int]) -> float:
         for line in f:
             key, offset = line.split()
             offsets[int(key)] = int(offset)
-    with open(rec, "rb") as f:
-        start = time.process_time()
+    with open(rec, "rb") as f, Stopwatch() as watch:
         for key in keys:
             f.seek(offsets[key])
             parts = []
@@ -151,7 +150,7 @@ def read_plain_python(rec: str, keys: list[int]) -> float:
             payload = b"".join(parts)
             flag = IR_HEADER.unpack_from(payload)[0]
             _ = payload[IR_HEADER.size + 4 * flag:]
-        return time.process_time() - start
+    return watch.cpu
 
 
 def read_mxnet(python: str, rec: str, keys: list[int]) -> float | None:
@@ -171,22 +170,23 @@ def samples_per_second(dataset, workers: int) -> float:
         multiprocessing_context="fork" if workers else None)
     iterator = iter(loader)
     next(iterator)  # workers started and the first batch made: the clock starts now
-    start, count = time.perf_counter(), 0
-    for images, _ in iterator:
-        count += images.shape[0]
-    return count / (time.perf_counter() - start)
+    count = 0
+    with Stopwatch() as watch:
+        for images, _ in iterator:
+            count += images.shape[0]
+    return count / watch.wall
 
 
 def cpu_us_per_sample(name: str, dataset) -> float:
     """Process CPU time per training sample, in this process, no DataLoader (robust to other processes' load)."""
-    start = time.process_time()
-    if name == "tfrecord":  # an IterableDataset: its own shuffled order
-        count = sum(1 for _ in dataset)
-    else:
-        count = len(dataset)
-        for i in np.random.default_rng(0).permutation(count).tolist():
-            dataset[i]
-    return (time.process_time() - start) / count * 1e6
+    with Stopwatch() as watch:
+        if name == "tfrecord":  # an IterableDataset: its own shuffled order
+            count = sum(1 for _ in dataset)
+        else:
+            count = len(dataset)
+            for i in np.random.default_rng(0).permutation(count).tolist():
+                dataset[i]
+    return watch.cpu / count * 1e6
 
 
 def datasets(paths: dict[str, str]) -> dict[str, object]:

@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import traceback
 from copy import deepcopy
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # timing.py, also when a test loads this file by its path
 
 from datamodules.synthetic.figures_keypoints import FiguresKeypointDataModule  # noqa: E402
 from datamodules.synthetic.identities import SyntheticFacesDataModule  # noqa: E402
@@ -56,6 +56,7 @@ from lit_tasks import (  # noqa: E402
     SemanticSegmentationTask,
 )
 from lit_tasks.cli import LINKED_SIZES  # noqa: E402
+from timing import Stopwatch  # noqa: E402
 
 
 @dataclass
@@ -169,24 +170,25 @@ class Cycled(Dataset):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of the training steps after ``warmup`` (synchronised with the device)."""
+    """Wall time of the training steps after ``warmup`` (synchronised with the device): ``seconds`` of ``steps``."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+        self.warmup, self.steps = warmup, 0
+        self.watch: Stopwatch | None = None
 
-    def _sync(self, trainer: pl.Trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
+    @property
+    def seconds(self) -> float:
+        """Wall seconds from the first timed step's start to the last step's end."""
+        return self.watch.wall
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup and self.start is None:
-            self._sync(trainer)
-            self.start = time.perf_counter()
+        if trainer.global_step == self.warmup and self.watch is None:
+            self.watch = Stopwatch(sync=trainer.strategy.root_device.type == "cuda").start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.start is not None:
-            self._sync(trainer)
-            self.end, self.steps = time.perf_counter(), trainer.global_step - self.warmup
+        if self.watch is not None:
+            self.watch.stop()
+            self.steps = trainer.global_step - self.warmup
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {trainer.global_step}")
@@ -208,7 +210,7 @@ def train_speed(name: str, spec: TaskSpec, device: str, tiny: bool, steps: int, 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(task, train_dataloaders=loader)
-    seconds = timer.end - timer.start
+    seconds = timer.seconds
     result = {"batch_size": batch, "steps_timed": timer.steps, "seconds": round(seconds, 3),
               f"{spec.unit}_per_second": round(timer.steps * batch / seconds, 2),
               "final_loss": float(trainer.callback_metrics["train/loss"])}
@@ -231,17 +233,13 @@ def compile_check(device: str, tiny: bool, steps: int, backend: str) -> dict[str
 
     def step(kind: str) -> tuple[float, float]:
         net, owner = nets[kind]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = owner.total_loss(owner.criterion(net(images), None, masks), "train")
-        optimizers[kind].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[kind].step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return loss.item(), time.perf_counter() - start
+        with Stopwatch(sync=device == "cuda") as watch:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = owner.total_loss(owner.criterion(net(images), None, masks), "train")
+            optimizers[kind].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[kind].step()
+        return loss.item(), watch.wall
 
     eager_loss, _ = step("eager")
     compiled_loss, compile_seconds = step("compiled")  # the first call compiles
@@ -257,12 +255,11 @@ def compile_check(device: str, tiny: bool, steps: int, backend: str) -> dict[str
 
 def run_benchmark(script: str, args: list[str], timeout: float) -> dict[str, Any]:
     """Run ``benchmarks/<script>`` in a subprocess; its printed lines, status and wall time."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with Stopwatch() as watch:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    result = {"args": args, "returncode": done.returncode, "seconds": round(time.perf_counter() - start, 1),
-              "lines": lines}
+    result = {"args": args, "returncode": done.returncode, "seconds": round(watch.wall, 1), "lines": lines}
     if done.returncode:
         result["stderr_tail"] = done.stderr[-3000:]
     return result
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     report: dict[str, Any] = {"environment": environment(args.device), "tiny": args.tiny, "training": {},
                               "compile": None, "benchmarks": {}, "errors": {}}
-    started = time.perf_counter()
+    total = Stopwatch().start()
 
     def attempt(key: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -326,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n== {name} (exit {result['returncode']}, {result['seconds']} s)\n" + "\n".join(result["lines"]))
             if result["returncode"]:
                 report["errors"][f"benchmarks/{name}"] = result.get("stderr_tail", "")
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    report["total_seconds"] = round(total.stop().wall, 1)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out} ({report['total_seconds']} s){'; ERRORS in ' + ', '.join(report['errors']) if report['errors'] else ''}")
     return report

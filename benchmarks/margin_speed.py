@@ -28,11 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from timing import Stopwatch  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 BATCH, DIM = 256, 512
 KINDS = ("full", "pfc", "pml", "pfc_x2")
@@ -74,7 +75,8 @@ def build(kind: str, classes: int, device: str, rank: int = 0, world: int = 1):
     emb = torch.randn(batch, DIM, device=device, requires_grad=True)
     labels = torch.randint(0, classes, (batch,), device=device)
     if kind.startswith("pfc"):
-        head = PartialFC(classes, DIM, ArcFace(64.0, 0.5), sample_rate=0.1, rank=rank, world_size=world).to(device)
+        head = PartialFC(num_classes=classes, embedding_size=DIM, margin=ArcFace(64.0, 0.5), sample_rate=0.1,
+                         rank=rank, world_size=world).to(device)
 
         sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}  # the full-softmax runs' SGD, applied lazily
 
@@ -116,14 +118,10 @@ def measure(kind: str, classes: int, device: str, steps: int, rank: int = 0, wor
     base = rss_mb()
     step = build(kind, classes, device, rank, world)
     step()  # warm-up (allocates optimizer state)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    with Stopwatch(sync=device == "cuda") as watch:  # one clock around the steps: the mean, without a sync per step
+        for _ in range(steps):
+            step()
+    seconds = watch.wall / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb() - base
     return {"kind": kind, "classes": classes, "step_s": seconds, "peak_mb": peak}
 

@@ -14,27 +14,17 @@ Interleaving makes a busy machine slow both sides alike; report ``uptime``'s loa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
+from timing import time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from lit_tasks.pose import PoseTask
 
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each case, measured in alternating order."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(rounds):
-        for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
-            start = time.perf_counter()
-            cases[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: t.median for name, t in time_calls(cases, warmup=warmup, repeats=rounds).items()}
 
 
 def make_task(loss: str, backbone: str, size: tuple[int, int]) -> PoseTask:

@@ -15,37 +15,21 @@ alike. Usage: ``python benchmarks/segmentation_speed.py [--size 512] [--rounds 5
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from timing import time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from lit_tasks.metrics.segmentation import SegmentationMetrics
 from lit_tasks.segmentation import SemanticSegmentationTask
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Wall time of one call, in seconds."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each case, measured in alternating order."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(rounds):
-        names = list(cases) if r % 2 == 0 else list(reversed(cases))
-        for name in names:
-            times[name].append(timed(cases[name]))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: t.median for name, t in time_calls(cases, warmup=warmup, repeats=rounds).items()}
 
 
 def metric_benchmark(rounds: int, num_classes: int = 21, shape=(8, 512, 512)) -> None:

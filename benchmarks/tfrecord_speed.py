@@ -27,13 +27,13 @@ import argparse
 import io
 import json
 import os
-import statistics
 import tempfile
-import time
+from functools import partial
 from typing import Callable
 
 import numpy as np
 from PIL import Image
+from timing import time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.tfrecord import features as features_module
@@ -210,16 +210,15 @@ def detection_end_to_end(images: int, size: int, repeats: int, directory: str | 
                                        val_images="train2017", **common)
         tfr = TFRecordDetectionDataModule(out + "-*.tfrecord", out + "-*.tfrecord", out + ".label_map.pbtxt", **common)
         loaders = {"COCO folder": coco.train_dataloader(), "TFRecord shards": tfr.train_dataloader()}
-        for loader in loaders.values():
-            sum(1 for _ in loader)  # warm up: page cache, imports
-        seconds: dict[str, list[float]] = {name: [] for name in loaders}
-        counts = {}
-        for _ in range(repeats):
-            for name, loader in loaders.items():
-                start = time.perf_counter()
-                counts[name] = sum(1 for _ in loader)
-                seconds[name].append(time.perf_counter() - start)
-    rates = {name: counts[name] / statistics.median(s) for name, s in seconds.items()}
+        counts: dict[str, int] = {}
+
+        def count(name: str) -> None:
+            counts[name] = sum(1 for _ in loaders[name])
+
+        # The warm-up pass: page cache, imports.
+        times = time_calls({name: partial(count, name) for name in loaders}, warmup=1, repeats=repeats,
+                           alternate=False)
+    rates = {name: counts[name] / timing.median for name, timing in times.items()}
     print(f"\n(d) end to end, detection training batches (8 x {size}px JPEG, decode + augment + collate, "
           f"{images} images, median of {repeats}):")
     for name, rate in rates.items():
@@ -269,16 +268,9 @@ def main() -> None:
         if have_package:
             methods["(b) tfrecord pkg: TFRecordDataset via DataLoader"] = (package_dataset, plain)
             methods["(b) tfrecord pkg: tfrecord_loader"] = (package_loader, plain)
-        for fn, path in methods.values():  # warm the page cache and every code path
-            fn(path)
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        cpu: dict[str, list[float]] = {name: [] for name in methods}
-        for _ in range(args.repeats):
-            for name, (fn, path) in methods.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                fn(path)
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+        # The warm-up pass warms the page cache and every code path.
+        times = time_calls({name: partial(fn, path) for name, (fn, path) in methods.items()}, warmup=1,
+                           repeats=args.repeats, alternate=False)
 
     print(f"\n{args.records} records, {size / args.records / 1000:.1f} KB each ({size / 1e6:.0f} MB), "
           f"median of {args.repeats} passes, page cache warm\n")
@@ -286,7 +278,7 @@ def main() -> None:
     print(f"{'method':52s} {'records/s':>10s} {'MB/s':>8s} {'rec/CPU-s':>10s}")
     results = {}
     for name in times:
-        seconds, cpu_seconds = statistics.median(times[name]), statistics.median(cpu[name])
+        seconds, cpu_seconds = times[name].median, times[name].median_cpu
         results[name] = {"records_per_s": args.records / seconds, "mb_per_s": size / seconds / 1e6,
                          "records_per_cpu_s": args.records / cpu_seconds}
         print(f"{name:52s} {args.records / seconds:10.0f} {size / seconds / 1e6:8.0f} {args.records / cpu_seconds:10.0f}")

@@ -148,15 +148,17 @@ class ActionDetectionTask(BaseTask):
     def configure_models(self) -> None:
         h = self.hparams
         published = published_weights(h, "ActionDetectionTask", read_action_weights)
-        self.model = OadTR(h.feature_dim, h.num_classes, h.window, h.embed_dim, h.enc_layers, h.enc_heads,
-                           h.enc_mlp_dim, h.dec_layers, h.dec_heads, h.dec_ffn_dim, h.num_future, h.dropout,
-                           h.attn_dropout)
+        self.model = OadTR(in_dim=h.feature_dim, num_classes=h.num_classes, window=h.window, embed_dim=h.embed_dim,
+                           enc_layers=h.enc_layers, enc_heads=h.enc_heads, enc_mlp_dim=h.enc_mlp_dim,
+                           dec_layers=h.dec_layers, dec_heads=h.dec_heads, dec_ffn_dim=h.dec_ffn_dim,
+                           num_queries=h.num_future, dropout=h.dropout, attn_dropout=h.attn_dropout)
         if published is not None:
             published.load_into(self.model)
 
     def configure_losses(self) -> None:
         h = self.hparams
-        self.criterion = OadTRCriterion(h.ambiguous_index, h.current_weight, h.anticipation_weight)
+        self.criterion = OadTRCriterion(ambiguous_index=h.ambiguous_index, current_weight=h.current_weight,
+                                        anticipation_weight=h.anticipation_weight)
 
     def configure_metrics(self) -> None:
         """Per stage: the current frame's mAP and, test only, that of each anticipation step j (frame t + 1 + j from

@@ -1,8 +1,9 @@
 """Object detection task: one LightningModule; ``model`` picks a detector trio (network, criterion, post-processor).
 
-Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/<name>.py``) as three modules:
-``self.model(images, image_sizes) -> outputs``, ``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already
-weighted; the task sums them) and ``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
+Every detector is built once by its ``build_<name>`` function (``lit_tasks/models/detection/<name>.py``, its export
+adapter in ``export.py`` there) as three modules: ``self.model(images, image_sizes) -> outputs``,
+``self.criterion(outputs, targets) -> {"loss_*": ...}`` (already weighted; the task sums them) and
+``self.postprocess(outputs, image_sizes) -> detections``. Implemented:
 ``model="fcos"`` (FCOS with the mmdetection/FCOS-repo improvements, :mod:`lit_tasks.models.detection.fcos`),
 ``model="vfnet"`` (VarifocalNet: ATSS, star-shaped deformable refinement, varifocal loss,
 :mod:`lit_tasks.models.detection.vfnet`) and ``model="detr"`` (DETR: set prediction with Hungarian matching,
@@ -17,8 +18,7 @@ regions in COCO mAP), ``size`` (h, w) before padding and ``orig_size`` (h, w) of
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -29,56 +29,33 @@ from torch import nn
 from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
-from lit_tasks.metrics.coco import LOGGED_MAP_KEYS, coco_map_metric, format_class_ap_table, format_coco_table, per_class_ap
-from lit_tasks.models.detection.detr import DETR_EXPORT_NAMES, build_detr, detr_export_tensors, detr_output_from_export
+from lit_tasks.metrics.coco import (LOGGED_MAP_KEYS, coco_map_metric, evaluation_target, format_class_ap_table,
+                                   format_coco_table, per_class_ap)
 from lit_tasks.models.detection.convert import read_detection_weights
+from lit_tasks.models.detection.detr import DETR_OPTIONS, build_detr
 from lit_tasks.models.detection.detr_convert import load_pretrained_detr
-from lit_tasks.models.detection.fcos import FCOS_EXPORT_NAMES, build_fcos, fcos_export_tensors, fcos_output_from_export
-from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, build_vfnet, vfnet_export_tensors, vfnet_output_from_export
+from lit_tasks.models.detection.export import EXPORTERS, RawDetectorOutputs
+from lit_tasks.models.detection.fcos import build_fcos
+from lit_tasks.models.detection.recipes import PARAM_GROUP_RULES, RECIPES
+from lit_tasks.models.detection.vfnet import build_vfnet
 from lit_tasks.models.published import published_weights
-from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES
+from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, check_regress_ranges
 from lit_tasks.ops.box_ops import rescale_boxes
-from lit_tasks.ops.images import stack_padded
+from lit_tasks.ops.images import sizes_of, stack_padded
 from lit_tasks.param_groups import ParamGroupRules, scale_lr
 from lit_tasks.run.lightning_seams import attached_trainer
 from lit_tasks.schedules import warmup_cosine
 
 MODELS = ("fcos", "vfnet", "detr")
-# Each paper's recipe: the value of an option left at None (see the DetectionTask docstring). ``frozen_bn``: with
-# pretrained weights (from scratch: False). mmdet lines: configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py (FCOS,
-# its imprv child fcos_center-normbbox-centeronreg-giou_r50_caffe_fpn_gn-head_1x_coco.py L51 warmup='linear') and
-# configs/vfnet/vfnet_r50_fpn_1x_coco.py, mmdet 2.x.
-RECIPES: dict[str, dict[str, Any]] = {
-    # SGD lr 0.01 (L95-96), linear warm-up from 1/3 over 500 iterations (L103-104 + imprv L51), caffe ResNet with
-    # BN requires_grad=False + norm_eval (L14-15): frozen BN; centre sampling radius 1.5 (mmdet's default).
-    "fcos": dict(lr=0.01, warmup_steps=500, warmup_ratio=1 / 3, backbone_lr_ratio=1.0, optimizer="sgd",
-                 frozen_bn=True, center_sampling_radius=1.5),
-    # SGD lr 0.01 (L97-98), linear warm-up from 0.1 (L103-105), BN requires_grad=True + norm_eval (L14-15): frozen
-    # statistics, trained affine; center_sampling=False (L33) for the FCOS-target fallback.
-    "vfnet": dict(lr=0.01, warmup_steps=500, warmup_ratio=0.1, backbone_lr_ratio=1.0, optimizer="sgd",
-                  frozen_bn="statistics", center_sampling_radius=0.0),
-    # detr main.py: AdamW lr 1e-4, lr_backbone 1e-5, no warm-up; FrozenBatchNorm2d backbone.
-    "detr": dict(lr=1e-4, warmup_steps=0, warmup_ratio=None, backbone_lr_ratio=0.1, optimizer="adamw",
-                 frozen_bn=True, center_sampling_radius=0.0),
-}
-# Each recipe's parameter groups. mmdet FCOS and VFNet: ``paramwise_cfg=dict(bias_lr_mult=2., bias_decay_mult=0.)``
-# (fcos_r50_caffe_fpn_gn-head_1x_coco.py L95-96, vfnet_r50_fpn_1x_coco.py L97-98): every conv bias at 2x the LR
-# without weight decay; norm layers, per-level scales and weights at the LR with decay. DETR (main.py L133-141 of
-# facebookresearch/detr fb60557: ``param_dicts``, ``torch.optim.AdamW(param_dicts, lr=args.lr,
-# weight_decay=args.weight_decay)``): every parameter decays; the backbone at ``backbone_lr_ratio``.
-PARAM_GROUP_RULES: dict[str, ParamGroupRules] = {
-    "fcos": ParamGroupRules(bias_lr_mult=2.0, bias_decay_mult=0.0),
-    "vfnet": ParamGroupRules(bias_lr_mult=2.0, bias_decay_mult=0.0),
-    "detr": ParamGroupRules(),
-}
 
 
 class DetectionTask(BaseTask):
     """Train, evaluate (COCO mAP) and run a detector.
 
     Options of one model are ignored by the others; an option the docstring lists under several models is
-    shared. Options left at None take the chosen model's recipe (``RECIPES``: FCOS / VFNet SGD lr 0.01, 500
-    linear warm-up steps from 1/3 (FCOS) / 0.1 (VFNet) of the LR; DETR AdamW lr 1e-4, backbone at 0.1x, no warm-up).
+    shared. Options left at None take the chosen model's recipe (``RECIPES``, :mod:`lit_tasks.models.detection.recipes`:
+    FCOS / VFNet SGD lr 0.01, 500 linear warm-up steps from 1/3 (FCOS) / 0.1 (VFNet) of the LR; DETR AdamW lr 1e-4,
+    backbone at 0.1x, no warm-up).
     The default optimizer's parameter groups are the recipe's too (``PARAM_GROUP_RULES``, cited there): FCOS and
     VFNet train biases at 2x the LR without weight decay, DETR decays every parameter. Bad values raise ValueError
     naming the option when the task is built.
@@ -258,7 +235,7 @@ class DetectionTask(BaseTask):
             try:
                 check(value)
             except ValueError as error:  # the message names the option and the valid choices
-                problems.append(str(error).removeprefix("DetectionTask: "))
+                problems.append(str(error))
         weights, rows = o["pretrained_weights"], o["pretrained_class_rows"]
         checks = [
             (o["model"] in MODELS, f"unknown model {o['model']!r}; choose one of {list(MODELS)}"),
@@ -336,19 +313,12 @@ class DetectionTask(BaseTask):
                     regress_ranges=ranges, center_sampling_radius=self.recipe("center_sampling_radius"),
                     vfl_alpha=hp.vfl_alpha, vfl_gamma=hp.vfl_gamma, **inference)
             case "detr":
-                architecture = dict(backbone=hp.backbone, dilation=hp.dilation,
-                                    position_embedding=hp.position_embedding, d_model=hp.d_model, nheads=hp.nheads,
-                                    num_encoder_layers=hp.num_encoder_layers,
-                                    num_decoder_layers=hp.num_decoder_layers, dim_feedforward=hp.dim_feedforward,
-                                    num_queries=hp.num_queries)
+                options = {name: hp[name] for name in DETR_OPTIONS}
                 self.model, self.criterion, self.postprocess = build_detr(
-                    hp.num_classes, **{**backbone, **architecture}, dropout=hp.dropout, aux_loss=hp.aux_loss,
-                    eos_coef=hp.eos_coef, cost_class=hp.cost_class, cost_bbox=hp.cost_bbox, cost_giou=hp.cost_giou,
-                    weight_ce=hp.weight_ce, weight_bbox=hp.weight_bbox, weight_giou=hp.weight_giou,
-                    max_detections=self.max_detections)
+                    hp.num_classes, **backbone, **options, max_detections=self.max_detections)
                 if hp.pretrained_weights:
                     load_pretrained_detr(self.model, hp.pretrained_weights, hp.pretrained_class_rows,
-                                         hp.reinit_class_head, build_args=architecture)
+                                         hp.reinit_class_head, build_args={"backbone": hp.backbone, **options})
             case _:
                 raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose one of {list(MODELS)}")
         if published is not None:
@@ -516,60 +486,3 @@ class DetectionTask(BaseTask):
         size = (int(image_size[0]), int(image_size[1]))
         decoded = EXPORTERS[self.hparams.model].from_tensors(tensors, size, self.model)
         return self.postprocess(decoded, [size] * tensors[0].shape[0])
-
-
-@dataclass(frozen=True)
-class DetectorExport:
-    """How one detector model exports: output names, ``to_tensors(outputs)`` -> its raw output tensors (each with the
-    batch first), ``from_tensors(tensors, (H, W), model)`` -> the outputs its post-processor takes."""
-
-    names: tuple[str, ...]
-    to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]
-    from_tensors: Callable[[tuple[torch.Tensor, ...], tuple[int, int], torch.nn.Module], Any]
-
-
-# One entry per model of the trio table (a new model adds its own).
-EXPORTERS = {
-    "fcos": DetectorExport(FCOS_EXPORT_NAMES, fcos_export_tensors, fcos_output_from_export),
-    "vfnet": DetectorExport(VFNET_EXPORT_NAMES, vfnet_export_tensors, vfnet_output_from_export),
-    "detr": DetectorExport(DETR_EXPORT_NAMES, detr_export_tensors, detr_output_from_export),
-}
-
-
-class RawDetectorOutputs(torch.nn.Module):
-    """Images ``(B, 3, H, W)`` in [0, 1], unpadded -> a detector's raw output tensors (the exported network)."""
-
-    def __init__(self, model: torch.nn.Module, to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]) -> None:
-        super().__init__()
-        self.model, self.to_tensors = model, to_tensors
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.to_tensors(self.model(images)))
-
-
-def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The ground truth COCO evaluation scores against: ``target["original"]`` when the DataModule gives it (the
-    dataset's annotations in original pixels, with their areas), else the training target mapped back."""
-    if "original" in target:
-        return target["original"]
-    gt = {"boxes": rescale_boxes(target["boxes"].float(), target["size"], target["orig_size"]), "labels": target["labels"]}
-    if "iscrowd" in target:
-        gt["iscrowd"] = target["iscrowd"]
-    return gt
-
-
-def sizes_of(targets: list[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
-    """The unpadded (h, w) of each image of a batch, from its target's ``size``."""
-    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
-
-
-def check_regress_ranges(ranges: list[list[float]] | None, num_levels: int = 5) -> None:
-    """Fail early on FCOS regress ranges that are not ``num_levels`` increasing ``[lo, hi]`` pairs."""
-    if ranges is None:
-        return
-    pairs = [tuple(r) for r in ranges]
-    if len(pairs) != num_levels or any(len(r) != 2 or not r[0] < r[1] for r in pairs):
-        raise ValueError(f"DetectionTask: regress_ranges must be {num_levels} [lo, hi] pairs with lo < hi "
-                         f"(one per level P3..P7), got {ranges}")
-    if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
-        raise ValueError(f"DetectionTask: regress_ranges must increase from P3 to P7, got {ranges}")

@@ -158,7 +158,8 @@ class FaceRecognitionTask(BaseTask):
         h = self.hparams
         published = published_weights(h, "FaceRecognitionTask", read_face_weights)
         self.model = build_face_network(
-            h.backbone, h.image_size, h.embedding_size, h.dropout, h.output_stride, h.channels_last, h.pretrained
+            h.backbone, image_size=h.image_size, embedding_size=h.embedding_size, dropout=h.dropout,
+            output_stride=h.output_stride, channels_last=h.channels_last, pretrained=h.pretrained,
         )
         if published is not None:
             published.load_into(self.model)
@@ -166,9 +167,10 @@ class FaceRecognitionTask(BaseTask):
     def configure_losses(self) -> None:
         """The margin softmax over the identities' centres (their ``(B, D)`` embeddings -> the mean loss)."""
         h = self.hparams
-        margin = build_margin(h.margin, h.scale, h.m1, h.m2, h.m3, h.margin_gradient)
+        margin = build_margin(h.margin, scale=h.scale, m1=h.m1, m2=h.m2, m3=h.m3, gradient=h.margin_gradient)
         if h.partial_fc:
-            self.criterion: nn.Module = PartialFC(h.num_identities, h.embedding_size, margin, h.sample_rate)
+            self.criterion: nn.Module = PartialFC(num_classes=h.num_identities, embedding_size=h.embedding_size,
+                                                  margin=margin, sample_rate=h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
             ignore_in_ddp(self, self.criterion.ddp_ignored_buffers("criterion."))
         else:

@@ -180,7 +180,8 @@ class PoseTask(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         self._published = published_weights(hp, "PoseTask", read_pose_weights)  # loaded with the flow, below
-        self.model = RLERegressor(hp.backbone, hp.num_keypoints, hp.pretrained, hp.frozen_stages, hp.frozen_bn,
+        self.model = RLERegressor(backbone=hp.backbone, num_keypoints=hp.num_keypoints, pretrained=hp.pretrained,
+                                  frozen_stages=hp.frozen_stages, frozen_bn=hp.frozen_bn,
                                   coord_norm=hp.coord_norm is not False,
                                   input_normalization=hp.input_normalization or "imagenet")
         if hp.channels_last:
@@ -189,8 +190,8 @@ class PoseTask(BaseTask):
     def configure_losses(self) -> None:
         hp = self.hparams
         # The flow is a submodule of the task, so BaseTask.param_groups hands its parameters to the optimizer.
-        self.criterion = (RLELoss(hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain) if hp.loss == "rle"
-                          else CoordinateL1Loss())
+        self.criterion = (RLELoss(q_distribution=hp.q_distribution, flow_xavier_gain=hp.flow_xavier_gain)
+                          if hp.loss == "rle" else CoordinateL1Loss())
         if self._published is not None:  # the regressor and, for the RLE loss, its learned flow
             parts = {"model": self.model, **({"flow": self.criterion.flow} if hp.loss == "rle" else {})}
             self._published.load_into(nn.ModuleDict(parts), drop=() if hp.loss == "rle" else ("flow.",))

@@ -139,9 +139,10 @@ class SemanticSegmentationTask(BaseTask):
         hp = self.hparams
         published = published_weights(hp, "SemanticSegmentationTask", read_segmentation_weights)
         self.model = Segmenter(
-            hp.num_classes, hp.model, hp.backbone, hp.pretrained, hp.output_stride, tuple(hp.feature_indices or (1, 3, 4)),
-            hp.aspp_rates, tuple(hp.pool_scales or (1, 2, 3, 6)), hp.head_channels, hp.dropout, aux_head=hp.aux_weight > 0,
-            fcn_heads=hp.fcn_heads or "mmseg",
+            num_classes=hp.num_classes, model=hp.model, backbone=hp.backbone, pretrained=hp.pretrained,
+            output_stride=hp.output_stride, feature_indices=tuple(hp.feature_indices or (1, 3, 4)), rates=hp.aspp_rates,
+            pool_scales=tuple(hp.pool_scales or (1, 2, 3, 6)), head_channels=hp.head_channels, dropout=hp.dropout,
+            aux_head=hp.aux_weight > 0, fcn_heads=hp.fcn_heads or "mmseg",
         )
         if published is not None:
             published.load_into(self.model, hp.pretrained_class_rows, hp.reinit_class_head)

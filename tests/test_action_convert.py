@@ -158,7 +158,7 @@ def test_official_oadtr_paper_size_keys_and_mismatches(tmp_path):
     with torch.device("meta"):
         from lit_tasks.models.action.oadtr import OadTR
 
-        ours = OadTR(3072, 22).state_dict()
+        ours = OadTR(in_dim=3072, num_classes=22).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in converted.state_dict.items()}
     print(f"official OadTR (paper size): {len(keys)} keys, {len(converted.state_dict)} mapped")
     small = released_state_dict()

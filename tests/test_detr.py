@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_tasks.models.detection.detr import DETROutput, build_detr, check_image_sizes
+from lit_tasks.models.detection.detr import DETR, DETROutput, build_detr, check_image_sizes
 from lit_tasks.models.detection.detr_convert import _split_in_proj
 from lit_tasks.models.detection.detr_transformer import MultiheadAttention, Transformer
 from lit_tasks.models.detection.position_encoding import LearnedPositionEmbedding, sine_position_embedding
@@ -153,7 +153,7 @@ def test_transformer_initialisation_is_the_references() -> None:
     (nn.MultiheadAttention's own init), FFN biases torch's Linear default, LayerNorms 1 and 0."""
     d, ffn = 256, 512
     torch.manual_seed(0)
-    transformer = Transformer(d, 8, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=ffn)
+    transformer = Transformer(d_model=d, num_heads=8, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=ffn)
     layers = [*transformer.encoder_layers, *transformer.decoder_layers]
     attentions = {f"{kind}.{name}": module for kind, layer in zip(("encoder", "decoder"), layers)
                   for name, module in layer.named_children() if isinstance(module, MultiheadAttention)}
@@ -189,6 +189,20 @@ def test_postprocess_by_hand() -> None:
     torch.testing.assert_close(det["scores"], torch.stack([prob[2, 0], prob[0, 1], prob[1, 2]]))
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 25.0, 50.0, 50.0], [40.0, 15.0, 60.0, 35.0],
                                                            [5.0, 2.5, 15.0, 7.5]]))
+
+
+def test_build_detr_injects_its_parts() -> None:
+    """As the reference's build(): the options make the backbone, transformer, encoding and matcher, injected."""
+    model, criterion, _ = _tiny_detr(aux_loss=False, cost_giou=3.0, num_decoder_layers=2)
+    assert model.transformer.d_model == 32 and len(model.transformer.decoder_layers) == 2
+    assert not model.transformer.return_intermediate and not model.aux_loss
+    assert model.input_proj.in_channels == model.backbone.feature_info.channels()[-1]
+    assert (criterion.matcher.cost_class, criterion.matcher.cost_bbox, criterion.matcher.cost_giou) == (1.0, 5.0, 3.0)
+    parts = dict(backbone=model.backbone, transformer=model.transformer, position_embedding=model.position_embedding)
+    with pytest.raises(ValueError, match="return_intermediate"):
+        DETR(**parts, num_classes=3, num_queries=8, aux_loss=True)
+    with pytest.raises(TypeError):
+        DETR(*parts.values(), 3)  # keyword-only
 
 
 def test_bad_image_sizes_are_errors() -> None:

@@ -156,7 +156,7 @@ def test_loss_and_matching_match_hf(counts) -> None:
         expected = hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels)
         out = ours(images, SIZES)
     last = DETROutput(out.logits[-1:], out.boxes[-1:], out.image_sizes)
-    losses = SetCriterion(NUM_CLASSES).eval()(last, our_targets)
+    losses = SetCriterion(num_classes=NUM_CLASSES).eval()(last, our_targets)
     theirs = expected.loss_dict
     assert losses["loss_ce"].item() == pytest.approx(theirs["loss_ce"].item(), abs=ATOL)
     assert losses["loss_bbox"].item() == pytest.approx(5 * theirs["loss_bbox"].item(), abs=ATOL)
@@ -177,7 +177,7 @@ def test_auxiliary_losses_match_hf_criterion() -> None:
     criterion = hf_loss.ImageLoss(matcher, NUM_CLASSES, eos_coef=0.1, losses=["labels", "boxes", "cardinality"])
     aux = [{"logits": lg, "pred_boxes": bx} for lg, bx in zip(out.logits[:-1], out.boxes[:-1])]
     theirs = criterion({"logits": out.pred_logits, "pred_boxes": out.pred_boxes, "auxiliary_outputs": aux}, hf_labels)
-    losses = SetCriterion(NUM_CLASSES)(out, our_targets)
+    losses = SetCriterion(num_classes=NUM_CLASSES)(out, our_targets)
     weights = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     for suffix in ("_0", "_1", ""):
         for name, weight in weights.items():

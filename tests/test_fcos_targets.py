@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
 from lit_tasks.ops.assigners import pad_targets
-from lit_tasks.ops.assigners import INF, centerness_target, fcos_targets, grid_points
+from lit_tasks.ops.assigners import (INF, FCOS_REGRESS_RANGES, centerness_target, check_regress_ranges, fcos_targets,
+                                     grid_points)
 
 BG = 5  # background label = num_classes
 
@@ -81,3 +83,12 @@ def test_no_boxes_all_background():
     labels, ltrb = fcos_targets(points, strides, levels, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long),
                                 torch.zeros(2, 0, dtype=torch.bool), BG)
     assert labels.shape == (2, 16) and bool((labels == BG).all()) and ltrb.shape == (2, 16, 4)
+
+
+def test_check_regress_ranges() -> None:
+    check_regress_ranges(None)
+    check_regress_ranges(FCOS_REGRESS_RANGES)
+    with pytest.raises(ValueError, match=r"^DetectionTask: regress_ranges must be 5 \[lo, hi\] pairs"):
+        check_regress_ranges([[0, 64], [64, 128]], what="DetectionTask")
+    with pytest.raises(ValueError, match="^regress_ranges must increase from P3 to P7"):
+        check_regress_ranges([[0, 64], [64, 128], [32, 256], [256, 512], [512, INF]])

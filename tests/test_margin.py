@@ -42,6 +42,11 @@ def reference_target(cos: np.ndarray, m1: float, m2: float, m3: float) -> np.nda
     return value - m3
 
 
+def margins(m: tuple[float, float, float]) -> dict[str, float]:
+    """(m1, m2, m3) as CombinedMargin's keywords."""
+    return dict(zip(("m1", "m2", "m3"), m))
+
+
 def random_case(b: int = 64, c: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     cos = torch.rand(b, c, generator=g) * 2 - 1
@@ -51,7 +56,7 @@ def random_case(b: int = 64, c: int = 50, seed: int = 0) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_logits_match_closed_form(name: str) -> None:
     m1, m2, m3 = SETTINGS[name]
-    head = CombinedMargin(64.0, m1, m2, m3)
+    head = CombinedMargin(scale=64.0, m1=m1, m2=m2, m3=m3)
     cos, labels = random_case()
     logits = head(cos, labels)
     assert logits.dtype == torch.float32
@@ -73,7 +78,7 @@ def test_combined_margin_applies_all_three_terms() -> None:
     """insightface's CombinedMarginLoss drops m2 when m3 > 0; here (1, 0.3, 0.2) is not CosFace 0.2."""
     cos = torch.tensor([[0.6, 0.1]])
     label = torch.tensor([0])
-    combined = CombinedMargin(1.0, 1.0, 0.3, 0.2)(cos, label)[0, 0].item()
+    combined = CombinedMargin(scale=1.0, m1=1.0, m2=0.3, m3=0.2)(cos, label)[0, 0].item()
     assert combined == pytest.approx(math.cos(math.acos(0.6) + 0.3) - 0.2, abs=1e-7)
     assert combined < CosFace(1.0, 0.2)(cos, label)[0, 0].item() - 0.05
 
@@ -102,7 +107,7 @@ def test_target_logit_is_monotone_in_theta(m: tuple[float, float, float]) -> Non
     """Past m1*theta + m2 = pi the fallbacks keep the target logit non-increasing in theta."""
     theta = torch.linspace(0, math.pi, 20001, dtype=torch.float64)
     cos = torch.cos(theta).float()[:, None]
-    out = CombinedMargin(1.0, *m)(cos, torch.zeros(len(cos), dtype=torch.int64))[:, 0].double()
+    out = CombinedMargin(scale=1.0, **margins(m))(cos, torch.zeros(len(cos), dtype=torch.int64))[:, 0].double()
     assert (out[1:] - out[:-1] <= 1e-6).all()
 
 
@@ -112,7 +117,7 @@ def test_classic_gradient_is_the_analytic_derivative(name: str) -> None:
     cos, labels = random_case(seed=2)
     cos = cos.clamp(-0.99, 0.99).requires_grad_(True)
     weights = torch.randn(cos.shape, generator=torch.Generator().manual_seed(3))
-    (CombinedMargin(64.0, m1, m2, m3, "classic")(cos, labels) * weights).sum().backward()
+    (CombinedMargin(scale=64.0, m1=m1, m2=m2, m3=m3, gradient="classic")(cos, labels) * weights).sum().backward()
     c = cos.detach().double().numpy()
     theta = np.arccos(c)
     phase = m1 * theta + m2
@@ -130,7 +135,7 @@ def test_classic_gradient_is_the_analytic_derivative(name: str) -> None:
 def test_straight_through_gradient_is_softmax_minus_onehot(name: str) -> None:
     cos, labels = random_case(seed=4)
     cos.requires_grad_(True)
-    logits = CombinedMargin(64.0, *SETTINGS[name], gradient="straight_through")(cos, labels)
+    logits = CombinedMargin(scale=64.0, **margins(SETTINGS[name]), gradient="straight_through")(cos, labels)
     F.cross_entropy(logits, labels).backward()
     expected = 64.0 * (torch.softmax(logits.detach(), 1) - F.one_hot(labels, cos.shape[1])) / len(labels)
     torch.testing.assert_close(cos.grad, expected, atol=1e-6, rtol=1e-5)
@@ -143,7 +148,7 @@ def test_no_nan_at_extreme_cosines(name: str, gradient: str) -> None:
     cos = values.repeat(3, 1).clone()  # every row has -1, 0, 1; the label puts each value on the target
     cos.requires_grad_(True)
     labels = torch.tensor([0, 1, 2])
-    logits = CombinedMargin(64.0, *SETTINGS[name], gradient=gradient)(cos, labels)
+    logits = CombinedMargin(scale=64.0, **margins(SETTINGS[name]), gradient=gradient)(cos, labels)
     loss = F.cross_entropy(logits, labels)
     loss.backward()
     assert torch.isfinite(logits).all() and torch.isfinite(loss) and torch.isfinite(cos.grad).all()
@@ -151,7 +156,7 @@ def test_no_nan_at_extreme_cosines(name: str, gradient: str) -> None:
 
 def test_gradient_bound_near_cos_one_equals_smallest_fp32_angle() -> None:
     """At cos = 1 the classic gradient is the one at the nearest fp32 cosine below 1 (no Inf)."""
-    head = CombinedMargin(1.0, 1.0, 0.5, 0.0)
+    head = CombinedMargin(scale=1.0, m1=1.0, m2=0.5, m3=0.0)
     cos = torch.tensor([[1.0], [1.0 - 2.0**-24]], requires_grad=True)
     head(cos, torch.zeros(2, dtype=torch.int64)).sum().backward()
     expected = math.sin(FP32_THETA_MIN + 0.5) / math.sin(FP32_THETA_MIN)

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou
 
-from lit_tasks.ops.matcher import hungarian_match, matching_cost
+from lit_tasks.ops.matcher import HungarianMatcher, hungarian_match, matching_cost
 
 
 def _random_boxes_cxcywh(g: torch.Generator, n: int) -> torch.Tensor:
@@ -72,6 +72,16 @@ def test_assignment_cost_is_scipy_optimum_on_full_matrix(weights) -> None:
     indices = hungarian_match(logits, boxes, labels, tgt_boxes, weights["w_class"], weights["w_bbox"], weights["w_giou"])
     assert len(indices) == len(sizes)
     _check_optimal(indices, logits, boxes, labels, tgt_boxes, **weights)
+
+
+def test_the_matcher_is_hungarian_match_with_its_costs() -> None:
+    logits, boxes, labels, tgt_boxes = _problem([3, 0, 5], num_queries=7, seed=4)
+    matcher = HungarianMatcher(cost_class=2.0, cost_bbox=1.0, cost_giou=0.5)
+    for ours, ref in zip(matcher(logits, boxes, labels, tgt_boxes),
+                         hungarian_match(logits, boxes, labels, tgt_boxes, 2.0, 1.0, 0.5)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    with pytest.raises(TypeError):
+        HungarianMatcher(2.0)  # keyword-only: three costs must not be confused by position
 
 
 def test_more_targets_than_queries() -> None:

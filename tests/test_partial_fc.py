@@ -21,7 +21,8 @@ SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 def make_pair(num_classes: int = 40, dim: int = 8, sample_rate: float = 1.0):
     torch.manual_seed(0)
     full = MarginSoftmaxLoss(num_classes, dim, ArcFace(64.0, 0.5))
-    pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), sample_rate, rank=0, world_size=1)
+    pfc = PartialFC(num_classes=num_classes, embedding_size=dim, margin=ArcFace(64.0, 0.5), sample_rate=sample_rate,
+                    rank=0, world_size=1)
     with torch.no_grad():
         pfc.weight.copy_(full.weight)
     return full, pfc
@@ -208,7 +209,8 @@ def test_checkpoint_holds_full_matrix_and_state_and_restores_any_shard() -> None
     pfc.step({"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "decoupled_weight_decay": True})
     state = pfc.state_dict()
     assert state["weight"].shape == (11, 8) and state["exp_avg"].shape == (11, 8) and state["row_steps"].shape == (11,)
-    shard = PartialFC(11, 8, ArcFace(), rank=1, world_size=3)  # no state yet: the checkpoint's is created
+    # no state yet: the checkpoint's is created
+    shard = PartialFC(num_classes=11, embedding_size=8, margin=ArcFace(), rank=1, world_size=3)
     shard.load_state_dict(state)
     start, n = shard_range(11, 1, 3)
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
@@ -216,14 +218,14 @@ def test_checkpoint_holds_full_matrix_and_state_and_restores_any_shard() -> None
     # Another rule: the Adam state is dropped.
     shard.bind_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
     assert set(shard.state_dict()) == {"weight"}
-    wrong = PartialFC(12, 8, ArcFace())
+    wrong = PartialFC(num_classes=12, embedding_size=8, margin=ArcFace())
     with pytest.raises(RuntimeError, match=r"weight: the checkpoint holds a \(11, 8\) centre matrix, expected the full \(12, 8\)"):
         wrong.load_state_dict(state)
 
 
 def test_sample_rate_is_validated() -> None:
     with pytest.raises(ValueError, match="sample_rate"):
-        PartialFC(10, 4, CombinedMargin(), sample_rate=0.0)
+        PartialFC(num_classes=10, embedding_size=4, margin=CombinedMargin(), sample_rate=0.0)
 
 
 # -- two processes (gloo) ------------------------------------------------------------------------
@@ -253,7 +255,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["loss_ref"] = loss_ref.detach()
         out["grad_ref"], out["centre_grad_ref"] = e_ref.grad[mine], full.weight.grad
         for rate in (1.0, 0.1):
-            pfc = PartialFC(num_classes, dim, ArcFace(64.0, 0.5), rate, rank=0, world_size=1)
+            pfc = PartialFC(num_classes=num_classes, embedding_size=dim, margin=ArcFace(64.0, 0.5),
+                            sample_rate=rate, rank=0, world_size=1)
             pfc.weight.copy_(centres)
             pfc.reshard()
             e = emb[mine].clone().requires_grad_()

@@ -41,7 +41,7 @@ def test_head_init_is_xavier_gain_001() -> None:
 
 def test_forward_shapes_ranges_and_predict() -> None:
     torch.manual_seed(2)
-    model = RLERegressor("resnet10t", num_keypoints=5).eval()
+    model = RLERegressor(backbone="resnet10t", num_keypoints=5).eval()
     images = torch.rand(3, 3, 64, 48)  # H != W, as 256x192
     out = model(images)
     assert out["coords"].shape == (3, 5, 2) and out["sigma"].shape == (3, 5, 2)
@@ -56,7 +56,7 @@ def test_forward_shapes_ranges_and_predict() -> None:
 
 def test_bf16_autocast_outputs_fp32() -> None:
     torch.manual_seed(3)
-    model = RLERegressor("resnet10t", num_keypoints=4)
+    model = RLERegressor(backbone="resnet10t", num_keypoints=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.rand(2, 3, 64, 48))
     assert out["coords"].dtype == torch.float32 and out["sigma"].dtype == torch.float32
@@ -91,4 +91,4 @@ def test_keypoint_scores() -> None:
 
 def test_bad_num_keypoints() -> None:
     with pytest.raises(ValueError, match="num_keypoints"):
-        RLERegressor("resnet10t", num_keypoints=0)
+        RLERegressor(backbone="resnet10t", num_keypoints=0)

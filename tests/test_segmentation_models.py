@@ -72,7 +72,7 @@ def test_image_pooling_is_global_average_broadcast():
 
 
 def test_aspp_branches_concatenate_into_projection():
-    aspp = ASPP(8, out_channels=4, rates=(1, 2, 3)).eval()
+    aspp = ASPP(in_channels=8, out_channels=4, rates=(1, 2, 3)).eval()
     assert aspp.project[0][0].in_channels == 5 * 4
     assert aspp(torch.randn(1, 8, 9, 9)).shape == (1, 4, 9, 9)
 
@@ -88,7 +88,7 @@ def test_pyramid_pooling_bins_and_channels():
     # The 1-bin level is the global average, constant over the map.
     level1 = y[:, 16:20]
     assert torch.allclose(level1, level1[..., :1, :1].expand_as(level1))
-    head = PSPHead(16, 3, channels=8).eval()
+    head = PSPHead(in_channels=16, num_classes=3, channels=8).eval()
     assert head(x).shape == (1, 3, 12, 12)
 
 
@@ -107,10 +107,10 @@ def test_deeplabv3plus_decoder_uses_the_stride4_skip():
 
 
 def test_fcn_head_layers():
-    head = FCNHead(8, 4, channels=6, num_convs=2, concat_input=True)
+    head = FCNHead(in_channels=8, num_classes=4, channels=6, num_convs=2, concat_input=True)
     assert len(head.convs) == 2 and head.fuse[0].in_channels == 8 + 6
     assert head(torch.randn(1, 8, 5, 5)).shape == (1, 4, 5, 5)
-    linear = FCNHead(8, 4, num_convs=0)
+    linear = FCNHead(in_channels=8, num_classes=4, num_convs=0)
     assert linear.fuse is None and linear.classifier.in_channels == 8
     assert conv_bn_relu(3, 5, 3, dilation=4)[0].padding == (4, 4)
 

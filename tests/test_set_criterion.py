@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
-import lit_tasks.losses.set_criterion as set_criterion_module
+import lit_tasks.losses.reduction as reduction_module
 from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.ops.matcher import hungarian_match
 
@@ -80,7 +80,7 @@ def test_layer_losses_on_a_fixed_matching_equal_the_formula() -> None:
     sizes = [(60, 80), (40, 40), (50, 70)]
     out = _outputs(1, 3, 7, sizes)
     targets = _targets([3, 0, 5], sizes)
-    criterion = SetCriterion(NUM_CLASSES)
+    criterion = SetCriterion(num_classes=NUM_CLASSES)
     labels, tgt_boxes = normalized_targets(targets, out.image_sizes, NUM_CLASSES)
     # A fixed, deliberately non-optimal matching: the losses must follow it, not re-match.
     indices = [(torch.tensor([0, 2, 6]), torch.tensor([2, 0, 1])), (torch.empty(0, dtype=torch.int64),) * 2,
@@ -97,7 +97,7 @@ def test_every_decoder_layer_gets_its_own_matching_and_losses() -> None:
     sizes = [(64, 64), (48, 96)]
     out = _outputs(4, 2, 6, sizes, seed=3)
     targets = _targets([4, 2], sizes, seed=4)
-    criterion = SetCriterion(NUM_CLASSES)
+    criterion = SetCriterion(num_classes=NUM_CLASSES)
     losses = criterion(out, targets)
     expected_keys = {f"loss_{n}{s}" for n in ("ce", "bbox", "giou") for s in ("", "_0", "_1", "_2")}
     assert set(k for k in losses if k.startswith("loss_")) == expected_keys
@@ -121,7 +121,7 @@ def test_logged_errors_by_hand() -> None:
     logits[1, :, 3] = 5.0  # image 1: all three predict class 3
     labels = [torch.tensor([1, 3]), torch.tensor([3])]
     indices = [(torch.tensor([0, 1]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0]))]
-    errors = SetCriterion(NUM_CLASSES).logged_errors(logits, labels, indices)
+    errors = SetCriterion(num_classes=NUM_CLASSES).logged_errors(logits, labels, indices)
     assert errors["class_error"].item() == pytest.approx(100 / 3)  # query 1 says 2, its target is 3
     assert errors["cardinality_error"].item() == pytest.approx((0 + 2) / 2)
 
@@ -130,7 +130,7 @@ def test_logged_errors_by_hand() -> None:
 def test_images_without_objects_give_finite_connected_losses(counts) -> None:
     sizes = [(32, 32), (40, 24)]
     out = _outputs(2, 2, 5, sizes, seed=5, requires_grad=True)
-    losses = SetCriterion(NUM_CLASSES)(out, _targets(counts, sizes))
+    losses = SetCriterion(num_classes=NUM_CLASSES)(out, _targets(counts, sizes))
     total = sum(v for k, v in losses.items() if k.startswith("loss_"))
     assert torch.isfinite(total)
     total.backward()
@@ -147,7 +147,7 @@ def test_crowd_boxes_are_not_trained_on() -> None:
     targets = _targets([3], sizes)
     crowd = [dict(targets[0], iscrowd=torch.tensor([0, 1, 0]))]
     without = [{"boxes": targets[0]["boxes"][[0, 2]], "labels": targets[0]["labels"][[0, 2]]}]
-    criterion = SetCriterion(NUM_CLASSES)
+    criterion = SetCriterion(num_classes=NUM_CLASSES)
     a, b = criterion(out, crowd), criterion(out, without)
     assert all(a[k].item() == pytest.approx(b[k].item(), abs=1e-6) for k in b)
 
@@ -159,7 +159,7 @@ def test_fp32_under_bf16_autocast_with_degenerate_boxes() -> None:
     boxes[:, 0, :2, 2:] = 0.0  # zero-size predictions (DETR's generalized_box_iou asserts / NaNs on such)
     degenerate = SimpleNamespace(logits=out.logits.bfloat16(), boxes=boxes.bfloat16(), image_sizes=out.image_sizes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = SetCriterion(NUM_CLASSES)(degenerate, _targets([3, 2], sizes))
+        losses = SetCriterion(num_classes=NUM_CLASSES)(degenerate, _targets([3, 2], sizes))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
     assert torch.isfinite(out.raw_boxes.grad).all() and torch.isfinite(out.logits.grad).all()
@@ -172,11 +172,11 @@ def test_num_boxes_is_reduced_over_processes_in_training_only(monkeypatch) -> No
         calls.append(value.item())
         return value * 0 + 10.0  # as if the other processes held more boxes
 
-    monkeypatch.setattr(set_criterion_module, "reduce_mean", fake_reduce_mean)
+    monkeypatch.setattr(reduction_module, "reduce_mean", fake_reduce_mean)
     sizes = [(64, 64)]
     out = _outputs(1, 1, 5, sizes, seed=8)
     targets = _targets([2], sizes)
-    criterion = SetCriterion(NUM_CLASSES)
+    criterion = SetCriterion(num_classes=NUM_CLASSES)
     eval_losses = criterion.eval()(out, targets)
     assert calls == []  # evaluation makes no collective call
     train_losses = criterion.train()(out, targets)

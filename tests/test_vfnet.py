@@ -89,7 +89,7 @@ def test_star_offsets_sample_the_nine_box_points():
 
 def test_head_initial_box_scales_and_star_offsets():
     torch.manual_seed(0)
-    head = VFNetHead(NUM_CLASSES, 16, num_convs=1)
+    head = VFNetHead(num_classes=NUM_CLASSES, channels=16, num_convs=1)
     feats = [torch.randn(2, 16, s, s + 1) for s in (8, 4, 2, 1, 1)]
     captured = []
     head.cls_dconv.register_forward_pre_hook(lambda mod, args: captured.append(args[1].detach().clone()))
@@ -120,7 +120,8 @@ def test_offsets_pass_a_tenth_of_the_gradient_to_the_initial_box():
     grads = {}
     for mul in (1.0, 0.1):
         torch.manual_seed(1)
-        head = VFNetHead(NUM_CLASSES, 16, num_convs=1, strides=(8, 16), reg_denoms=(8.0, 16.0), gradient_mul=mul)
+        head = VFNetHead(num_classes=NUM_CLASSES, channels=16, num_convs=1, strides=(8, 16), reg_denoms=(8.0, 16.0),
+                         gradient_mul=mul)
         cls, _, _ = head(feats)
         cls.sum().backward()  # the scores reach the initial box only through the star offsets
         grads[mul] = head.reg_init.weight.grad.clone()
@@ -130,7 +131,8 @@ def test_offsets_pass_a_tenth_of_the_gradient_to_the_initial_box():
 
 def test_refined_box_does_not_backpropagate_into_the_initial_box_values():
     torch.manual_seed(0)
-    head = VFNetHead(NUM_CLASSES, 16, num_convs=1, strides=(8,), reg_denoms=(16.0,), gradient_mul=0.0)
+    head = VFNetHead(num_classes=NUM_CLASSES, channels=16, num_convs=1, strides=(8,), reg_denoms=(16.0,),
+                     gradient_mul=0.0)
     _, _, refine = head([torch.randn(1, 16, 5, 5)])
     refine.sum().backward()  # refined = exp(delta) * initial.detach(), offsets with gradient_mul 0: no path
     assert head.reg_init.weight.grad is None or not head.reg_init.weight.grad.any()
@@ -214,10 +216,10 @@ def test_criterion_without_any_object_gives_connected_zeros():
 
 
 def test_collectives_only_in_training(monkeypatch):
-    import lit_tasks.models.detection.vfnet as vfnet
+    import lit_tasks.losses.reduction as reduction
 
     calls = []
-    monkeypatch.setattr(vfnet, "reduce_mean", lambda x: calls.append(x.shape) or x.detach().float())
+    monkeypatch.setattr(reduction, "reduce_mean", lambda x: calls.append(x.shape) or x.detach().float())
     model, criterion, _ = tiny_vfnet()
     images, sizes, targets = batch_two_sizes()
     with torch.no_grad():

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_tasks.losses.reduction import reduce_loss
+
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
                        reduction: str = "none") -> Tensor:
@@ -30,10 +32,4 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None = 0.
     if alpha is not None and alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
 
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean() if loss.numel() else loss.sum() * 0.0
-    raise ValueError(f"focal loss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduce_loss(loss, reduction, "focal loss")

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lit_tasks.losses.reduction import reduce_loss
 from lit_tasks.ops.box_ops import aligned_inter_union, box_area, box_xyxy_to_cxcywh, enclosing_box, upcast
 
 
@@ -24,17 +25,6 @@ def _check(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"IoU loss needs pred and target of the same shape (..., 4), got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)}")
     return upcast(pred), upcast(target)
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        # An empty batch gives a graph-connected 0, not NaN.
-        return loss.mean() if loss.numel() else loss.sum() * 0.0
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
 def _iou_and_centre_penalty(pred: Tensor, target: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -64,7 +54,7 @@ def iou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float =
     inter, union = aligned_inter_union(pred, target)
     iou = inter / (union + eps)
     loss = 1 - iou if linear else -iou.clamp(min=eps).log()
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
@@ -73,14 +63,14 @@ def giou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
     inter, union = aligned_inter_union(pred, target)
     area_c = box_area(enclosing_box(pred, target))
     giou = inter / (union + eps) - (area_c - union) / (area_c + eps)
-    return _reduce(1 - giou, reduction)
+    return reduce_loss(1 - giou, reduction)
 
 
 def diou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7) -> Tensor:
     """1 - DIoU = 1 - IoU + rho^2 / c^2 (Zheng et al. 2020, Eq. 7): rho = centre distance, c = C's diagonal."""
     pred, target = _check(pred, target)
     iou, penalty = _iou_and_centre_penalty(pred, target, eps)
-    return _reduce(1 - iou + penalty, reduction)
+    return reduce_loss(1 - iou + penalty, reduction)
 
 
 def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float = 1e-7,
@@ -98,7 +88,7 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: str = "none", eps: float 
         alpha = v / (1 - iou + v + eps)
         if alpha_gate:
             alpha = alpha * (iou > 0.5)
-    return _reduce(1 - iou + penalty + alpha * v, reduction)
+    return reduce_loss(1 - iou + penalty + alpha * v, reduction)
 
 
 IOU_LOSSES: dict[str, Callable[..., Tensor]] = {

@@ -67,7 +67,7 @@ class CombinedMargin(nn.Module):
     """
 
     def __init__(
-        self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, gradient: str = "classic"
+        self, *, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, gradient: str = "classic"
     ) -> None:
         super().__init__()
         if gradient not in GRADIENTS:
@@ -125,14 +125,14 @@ class ArcFace(CombinedMargin):
     """Additive angular margin: ``s * cos(theta + m)`` (Deng et al., CVPR 2019)."""
 
     def __init__(self, scale: float = 64.0, margin: float = 0.5, gradient: str = "classic") -> None:
-        super().__init__(scale, 1.0, margin, 0.0, gradient)
+        super().__init__(scale=scale, m1=1.0, m2=margin, m3=0.0, gradient=gradient)
 
 
 class CosFace(CombinedMargin):
     """Additive cosine margin: ``s * (cos(theta) - m)`` (Wang et al., CVPR 2018)."""
 
     def __init__(self, scale: float = 64.0, margin: float = 0.4, gradient: str = "classic") -> None:
-        super().__init__(scale, 1.0, 0.0, margin, gradient)
+        super().__init__(scale=scale, m1=1.0, m2=0.0, m3=margin, gradient=gradient)
 
 
 class SphereFace(CombinedMargin):
@@ -144,11 +144,12 @@ class SphereFace(CombinedMargin):
     """
 
     def __init__(self, scale: float = 64.0, margin: float = 1.35, gradient: str = "classic") -> None:
-        super().__init__(scale, margin, 0.0, 0.0, gradient)
+        super().__init__(scale=scale, m1=margin, m2=0.0, m3=0.0, gradient=gradient)
 
 
 def build_margin(
     name: str = "arcface",
+    *,
     scale: float = 64.0,
     m1: float | None = None,
     m2: float | None = None,
@@ -160,7 +161,8 @@ def build_margin(
         raise ValueError(f"margin={name!r}: expected one of {MARGINS}")
     p1, p2, p3 = MARGIN_PRESETS[name]
     return CombinedMargin(
-        scale, p1 if m1 is None else m1, p2 if m2 is None else m2, p3 if m3 is None else m3, gradient
+        scale=scale, m1=p1 if m1 is None else m1, m2=p2 if m2 is None else m2, m3=p3 if m3 is None else m3,
+        gradient=gradient,
     )
 
 

@@ -146,6 +146,7 @@ class PartialFC(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         embedding_size: int,
         margin: CombinedMargin,

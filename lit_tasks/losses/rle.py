@@ -128,14 +128,14 @@ class RLELoss(nn.Module):
     ``forward(coords, sigma, target, weight)`` takes the tensors of :func:`rle_loss` and returns a scalar.
     """
 
-    def __init__(self, q_distribution: str = "official", residual: bool = True, flow_couplings: int = 6,
+    def __init__(self, *, q_distribution: str = "official", residual: bool = True, flow_couplings: int = 6,
                  flow_hidden: int = 64, flow_xavier_gain: float | None = None) -> None:
         super().__init__()
         if q_distribution not in Q_DISTRIBUTIONS:
             raise ValueError(f"RLELoss: q_distribution must be one of {Q_DISTRIBUTIONS}, got {q_distribution!r}")
         self.q_distribution = q_distribution
         self.residual = residual
-        self.flow = RealNVP(flow_couplings, flow_hidden, flow_xavier_gain)
+        self.flow = RealNVP(num_couplings=flow_couplings, hidden=flow_hidden, xavier_gain=flow_xavier_gain)
 
     def forward(self, coords: Tensor, sigma: Tensor, target: Tensor, weight: Tensor) -> Tensor:
         return rle_loss(coords, sigma, target, weight, self.flow.log_prob, self.q_distribution, self.residual)

@@ -1,9 +1,10 @@
 """DETR's set prediction loss (Carion et al. 2020, §3.1, Eq. 2): Hungarian matching, then class and box losses.
 
-Per decoder layer: predictions are matched one-to-one to the ground truth (:func:`~lit_tasks.ops.matcher.hungarian_match`),
-matched queries learn their object's class and box, the others learn "no object" (the last class, down-weighted by
-``eos_coef``). Every intermediate decoder layer gets the same losses with its own matching (§3.2, auxiliary
-decoding losses). Everything runs in fp32 whatever the autocast state.
+Per decoder layer: predictions are matched one-to-one to the ground truth (an injected
+:class:`~lit_tasks.ops.matcher.HungarianMatcher`, the paper's costs by default), matched queries learn their object's
+class and box, the others learn "no object" (the last class, down-weighted by ``eos_coef``). Every intermediate
+decoder layer gets the same losses with its own matching (§3.2, auxiliary decoding losses). Everything runs in fp32
+whatever the autocast state.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tasks.losses.iou import giou_loss
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from lit_tasks.ops.distributed import reduce_mean
-from lit_tasks.ops.matcher import hungarian_match
+from lit_tasks.ops.matcher import HungarianMatcher
 
 
 def normalized_targets(
@@ -76,23 +77,23 @@ class SetCriterion(nn.Module):
 
     ``outputs`` is any object with ``logits`` ``(L, B, Q, C + 1)`` (no-object last), ``boxes`` ``(L, B, Q, 4)``
     (sigmoid, normalised cxcywh of each unpadded image), last decoder layer last, and ``image_sizes`` ``(B, 2)``
-    (h, w). ``targets`` as :func:`normalized_targets` takes them.
+    (h, w). ``targets`` as :func:`normalized_targets` takes them. ``matcher``: the Hungarian matching (None: the
+    paper's costs, 1, 5, 2).
     """
 
     def __init__(
         self,
+        *,
         num_classes: int,
+        matcher: HungarianMatcher | None = None,
         eos_coef: float = 0.1,
-        cost_class: float = 1.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
         weight_ce: float = 1.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.costs = (cost_class, cost_bbox, cost_giou)
+        self.matcher = HungarianMatcher() if matcher is None else matcher
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = eos_coef
@@ -110,11 +111,11 @@ class SetCriterion(nn.Module):
 
         # The normaliser first: every process must reach this collective call, whatever its targets.
         num_boxes = torch.tensor(float(sum(len(t) for t in tgt_labels)), device=logits_all.device)
-        num_boxes = (reduce_mean(num_boxes) if self.training else num_boxes).clamp(min=1.0)
+        num_boxes = loss_normaliser(num_boxes, training=self.training, min_value=1.0)
 
         # Every layer gets its own matching; all layers are matched in one call (one device-to-host copy).
-        all_indices = hungarian_match(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,
-                                      tgt_boxes * num_layers, *self.costs)
+        all_indices = self.matcher(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,
+                                   tgt_boxes * num_layers)
         losses: dict[str, Tensor] = {}
         with torch.autocast(device_type=logits_all.device.type, enabled=False):
             for layer in range(num_layers):

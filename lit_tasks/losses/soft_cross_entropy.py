@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lit_tasks.ops.distributed import reduce_mean
+from lit_tasks.losses.reduction import loss_normaliser
 
 
 def valid_rows(targets: Tensor, ignore_index: int | None = None) -> Tensor:
@@ -65,7 +65,7 @@ class OadTRCriterion(nn.Module):
             video all zero).
     Returns ``{"loss_current": w_cur * mean, "loss_anticipation": w_ant * mean}`` (weights applied), each the
     mean over valid rows (:func:`valid_rows`); 0, still attached to the graph, when no row is valid. In
-    training the number of valid rows is averaged over processes (``reduce_mean``), so DDP's gradient
+    training the number of valid rows is averaged over processes (``loss_normaliser``), so DDP's gradient
     average weighs every valid row of the global batch equally; in evaluation no collective call is made.
 
     Args:
@@ -74,7 +74,7 @@ class OadTRCriterion(nn.Module):
         anticipation_weight: weight of the anticipation loss (``classification_pred_loss_coef`` 0.5).
     """
 
-    def __init__(self, ambiguous_index: int | None = None, current_weight: float = 1.0,
+    def __init__(self, *, ambiguous_index: int | None = None, current_weight: float = 1.0,
                  anticipation_weight: float = 0.5) -> None:
         super().__init__()
         self.ambiguous_index = ambiguous_index
@@ -91,9 +91,8 @@ class OadTRCriterion(nn.Module):
             "loss_anticipation": (anticipation, anticipation_target, self.anticipation_weight),
         }
         # Every normaliser is computed (and, in training, all-reduced) before any loss, whatever the data.
-        counts = {k: valid_rows(t.float(), self.ambiguous_index).sum().float() for k, (_, t, _) in parts.items()}
-        if self.training:
-            counts = {k: reduce_mean(n) for k, n in counts.items()}
+        counts = {k: loss_normaliser(valid_rows(t.float(), self.ambiguous_index).sum(), training=self.training)
+                  for k, (_, t, _) in parts.items()}
         losses = {}
         for key, (logits, target, weight) in parts.items():
             total = soft_cross_entropy(logits, target, self.ambiguous_index).sum()

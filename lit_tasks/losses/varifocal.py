@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_tasks.losses.reduction import reduce_loss
+
 
 def varifocal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.75, gamma: float = 2.0,
                    iou_weighted: bool = True, reduction: str = "sum") -> Tensor:
@@ -33,8 +35,6 @@ def varifocal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.75, gamma: 
     """
     if logits.shape != targets.shape:
         raise ValueError(f"varifocal loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
-    if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"varifocal loss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     with torch.autocast(logits.device.type, enabled=False):
         logits, targets = logits.to(dtype), targets.to(dtype)
@@ -43,8 +43,4 @@ def varifocal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.75, gamma: 
         positive_weight = targets if iou_weighted else torch.ones_like(targets)
         weight = torch.where(positive, positive_weight, negative_weight)
         loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean() if loss.numel() else loss.sum() * 0.0
+    return reduce_loss(loss, reduction, "varifocal loss")

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torchmetrics.detection import MeanAveragePrecision
 
+from lit_tasks.ops.box_ops import rescale_boxes
+
 # pycocotools' exact float64 thresholds (Params.setDetParams): torchmetrics' float32 defaults differ by ~2e-5 in AP.
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
 COCO_REC_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True).tolist()
@@ -52,6 +54,17 @@ class COCOMeanAveragePrecision(MeanAveragePrecision):
             gathered: list[list[torch.Tensor] | None] = [None] * world
             dist.all_gather_object(gathered, local, group=group)
             setattr(self, attr, [t.to(self.device) for part in gathered for t in part])
+
+
+def evaluation_target(target: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ground truth COCO evaluation scores against: ``target["original"]`` when the DataModule gives it (the
+    dataset's annotations in original pixels, with their areas), else the training target mapped back."""
+    if "original" in target:
+        return target["original"]
+    gt = {"boxes": rescale_boxes(target["boxes"].float(), target["size"], target["orig_size"]), "labels": target["labels"]}
+    if "iscrowd" in target:
+        gt["iscrowd"] = target["iscrowd"]
+    return gt
 
 
 def coco_map_metric(**kwargs) -> MeanAveragePrecision:

@@ -23,6 +23,7 @@ FrozenBN = bool | Literal["statistics"]  # what ``frozen_bn`` takes
 
 def build_backbone(
     name: str,
+    *,
     pretrained: bool = False,
     out_indices: tuple[int, ...] = (1, 2, 3, 4),
     output_stride: int | None = None,

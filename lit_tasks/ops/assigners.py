@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from lit_tasks.ops.box_ops import box_iou
@@ -9,6 +11,19 @@ from lit_tasks.ops.box_ops import box_iou
 INF = 1e8
 # Per-level limits on max(l, t, r, b) in pixels for P3..P7, both ends inclusive (REFERENCE.md §3.2).
 FCOS_REGRESS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, INF))
+
+
+def check_regress_ranges(ranges: Sequence[Sequence[float]] | None, num_levels: int = 5, what: str = "") -> None:
+    """Fail early on regress ranges that are not ``num_levels`` increasing ``[lo, hi]`` pairs (``what`` prefixes)."""
+    if ranges is None:
+        return
+    prefix = f"{what}: " if what else ""
+    pairs = [tuple(r) for r in ranges]
+    if len(pairs) != num_levels or any(len(r) != 2 or not r[0] < r[1] for r in pairs):
+        raise ValueError(f"{prefix}regress_ranges must be {num_levels} [lo, hi] pairs with lo < hi "
+                         f"(one per level P3..P7), got {ranges}")
+    if any(a[0] > b[0] for a, b in zip(pairs, pairs[1:])):
+        raise ValueError(f"{prefix}regress_ranges must increase from P3 to P7, got {ranges}")
 
 
 def grid_points(

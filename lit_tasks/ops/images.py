@@ -25,6 +25,11 @@ def stack_padded(images: Sequence[torch.Tensor] | torch.Tensor, size_divisor: in
     return batch, sizes
 
 
+def sizes_of(targets: Sequence[dict[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """The unpadded (h, w) of each image of a batch, from its target's ``size``."""
+    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
+
+
 def group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
     """Indices of the images of each (h, w), in first-seen order: images of one size batch without padding."""
     groups: dict[tuple[int, int], list[int]] = {}

@@ -12,6 +12,7 @@ batched pass, and only each image's own ``(Q, T_i)`` block crosses to the CPU, i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -106,3 +107,23 @@ def hungarian_match(
         offset += num_queries * n
         indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
     return indices
+
+
+@dataclass(frozen=True, kw_only=True)
+class HungarianMatcher:
+    """:func:`hungarian_match` with its cost weights fixed (the reference's ``HungarianMatcher``, built once)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+    def __call__(
+        self,
+        logits: Tensor,
+        pred_boxes_cxcywh: Tensor,
+        tgt_labels: Sequence[Tensor],
+        tgt_boxes_cxcywh: Sequence[Tensor],
+    ) -> list[tuple[Tensor, Tensor]]:
+        """B pairs ``(pred_idx, tgt_idx)``: see :func:`hungarian_match`."""
+        return hungarian_match(logits, pred_boxes_cxcywh, tgt_labels, tgt_boxes_cxcywh,
+                               self.cost_class, self.cost_bbox, self.cost_giou)

@@ -238,7 +238,7 @@ class OadTR(nn.Module):
             function and parameters, about 2x faster decoder cross-attention at the paper's size.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, window: int = 64, embed_dim: int = 1024, enc_layers: int = 3,
+    def __init__(self, *, in_dim: int, num_classes: int, window: int = 64, embed_dim: int = 1024, enc_layers: int = 3,
                  enc_heads: int = 8, enc_mlp_dim: int = 1024, dec_layers: int = 5, dec_heads: int = 4,
                  dec_ffn_dim: int = 1024, num_queries: int = 8, dropout: float = 0.1, attn_dropout: float = 0.1,
                  fold_cross_attention: bool = True) -> None:

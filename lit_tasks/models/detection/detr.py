@@ -39,6 +39,7 @@ from lit_tasks.models.backbone import Normalize, build_backbone
 from lit_tasks.models.detection.detr_transformer import Transformer
 from lit_tasks.models.detection.position_encoding import build_position_embedding
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy
+from lit_tasks.ops.matcher import HungarianMatcher
 
 
 @dataclass
@@ -106,41 +107,43 @@ class DETR(nn.Module):
     """``forward(images, image_sizes) -> DETROutput``; images ``(B, 3, H, W)`` in [0, 1], zero-padded bottom / right.
 
     ``image_sizes``: unpadded (h, w) per image (list of int pairs or a ``(B, 2)`` tensor; None = no padding).
-    See the module docstring for ``backbone_on_padded_batch``.
+    The parts are built by :func:`build_detr` and injected, as the reference's ``build()`` does:
+
+    Args:
+        backbone: a timm ``features_only`` network whose last feature map (``feature_info.channels()[-1]``
+            channels) is C5 (DC5: dilated).
+        transformer: the encoder-decoder; its ``d_model`` sizes the input projection, queries and heads, its
+            ``return_intermediate`` must equal ``aux_loss`` (every decoder layer's output for the auxiliary losses).
+        position_embedding: ``mask (B, Hf, Wf) -> (B, d_model, Hf, Wf)``
+            (:mod:`lit_tasks.models.detection.position_encoding`).
+        num_classes: real classes; the class head has one more logit, no-object, last.
+        num_queries: object queries, the most objects an image can have detected.
+        aux_loss: outputs of every decoder layer (True) or the last one only.
+        backbone_on_padded_batch: see the module docstring.
     """
 
     def __init__(
         self,
+        *,
+        backbone: nn.Module,
+        transformer: Transformer,
+        position_embedding: nn.Module,
         num_classes: int,
-        backbone: str = "resnet50",
-        pretrained: bool = False,
-        dilation: bool = False,
-        position_embedding: str = "sine",
-        d_model: int = 256,
-        nheads: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
         num_queries: int = 100,
         aux_loss: bool = True,
-        frozen_stages: int = 1,
-        frozen_bn: bool = True,
         backbone_on_padded_batch: bool = False,
     ) -> None:
         super().__init__()
+        if transformer.return_intermediate != aux_loss:
+            raise ValueError(f"DETR: aux_loss={aux_loss} needs a transformer with return_intermediate={aux_loss}")
+        d_model = transformer.d_model
         self.num_classes, self.aux_loss = num_classes, aux_loss
         self.backbone_on_padded_batch = backbone_on_padded_batch
         self.normalize = Normalize()
-        # C5 only; DC5 = the last stage dilated instead of strided (output stride 16), as torchvision's
-        # replace_stride_with_dilation=[False, False, True] in the reference.
-        self.backbone = build_backbone(backbone, pretrained=pretrained, out_indices=(-1,),
-                                       output_stride=16 if dilation else None,
-                                       frozen_stages=frozen_stages, frozen_bn=frozen_bn)
-        self.input_proj = nn.Conv2d(self.backbone.feature_info.channels()[-1], d_model, kernel_size=1)
-        self.position_embedding = build_position_embedding(position_embedding, d_model)
-        self.transformer = Transformer(d_model, nheads, num_encoder_layers, num_decoder_layers, dim_feedforward,
-                                       dropout, return_intermediate=aux_loss)
+        self.backbone = backbone
+        self.input_proj = nn.Conv2d(backbone.feature_info.channels()[-1], d_model, kernel_size=1)
+        self.position_embedding = position_embedding
+        self.transformer = transformer
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
@@ -231,10 +234,33 @@ class DETRPostprocess(nn.Module):
         return [{"boxes": b[o], "scores": s[o], "labels": lab[o]} for b, s, lab, o in zip(boxes, scores, labels, order)]
 
 
-def check_detr_args(num_classes: int, position_embedding: str, d_model: int, nheads: int, num_encoder_layers: int,
-                    num_decoder_layers: int, dim_feedforward: int, dropout: float, num_queries: int, eos_coef: float,
-                    costs: Sequence[float], weights: Sequence[float]) -> None:
+# build_detr's options that DetectionTask takes under the same names (the backbone's are shared with FCOS / VFNet).
+DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
+                "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
+                "cost_giou", "weight_ce", "weight_bbox", "weight_giou")
+
+
+def check_detr_args(
+    *,
+    num_classes: int,
+    position_embedding: str,
+    d_model: int,
+    nheads: int,
+    num_encoder_layers: int,
+    num_decoder_layers: int,
+    dim_feedforward: int,
+    dropout: float,
+    num_queries: int,
+    eos_coef: float,
+    cost_class: float,
+    cost_bbox: float,
+    cost_giou: float,
+    weight_ce: float,
+    weight_bbox: float,
+    weight_giou: float,
+) -> None:
     """Fail early, naming the argument, on DETR settings that cannot build or train (names as :func:`build_detr`)."""
+    costs, weights = (cost_class, cost_bbox, cost_giou), (weight_ce, weight_bbox, weight_giou)
     problems = []
     if num_classes < 1:
         problems.append(f"num_classes must be >= 1, got {num_classes}")
@@ -257,15 +283,16 @@ def check_detr_args(num_classes: int, position_embedding: str, d_model: int, nhe
     if not 0.0 < eos_coef <= 1.0:
         problems.append(f"eos_coef (no-object class weight) must be in (0, 1], got {eos_coef}")
     if min(costs) < 0 or max(costs) == 0:
-        problems.append(f"cost_class, cost_bbox, cost_giou must be >= 0 and not all 0, got {tuple(costs)}")
+        problems.append(f"cost_class, cost_bbox, cost_giou must be >= 0 and not all 0, got {costs}")
     if min(weights) < 0:
-        problems.append(f"weight_ce, weight_bbox, weight_giou must be >= 0, got {tuple(weights)}")
+        problems.append(f"weight_ce, weight_bbox, weight_giou must be >= 0, got {weights}")
     if problems:
         raise ValueError("DETR: " + "; ".join(problems))
 
 
 def build_detr(
     num_classes: int,
+    *,
     backbone: str = "resnet50",
     pretrained: bool = False,
     dilation: bool = False,
@@ -292,23 +319,36 @@ def build_detr(
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
 
-    ``num_classes`` counts real classes only (labels in [0, num_classes)); the class head has one more logit
-    for "no object". Unlike the reference's COCO setup (91 = max category id + 1, detr#108), ids are expected
-    contiguous. ``frozen_stages=1`` and ``frozen_bn=True`` freeze the stem, layer1 and every BatchNorm as the
-    reference does (``frozen_stages=4`` freezes the whole ResNet, the reference with lr_backbone 0). They only make
-    sense with pretrained or converted weights: on a randomly initialised timm ResNet, frozen BN keeps identity
-    statistics and timm's zero-initialised last BN of every residual block at 0, so those blocks add nothing,
-    ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``. ``max_detections``: see
-    :class:`DETRPostprocess`. Bad values raise ValueError naming the argument (:func:`check_detr_args`).
+    Every option is stated here once: the backbone, position embedding, transformer and matcher are built from
+    them and injected into :class:`DETR` and :class:`~lit_tasks.losses.set_criterion.SetCriterion`, as the
+    reference's ``build(args)`` does. ``num_classes`` counts real classes only (labels in [0, num_classes)); the
+    class head has one more logit for "no object". Unlike the reference's COCO setup (91 = max category id + 1,
+    detr#108), ids are expected contiguous. ``frozen_stages=1`` and ``frozen_bn=True`` freeze the stem, layer1 and
+    every BatchNorm as the reference does (``frozen_stages=4`` freezes the whole ResNet, the reference with
+    lr_backbone 0). They only make sense with pretrained or converted weights: on a randomly initialised timm
+    ResNet, frozen BN keeps identity statistics and timm's zero-initialised last BN of every residual block at 0,
+    so those blocks add nothing, ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
+    ``max_detections``: see :class:`DETRPostprocess`. Bad values raise ValueError naming the argument
+    (:func:`check_detr_args`).
     """
-    check_detr_args(num_classes, position_embedding, d_model, nheads, num_encoder_layers, num_decoder_layers,
-                    dim_feedforward, dropout, num_queries, eos_coef, (cost_class, cost_bbox, cost_giou),
-                    (weight_ce, weight_bbox, weight_giou))
-    model = DETR(num_classes, backbone, pretrained, dilation, position_embedding, d_model, nheads,
-                 num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, num_queries, aux_loss,
-                 frozen_stages, frozen_bn, backbone_on_padded_batch)
-    criterion = SetCriterion(num_classes, eos_coef, cost_class, cost_bbox, cost_giou, weight_ce, weight_bbox,
-                             weight_giou)
+    check_detr_args(num_classes=num_classes, position_embedding=position_embedding, d_model=d_model, nheads=nheads,
+                    num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
+                    dim_feedforward=dim_feedforward, dropout=dropout, num_queries=num_queries, eos_coef=eos_coef,
+                    cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, weight_ce=weight_ce,
+                    weight_bbox=weight_bbox, weight_giou=weight_giou)
+    # C5 only; DC5 = the last stage dilated instead of strided (output stride 16), as torchvision's
+    # replace_stride_with_dilation=[False, False, True] in the reference.
+    network = build_backbone(backbone, pretrained=pretrained, out_indices=(-1,),
+                             output_stride=16 if dilation else None, frozen_stages=frozen_stages, frozen_bn=frozen_bn)
+    positions = build_position_embedding(position_embedding, d_model)
+    transformer = Transformer(d_model=d_model, num_heads=nheads, num_encoder_layers=num_encoder_layers,
+                              num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+                              return_intermediate=aux_loss)
+    model = DETR(backbone=network, transformer=transformer, position_embedding=positions, num_classes=num_classes,
+                 num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch)
+    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
+    criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
+                             weight_bbox=weight_bbox, weight_giou=weight_giou)
     return model, criterion, DETRPostprocess(max_detections)
 
 

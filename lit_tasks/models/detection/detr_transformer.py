@@ -107,7 +107,7 @@ class Transformer(nn.Module):
     LayerNorm (only the last layer when ``return_intermediate`` is False: ``(1, B, Q, d)``).
     """
 
-    def __init__(self, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 6,
+    def __init__(self, *, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                  return_intermediate: bool = True) -> None:
         super().__init__()

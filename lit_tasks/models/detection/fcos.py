@@ -18,12 +18,12 @@ from torch import nn
 
 from lit_tasks.losses.focal import sigmoid_focal_loss
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN, flatten_levels
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, centerness_target, fcos_targets, grid_points, pad_targets
 from lit_tasks.ops.box_ops import distance2bbox
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
-from lit_tasks.ops.distributed import reduce_mean
 from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone, padded_size
 
 
@@ -41,7 +41,7 @@ class FCOSHead(nn.Module):
     of the level stride (ReLU(scale * x), "norm_on_bbox"), 1 centerness logit from the regression tower.
     """
 
-    def __init__(self, num_classes: int, channels: int, num_convs: int = 4, num_levels: int = 5,
+    def __init__(self, *, num_classes: int, channels: int, num_convs: int = 4, num_levels: int = 5,
                  prior_prob: float = 0.01) -> None:
         super().__init__()
         # GN(32) as the paper (8 channels a group at 256); narrow heads keep >= 2 channels a group, else a
@@ -150,7 +150,7 @@ class FCOS(nn.Module):
     strides = (8, 16, 32, 64, 128)
     size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
+    def __init__(self, *, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, num_convs: int = 4, frozen_stages: int = -1,
                  frozen_bn: FrozenBN = False, points: str = "center") -> None:
         super().__init__()
@@ -165,7 +165,8 @@ class FCOS(nn.Module):
         if list(reductions) != [8, 16, 32]:
             raise ValueError(f"backbone {backbone!r}: FCOS needs stages at strides 8, 16, 32, got {reductions}")
         self.fpn = FPN(self.backbone.feature_info.channels(), fpn_channels, num_extra=2)
-        self.head = FCOSHead(num_classes, fpn_channels, num_convs, num_levels=len(self.strides))
+        self.head = FCOSHead(num_classes=num_classes, channels=fpn_channels, num_convs=num_convs,
+                             num_levels=len(self.strides))
         self._grid_cache: dict = {}
 
     def grid(self, sizes: list[tuple[int, int]], device: torch.device,
@@ -219,6 +220,7 @@ class FCOSCriterion(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         box_loss: str = "giou",
         focal_alpha: float = 0.25,
@@ -239,14 +241,13 @@ class FCOSCriterion(nn.Module):
             out.points, out.strides, out.levels, gt_boxes, gt_labels, gt_valid, self.num_classes,
             self.center_sampling_radius, self.regress_ranges,
         )
-        reduce = reduce_mean if self.training else (lambda v: v.detach().float())
         pos = labels < self.num_classes
         # norm_on_bbox: targets in units of the location's stride; IoU is scale and translation invariant,
         # so boxes decoded around the origin compare exactly as boxes around the point would.
         target_ltrb = ltrb_target[pos] / out.strides.expand_as(labels)[pos].unsqueeze(-1)
         ctr_target = centerness_target(target_ltrb)
-        num_pos = reduce(pos.sum()).clamp(min=1.0)
-        ctr_norm = reduce(ctr_target.sum()).clamp(min=1e-6)
+        num_pos = loss_normaliser(pos.sum(), training=self.training, min_value=1.0)
+        ctr_norm = loss_normaliser(ctr_target.sum(), training=self.training, min_value=1e-6)
 
         cls_logits = out.cls_logits.float()
         cls_target = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(cls_logits.dtype)
@@ -304,6 +305,7 @@ class FCOSPostprocess(nn.Module):
 
 def build_fcos(
     num_classes: int,
+    *,
     backbone: str = "resnet50",
     pretrained: bool = False,
     fpn_channels: int = 256,
@@ -326,10 +328,15 @@ def build_fcos(
 
     ``points`` (:func:`fcos_points`) and ``score_threshold_on`` (:class:`FCOSPostprocess`) reproduce torchvision's
     ``fcos_resnet50_fpn`` with ``"torchvision"`` / ``"joint"`` (and ``score_threshold=0.2``)."""
-    model = FCOS(num_classes, backbone, pretrained, fpn_channels, head_convs, frozen_stages, frozen_bn, points=points)
-    criterion = FCOSCriterion(num_classes, box_loss, focal_alpha, focal_gamma, regress_ranges, center_sampling_radius)
-    return model, criterion, FCOSPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections,
-                                             score_threshold_on=score_threshold_on)
+    model = FCOS(num_classes=num_classes, backbone=backbone, pretrained=pretrained, fpn_channels=fpn_channels,
+                 num_convs=head_convs, frozen_stages=frozen_stages, frozen_bn=frozen_bn, points=points)
+    criterion = FCOSCriterion(num_classes=num_classes, box_loss=box_loss, focal_alpha=focal_alpha,
+                              focal_gamma=focal_gamma, regress_ranges=regress_ranges,
+                              center_sampling_radius=center_sampling_radius)
+    postprocess = FCOSPostprocess(score_threshold=score_threshold, pre_nms_top_k=pre_nms_top_k,
+                                  nms_threshold=nms_threshold, max_detections=max_detections,
+                                  score_threshold_on=score_threshold_on)
+    return model, criterion, postprocess
 
 
 # -- export (tools/export.py): the network up to its raw outputs, and back --------------------------------------------

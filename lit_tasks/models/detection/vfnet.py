@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from lit_tasks.losses.iou import giou_loss
+from lit_tasks.losses.reduction import loss_normaliser
 from lit_tasks.losses.varifocal import varifocal_loss
 from lit_tasks.models.backbone import FrozenBN, Normalize, build_backbone
 from lit_tasks.models.fpn import FPN, flatten_levels
@@ -42,7 +43,6 @@ from lit_tasks.ops.assigners import (
 )
 from lit_tasks.ops.box_ops import aligned_box_iou, distance2bbox
 from lit_tasks.ops.dense_postprocess import PADDED_LOGIT, dense_detections
-from lit_tasks.ops.distributed import reduce_mean
 from lit_tasks.ops.images import group_same_sizes, maps_as_if_alone
 
 VFNET_STRIDES = (8, 16, 32, 64, 128)
@@ -122,7 +122,7 @@ class VFNetHead(nn.Module):
         prior_prob: initial foreground probability of the classification bias (0.01).
     """
 
-    def __init__(self, num_classes: int, channels: int, num_convs: int = 3, strides: Sequence[int] = VFNET_STRIDES,
+    def __init__(self, *, num_classes: int, channels: int, num_convs: int = 3, strides: Sequence[int] = VFNET_STRIDES,
                  reg_denoms: Sequence[float] = (64, 128, 256, 512, 1024), gradient_mul: float = 0.1,
                  prior_prob: float = 0.01) -> None:
         super().__init__()
@@ -222,7 +222,7 @@ class VFNet(nn.Module):
 
     size_divisor = 32  # mmdet's test-time Pad(size_divisor=32): the backbone's coarsest stride
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
+    def __init__(self, *, num_classes: int, backbone: str = "resnet50", pretrained: bool = False,
                  fpn_channels: int = 256, head_convs: int = 3,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES, center_offset: float = 0.0,
                  frozen_stages: int = -1, frozen_bn: FrozenBN = False) -> None:
@@ -235,7 +235,8 @@ class VFNet(nn.Module):
         if reductions != [8, 16, 32]:
             raise ValueError(f"backbone {backbone!r}: VFNet needs stages at strides 8, 16, 32, got {reductions}")
         self.fpn = FPN(self.backbone.feature_info.channels(), fpn_channels, num_extra=2)
-        self.head = VFNetHead(num_classes, fpn_channels, head_convs, VFNET_STRIDES, reg_denominators(regress_ranges))
+        self.head = VFNetHead(num_classes=num_classes, channels=fpn_channels, num_convs=head_convs,
+                              strides=VFNET_STRIDES, reg_denoms=reg_denominators(regress_ranges))
         self.center_offset = float(center_offset)
         self._grid_cache: dict = {}
 
@@ -290,7 +291,7 @@ class VFNetCriterion(nn.Module):
         vfl_alpha, vfl_gamma: varifocal loss parameters; loss_*_weight: the weights of the three losses.
     """
 
-    def __init__(self, num_classes: int, use_atss: bool = True, topk: int = 9, anchor_scale: float = 8.0,
+    def __init__(self, *, num_classes: int, use_atss: bool = True, topk: int = 9, anchor_scale: float = 8.0,
                  regress_ranges: Sequence[Sequence[float]] = FCOS_REGRESS_RANGES,
                  center_sampling_radius: float = 0.0, vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
                  loss_cls_weight: float = 1.0, loss_box_weight: float = 1.5,
@@ -345,8 +346,8 @@ class VFNetCriterion(nn.Module):
         iou_refine = aligned_box_iou(box_refine.detach(), target).clamp(min=1e-6)
 
         # All normalisers in one collective, before anything depends on this rank's data.
-        norms = torch.stack((pos.sum().float(), iou_init.sum(), iou_refine.sum()))
-        norms = reduce_mean(norms) if self.training else norms.detach()
+        norms = loss_normaliser(torch.stack((pos.sum().float(), iou_init.sum(), iou_refine.sum())),
+                                training=self.training)
         num_pos, weight_init, weight_refine = norms.clamp(min=1.0).unbind()
 
         cls_logits = out.cls_logits.float()
@@ -395,6 +396,7 @@ class VFNetPostprocess(nn.Module):
 
 def build_vfnet(
     num_classes: int,
+    *,
     backbone: str = "resnet50",
     pretrained: bool = False,
     fpn_channels: int = 256,
@@ -434,13 +436,15 @@ def build_vfnet(
     if len(ranges) != len(VFNET_STRIDES) or any(len(r) != 2 for r in ranges):
         raise ValueError(f"build_vfnet: regress_ranges needs {len(VFNET_STRIDES)} (lo, hi) pairs (P3-P7), got "
                          f"{regress_ranges}")
-    model = VFNet(num_classes, backbone, pretrained, fpn_channels, head_convs, ranges,
-                  center_offset=0.0 if use_atss else 0.5, frozen_stages=frozen_stages, frozen_bn=frozen_bn)
-    criterion = VFNetCriterion(num_classes, use_atss, regress_ranges=ranges,
+    model = VFNet(num_classes=num_classes, backbone=backbone, pretrained=pretrained, fpn_channels=fpn_channels,
+                  head_convs=head_convs, regress_ranges=ranges, center_offset=0.0 if use_atss else 0.5,
+                  frozen_stages=frozen_stages, frozen_bn=frozen_bn)
+    criterion = VFNetCriterion(num_classes=num_classes, use_atss=use_atss, regress_ranges=ranges,
                                center_sampling_radius=center_sampling_radius, vfl_alpha=vfl_alpha,
                                vfl_gamma=vfl_gamma, loss_cls_weight=loss_cls_weight, loss_box_weight=loss_box_weight,
                                loss_box_refine_weight=loss_box_refine_weight)
-    postprocess = VFNetPostprocess(score_threshold, pre_nms_top_k, nms_threshold, max_detections)
+    postprocess = VFNetPostprocess(score_threshold=score_threshold, pre_nms_top_k=pre_nms_top_k,
+                                   nms_threshold=nms_threshold, max_detections=max_detections)
     return model, criterion, postprocess
 
 

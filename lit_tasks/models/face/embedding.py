@@ -28,7 +28,8 @@ class EmbeddingHead(nn.Module):
     Runs in fp32 even under autocast (insightface: "FC runs in fp32").
     """
 
-    def __init__(self, channels: int, height: int, width: int, embedding_size: int = 512, dropout: float = 0.0) -> None:
+    def __init__(self, *, channels: int, height: int, width: int, embedding_size: int = 512,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.bn2d = nn.BatchNorm2d(channels, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
@@ -58,6 +59,7 @@ class EmbeddingNetwork(nn.Module):
 
     def __init__(
         self,
+        *,
         backbone: str = "resnet18",
         image_size: int = 112,
         embedding_size: int = 512,
@@ -79,7 +81,8 @@ class EmbeddingNetwork(nn.Module):
         with torch.no_grad():
             _, channels, height, width = self.backbone(torch.zeros(1, 3, image_size, image_size))[-1].shape
         self.backbone.train(was_training)
-        self.head = EmbeddingHead(channels, height, width, embedding_size, dropout)
+        self.head = EmbeddingHead(channels=channels, height=height, width=width, embedding_size=embedding_size,
+                                  dropout=dropout)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
@@ -96,6 +99,7 @@ class EmbeddingNetwork(nn.Module):
 
 def build_face_network(
     backbone: str = "resnet18",
+    *,
     image_size: int = 112,
     embedding_size: int = 512,
     dropout: float = 0.0,
@@ -127,11 +131,14 @@ def build_face_network(
             raise ValueError(f"backbone={backbone!r} has a fixed stride of 16 (7x7 at 112 px); output_stride="
                              f"{output_stride} cannot apply")
         if backbone.startswith(IRESNET_PREFIX):
-            return build_iresnet(backbone, embedding_size, dropout, image_size, channels_last=channels_last)
+            return build_iresnet(backbone, embedding_size=embedding_size, dropout=dropout, image_size=image_size,
+                                 channels_last=channels_last)
         if dropout:
             raise ValueError(f"backbone={backbone!r}: MobileFaceNet has no dropout (got dropout={dropout})")
-        return build_mobilefacenet(backbone, embedding_size, image_size, channels_last=channels_last)
-    return EmbeddingNetwork(backbone, image_size, embedding_size, dropout, output_stride, channels_last, pretrained)
+        return build_mobilefacenet(backbone, embedding_size=embedding_size, image_size=image_size,
+                                   channels_last=channels_last)
+    return EmbeddingNetwork(backbone=backbone, image_size=image_size, embedding_size=embedding_size, dropout=dropout,
+                            output_stride=output_stride, channels_last=channels_last, pretrained=pretrained)
 
 
 class NormalisedEmbedder(nn.Module):

@@ -83,6 +83,7 @@ class IResNet(nn.Module):
 
     def __init__(
         self,
+        *,
         layers: tuple[int, int, int, int] | list[int],
         embedding_size: int = 512,
         dropout: float = 0.0,
@@ -155,6 +156,7 @@ class IResNet(nn.Module):
 
 def build_iresnet(
     name: str,
+    *,
     embedding_size: int = 512,
     dropout: float = 0.0,
     image_size: int = 112,
@@ -168,4 +170,5 @@ def build_iresnet(
     key = ALIASES.get(name, name)
     if key not in IRESNET_LAYERS:
         raise ValueError(f"unknown IResNet {name!r}: expected one of {sorted(IRESNET_LAYERS) + sorted(ALIASES)}")
-    return IResNet(IRESNET_LAYERS[key], embedding_size, dropout, image_size, fp16, channels_last)
+    return IResNet(layers=IRESNET_LAYERS[key], embedding_size=embedding_size, dropout=dropout, image_size=image_size,
+                   fp16=fp16, channels_last=channels_last)

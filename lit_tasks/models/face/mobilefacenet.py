@@ -102,6 +102,7 @@ class MobileFaceNet(nn.Module):
 
     def __init__(
         self,
+        *,
         blocks: tuple[int, int, int, int] = (1, 4, 6, 2),
         scale: int = 2,
         embedding_size: int = 512,
@@ -161,6 +162,7 @@ class MobileFaceNet(nn.Module):
 
 def build_mobilefacenet(
     name: str = "mbf",
+    *,
     embedding_size: int = 512,
     image_size: int = 112,
     fp16: bool = False,
@@ -170,4 +172,5 @@ def build_mobilefacenet(
     if name not in MOBILEFACENET_CONFIGS:
         raise ValueError(f"unknown MobileFaceNet {name!r}: expected one of {sorted(MOBILEFACENET_CONFIGS)}")
     blocks, scale = MOBILEFACENET_CONFIGS[name]
-    return MobileFaceNet(blocks, scale, embedding_size, image_size, fp16, channels_last)
+    return MobileFaceNet(blocks=blocks, scale=scale, embedding_size=embedding_size, image_size=image_size, fp16=fp16,
+                         channels_last=channels_last)

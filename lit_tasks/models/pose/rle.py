@@ -75,7 +75,7 @@ class RLERegressor(nn.Module):
     ``self.backbone`` is the timm feature extractor (for channels_last and backbone learning-rate ratios).
     """
 
-    def __init__(self, backbone: str = "resnet50", num_keypoints: int = 17, pretrained: bool = False,
+    def __init__(self, *, backbone: str = "resnet50", num_keypoints: int = 17, pretrained: bool = False,
                  frozen_stages: int = -1, frozen_bn: bool = False, coord_norm: bool = True,
                  input_normalization: str = "imagenet") -> None:
         super().__init__()

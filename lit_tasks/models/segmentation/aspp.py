@@ -59,7 +59,7 @@ class ASPP(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int = 256, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1
+        self, *, in_channels: int, out_channels: int = 256, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1
     ) -> None:
         super().__init__()
         self.rates = tuple(int(r) for r in rates)
@@ -83,6 +83,7 @@ class DeepLabV3Head(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int,
         num_classes: int,
         rates: Sequence[int] = (6, 12, 18),
@@ -90,7 +91,7 @@ class DeepLabV3Head(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.aspp = ASPP(in_channels, channels, rates, dropout)
+        self.aspp = ASPP(in_channels=in_channels, out_channels=channels, rates=rates, dropout=dropout)
         self.conv = conv_bn_relu(channels, channels, 3)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -115,6 +116,7 @@ class DeepLabV3PlusHead(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int,
         low_level_channels: int,
         num_classes: int,
@@ -124,7 +126,7 @@ class DeepLabV3PlusHead(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.aspp = ASPP(in_channels, channels, rates, dropout)
+        self.aspp = ASPP(in_channels=in_channels, out_channels=channels, rates=rates, dropout=dropout)
         self.skip = conv_bn_relu(low_level_channels, low_level_reduced, 1)
         self.fuse = nn.Sequential(
             conv_bn_relu(channels + low_level_reduced, channels, 3), conv_bn_relu(channels, channels, 3)

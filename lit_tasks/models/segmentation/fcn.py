@@ -35,6 +35,7 @@ class FCNHead(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int,
         num_classes: int,
         channels: int = 256,

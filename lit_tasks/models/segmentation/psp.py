@@ -46,6 +46,7 @@ class PSPHead(nn.Module):
 
     def __init__(
         self,
+        *,
         in_channels: int,
         num_classes: int,
         pool_scales: Sequence[int] = (1, 2, 3, 6),

@@ -47,6 +47,7 @@ class Segmenter(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         model: SegmenterName = "deeplabv3plus",
         backbone: str = "resnet50",
@@ -74,20 +75,26 @@ class Segmenter(nn.Module):
         rates = tuple(rates) if rates else aspp_rates(output_stride)
         match model:
             case "deeplabv3plus":
-                self.head: nn.Module = DeepLabV3PlusHead(high_ch, low_ch, c, rates, width, dropout=dropout)
+                self.head: nn.Module = DeepLabV3PlusHead(in_channels=high_ch, low_level_channels=low_ch, num_classes=c,
+                                                         rates=rates, channels=width, dropout=dropout)
             case "deeplabv3":
-                self.head = DeepLabV3Head(high_ch, c, rates, width, dropout)
+                self.head = DeepLabV3Head(in_channels=high_ch, num_classes=c, rates=rates, channels=width,
+                                          dropout=dropout)
             case "pspnet":
-                self.head = PSPHead(high_ch, c, tuple(pool_scales), 2 * width, dropout)
+                self.head = PSPHead(in_channels=high_ch, num_classes=c, pool_scales=tuple(pool_scales),
+                                    channels=2 * width, dropout=dropout)
             case "fcn" if torchvision:
-                self.head = FCNHead(high_ch, c, high_ch // 4, num_convs=1, concat_input=False, dropout=dropout)
+                self.head = FCNHead(in_channels=high_ch, num_classes=c, channels=high_ch // 4, num_convs=1,
+                                    concat_input=False, dropout=dropout)
             case "fcn":
-                self.head = FCNHead(high_ch, c, width, num_convs=2, concat_input=True, dropout=dropout)
+                self.head = FCNHead(in_channels=high_ch, num_classes=c, channels=width, num_convs=2, concat_input=True,
+                                    dropout=dropout)
             case _:
                 raise ValueError(f"model must be one of deeplabv3plus, deeplabv3, pspnet, fcn; got {model!r}")
         self.uses_skip = isinstance(self.head, DeepLabV3PlusHead)  # the V3+ decoder also reads the stride-4 map
         aux_width = aux_ch // 4 if torchvision else width
-        self.aux_head = FCNHead(aux_ch, c, aux_width, num_convs=1, concat_input=False, dropout=dropout) if aux_head else None
+        self.aux_head = FCNHead(in_channels=aux_ch, num_classes=c, channels=aux_width, num_convs=1, concat_input=False,
+                                dropout=dropout) if aux_head else None
 
     def _logits(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
         low, _, high = features
