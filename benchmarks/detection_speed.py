@@ -69,7 +69,7 @@ def task_step(task: DetectionTask, images: torch.Tensor, targets: list[dict]):
 
     def train() -> None:
         task.train()
-        loss = task.losses(task.model(images, sizes_of(images)), targets)["loss"]
+        loss = task.total_loss(task.compute_losses((images, targets), task.model(images, sizes_of(images))), "train")
         opt.zero_grad()
         loss.backward()
         opt.step()

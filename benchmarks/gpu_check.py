@@ -235,7 +235,7 @@ def compile_check(device: str, tiny: bool, steps: int, backend: str) -> dict[str
         net, owner = nets[kind]
         with Stopwatch(sync=device == "cuda") as watch:
             with torch.autocast(device, dtype=torch.bfloat16):
-                loss = owner.compute_loss(net(images), None, masks)["loss"]
+                loss = owner.total_loss(owner.criterion(net(images), None, masks), "train")
             optimizers[kind].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[kind].step()

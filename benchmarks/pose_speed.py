@@ -38,7 +38,7 @@ def train_step(task: PoseTask, images: torch.Tensor, keypoints: torch.Tensor) ->
     task.train()
 
     def step() -> None:
-        loss = task.compute_loss(task.model(images), keypoints, images.shape[-2:])
+        loss = task.total_loss(task.compute_losses({"image": images, "keypoints": keypoints}), "train")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -31,16 +31,16 @@ model on the same stream.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lit_tasks.base import BaseTask
+from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.action_timelines import ActionTimelineLogger
 from lit_tasks.losses.soft_cross_entropy import OadTRCriterion
 from lit_tasks.metrics.action import FrameLevelMAP, format_ap_table
@@ -48,7 +48,7 @@ from lit_tasks.models.action.convert import read_action_weights
 from lit_tasks.models.action.oadtr import (PAD_MODES, OadTR, OadTROutput, StreamingOadTR, WindowProbabilities,
                                     class_probabilities)
 from lit_tasks.models.published import published_weights
-from lit_tasks.schedules import warmup_multistep
+from lit_tasks.run.lightning_seams import attached_trainer
 
 
 class ActionDetectionTask(BaseTask):
@@ -80,7 +80,8 @@ class ActionDetectionTask(BaseTask):
 
         Optimisation (used when no ``optimizer`` / ``lr_scheduler`` is injected):
         lr, weight_decay: Adam with L2 weight decay on every parameter, as released (1e-4, 1e-4).
-        lr_drop_epochs: the LR is multiplied by ``lr_gamma`` every this many epochs (StepLR, 1).
+        lr_drop_epochs: epochs at which the LR is multiplied by ``lr_gamma``; None = after every epoch, as released
+            (StepLR with step_size 1).
         lr_gamma: 0.1.
         warmup_steps: linear warm-up (0: none, as the paper).
 
@@ -94,8 +95,9 @@ class ActionDetectionTask(BaseTask):
     monitor = "val/mAP"
     mode = "max"
     eval_options = ("num_log_streams",)
-    export_input_name = "features"
-    export_output_name = "probabilities"
+    logged_metric_keys = ("mAP", "mcAP")
+    export_input_names = ("features",)
+    export_output_names = ("probabilities",)
 
     def __init__(
         self,
@@ -121,7 +123,7 @@ class ActionDetectionTask(BaseTask):
         anticipation_weight: float = 0.5,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
-        lr_drop_epochs: int = 1,
+        lr_drop_epochs: list[int] | None = None,
         lr_gamma: float = 0.1,
         warmup_steps: int = 0,
         num_log_streams: int = 3,
@@ -129,16 +131,18 @@ class ActionDetectionTask(BaseTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        if model != "oadtr":
-            raise ValueError(f"ActionDetectionTask: unknown model {model!r}; implemented: 'oadtr'")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        for name, index in (("background_index", background_index), ("ambiguous_index", ambiguous_index)):
-            if index is not None and not 0 <= index < num_classes:
-                raise ValueError(f"{name}={index} outside [0, num_classes={num_classes})")
-        if lr_drop_epochs < 1:
-            raise ValueError(f"lr_drop_epochs must be >= 1, got {lr_drop_epochs}")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
+
+    def argument_problems(self, args: dict[str, Any]) -> list[str]:
+        """An unknown model, class names or background / ambiguous columns that disagree with ``num_classes``."""
+        n, names = args["num_classes"], args["class_names"]
+        checks = [
+            (args["model"] == "oadtr", f"unknown model {args['model']!r}; implemented: 'oadtr'"),
+            (names is None or len(names) == n, f"class_names has {len(names or ())} entries for num_classes={n}"),
+            *((args[k] is None or 0 <= args[k] < n, f"{k}={args[k]} outside [0, num_classes={n})")
+              for k in ("background_index", "ambiguous_index")),
+        ]
+        return super().argument_problems(args) + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
@@ -157,19 +161,25 @@ class ActionDetectionTask(BaseTask):
                                         anticipation_weight=h.anticipation_weight)
 
     def configure_metrics(self) -> None:
+        """Per stage: the current frame's mAP and, test only, that of each anticipation step j (frame t + 1 + j from
+        the window ending at t), as the released log reports for the decoder."""
         h = self.hparams
-        self.val_metric = FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
-        self.test_metric = FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
-        # Test only: the mAP of each anticipation step j (frame t + 1 + j from the window ending at t), as the
-        # released log reports for the decoder.
-        self.test_anticipation = nn.ModuleList(FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
-                                               for _ in range(h.num_future))
+
+        def frame_map() -> FrameLevelMAP:
+            return FrameLevelMAP(h.num_classes, h.background_index, h.ambiguous_index)
+
+        self.metrics = nn.ModuleDict({stage: nn.ModuleDict({
+            "current": frame_map(),
+            "anticipation": nn.ModuleList(frame_map() for _ in range(h.num_future if stage == "test" else 0)),
+        }) for stage in STAGES})
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [ActionTimelineLogger(num_streams=self.num_log_streams)] if self.num_log_streams > 0 else []
 
     def setup(self, stage: str) -> None:
-        rule = getattr(self.trainer.datamodule, "frame_rule", None) if self._trainer else None
+        """Say which frames this run evaluates or predicts (the DataModule's ``frames`` rule)."""
+        trainer = attached_trainer(self)
+        rule = getattr(trainer.datamodule, "frame_rule", None) if trainer is not None else None
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str Enum)
         if callable(rule) and stage in ("fit", "validate", "test", "predict"):
             split = {"fit": "val", "validate": "val"}.get(stage, stage)
@@ -196,49 +206,26 @@ class ActionDetectionTask(BaseTask):
             raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}")
         return self.model.streaming(pad=pad, ambiguous_index=self.hparams.ambiguous_index)
 
-    def export_module(self) -> nn.Module:
-        """For ``tools/export.py``: windows ``(B, T, D)`` -> probabilities ``(B, 1 + Q, C)`` (row 0 current)."""
-        return WindowProbabilities(self.model, self.hparams.ambiguous_index).eval()
-
-    def export_example(self, batch_size: int = 1) -> tuple[Tensor]:
-        """Example input for export: ``(batch_size, T, D)`` standard-normal features."""
-        generator = torch.Generator().manual_seed(batch_size)
-        h = self.hparams
-        return (torch.randn(batch_size, h.window, h.feature_dim, generator=generator),)
-
     # -- steps -------------------------------------------------------------------------------------
-    def losses(self, out: OadTROutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{"loss_current", "loss_anticipation", "loss"}`` (weighted; ``loss`` their sum)."""
-        parts = self.criterion(out.current, out.anticipation, batch["target"], batch["future_target"])
-        return {**parts, "loss": parts["loss_current"] + parts["loss_anticipation"]}
+    def compute_losses(self, batch: dict[str, Tensor], outputs: OadTROutput | None = None) -> dict[str, Tensor]:
+        """``{"loss_current", "loss_anticipation"}`` (weighted) of ``outputs`` (else the model's on the features)."""
+        out = self.model(batch["features"]) if outputs is None else outputs
+        return self.criterion(out.current, out.anticipation, batch["target"], batch["future_target"])
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        losses = self.losses(self.model(batch["features"]), batch)
-        n = batch["features"].shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=n)
-        self.log("train/loss", losses["loss"].detach(), batch_size=n, prog_bar=True)
-        return losses["loss"]
-
-    def _evaluate(self, batch: dict[str, Tensor], metric: FrameLevelMAP, stage: str) -> dict[str, Tensor]:
+    def evaluation_step(self, batch: dict[str, Tensor], stage: str, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Current-frame probabilities into the stage's mAP (test: each anticipated frame's too); validation loss."""
         out = self.model(batch["features"])
         current, anticipation = self.probabilities(out)
+        metrics = self.metrics[stage]
         # (session, frame) keys: a padding DistributedSampler repeats windows, the metric counts each frame once.
-        metric.update(current, batch["target"], batch["session"], batch["frame"])
-        if stage == "test":
-            for j, step_metric in enumerate(self.test_anticipation):
-                step_metric.update(anticipation[:, j], batch["future_target"][:, j], batch["session"],
-                                   batch["frame"] + 1 + j)
+        metrics["current"].update(current, batch["target"], batch["session"], batch["frame"])
+        for j, step_metric in enumerate(metrics["anticipation"]):
+            step_metric.update(anticipation[:, j], batch["future_target"][:, j], batch["session"],
+                               batch["frame"] + 1 + j)
         if stage == "val":  # in eval mode the criterion makes no collective call
-            n = batch["features"].shape[0]
-            self.log("val/loss", self.losses(out, batch)["loss"], batch_size=n, sync_dist=True)
+            self.log_loss(stage, self.compute_losses(batch, out), batch["features"].shape[0])
         return {"probs": current, "anticipation": anticipation, "target": batch["target"],
                 "session": batch["session"], "frame": batch["frame"]}
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, self.val_metric, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, self.test_metric, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``{"probs": (B, C), "anticipation": (B, Q, C), "session": (B,), "frame": (B,)}`` on the CPU."""
@@ -252,27 +239,34 @@ class ActionDetectionTask(BaseTask):
         names = self.hparams.class_names or [str(c) for c in range(self.hparams.num_classes)]
         return [str(n).replace(" ", "_") for n in names]
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_epoch_metric(self.val_metric, "val", keys=("mAP", "mcAP"))
-
-    def on_test_epoch_end(self) -> None:
-        result = self.log_epoch_metric(self.test_metric, "test", keys=("mAP", "mcAP"))
+    def log_stage_metrics(self, stage: str) -> dict[str, Any]:
+        """mAP and mcAP; test: also the AP of each class (``AP/<class name>``) and the mean anticipation mAP, with
+        each step's mAP as ``anticipation_steps`` in the result (for the table)."""
+        metrics = self.metrics[stage]
+        result = self.log_epoch_metric(metrics["current"], stage, self.logged_metric_keys)
+        if stage != "test":
+            return result
         skip = (self.hparams.background_index, self.hparams.ambiguous_index)
         names = self.class_names()
         self.log_metrics({f"AP/{names[c]}": result["AP"][c] for c in range(len(names))
-                          if c not in skip and not torch.isnan(result["AP"][c])}, "test")
-        steps = []
-        for step_metric in self.test_anticipation:
-            steps.append(float(step_metric.compute()["mAP"]))
-            step_metric.reset()
+                          if c not in skip and not torch.isnan(result["AP"][c])}, stage)
+        steps = [float(self.log_epoch_metric(m, f"{stage}/anticipation_t+{j + 1}", keys=())["mAP"])
+                 for j, m in enumerate(metrics["anticipation"])]
         anticipation = float(np.nanmean(steps)) if steps and not np.isnan(steps).all() else float("nan")
-        self.log_metrics({"anticipation_mAP": torch.tensor(anticipation)}, "test")
-        rule = getattr(self.trainer.datamodule, "frame_rule", None) if self._trainer else None
+        self.log_metrics({"anticipation_mAP": torch.tensor(anticipation)}, stage)
+        return {**result, "anticipation_mAP": anticipation, "anticipation_steps": steps}
+
+    def test_table(self, values: dict[str, Any]) -> str:
+        """Per-class AP / cAP over the evaluated frames, mAP / mcAP, then the anticipation mAP per step."""
+        trainer = attached_trainer(self)
+        rule = getattr(trainer.datamodule, "frame_rule", None) if trainer is not None else None
         title = f"Per-frame AP / calibrated AP (%) over {rule('test')}" if callable(rule) else None
-        table = format_ap_table(names, result, skip, title)
+        skip = (self.hparams.background_index, self.hparams.ambiguous_index)
+        table = format_ap_table(self.class_names(), values, skip, title)
+        steps = values["anticipation_steps"]
         per_step = " ".join(f"{100 * v:.2f}" for v in steps)
-        rank_zero_info(f"{table}\nanticipation mAP per step t+1..t+{len(steps)}: {per_step} "
-                       f"(mean {100 * anticipation:.2f})")
+        return (f"{table}\nanticipation mAP per step t+1..t+{len(steps)}: {per_step} "
+                f"(mean {100 * values['anticipation_mAP']:.2f})")
 
     # -- optimisation ---------------------------------------------------------------------------------
     def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
@@ -281,26 +275,25 @@ class ActionDetectionTask(BaseTask):
         weight decay, not AdamW's)."""
         return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
-    def steps_per_epoch(self) -> int | None:
-        """Optimizer steps per training epoch, None when unknown (no Trainer, or a loader without a length)."""
-        if not self._trainer:
-            return None
-        if not math.isfinite(self.trainer.num_training_batches):
-            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does, unless max_steps is set
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches) or batches <= 0:
-            return None
-        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """StepLR as released (lr x ``lr_gamma`` every ``lr_drop_epochs`` epochs), stepped per optimizer step."""
-        per_epoch = self.steps_per_epoch()
-        if per_epoch is None:
-            rank_zero_warn("ActionDetectionTask: steps per epoch unknown, the default schedule keeps the LR constant")
-            milestones: list[int] = []
-        else:
-            step = per_epoch * self.hparams.lr_drop_epochs
-            milestones = list(range(step, total_steps, step))
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_multistep(self.warmup_steps(), milestones, self.hparams.lr_gamma))
+        """StepLR as released: lr x ``lr_gamma`` at each of ``lr_drop_epochs`` (None: after every epoch of the fit),
+        stepped per optimizer step."""
+        drops = self.hparams.lr_drop_epochs
+        if drops is None:  # every epoch boundary before the fit's last step
+            drops = range(1, math.ceil(total_steps / self.steps_per_epoch()))
+        return self.step_decay(optimizer, drops, self.hparams.lr_gamma)
+
+    # -- export (tools/export.py) -------------------------------------------------------------------
+    def export_module(self) -> nn.Module:
+        """For ``tools/export.py``: windows ``(B, T, D)`` -> probabilities ``(B, 1 + Q, C)`` (row 0 current)."""
+        return WindowProbabilities(self.model, self.hparams.ambiguous_index).eval()
+
+    def export_example(self, batch_size: int = 1, size: Sequence[int] | None = None) -> tuple[Tensor]:
+        """Example input for export: ``(batch_size, T, D)`` standard-normal features (T, D fixed by the model)."""
+        h = self.hparams
+        if size is not None:
+            raise ValueError(f"{type(self).__name__}'s input size is fixed by the model (T={h.window}, "
+                             f"D={h.feature_dim}); give no size")
+        generator = torch.Generator().manual_seed(batch_size)
+        return (torch.randn(batch_size, h.window, h.feature_dim, generator=generator),)

@@ -17,7 +17,6 @@ regions in COCO mAP), ``size`` (h, w) before padding and ``orig_size`` (h, w) of
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Literal, Sequence
 
@@ -25,9 +24,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.detection import MeanAveragePrecision
+from torch import nn
 
-from lit_tasks.base import BaseTask
+from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.detection_images import DetectionImageLogger
 from lit_tasks.losses.iou import box_loss as iou_loss_by_name
 from lit_tasks.metrics.coco import (LOGGED_MAP_KEYS, coco_map_metric, evaluation_target, format_class_ap_table,
@@ -43,8 +42,9 @@ from lit_tasks.models.published import published_weights
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, check_regress_ranges
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import sizes_of, stack_padded
-from lit_tasks.param_groups import ParamGroupRules
-from lit_tasks.schedules import warmup_cosine, warmup_multistep
+from lit_tasks.param_groups import ParamGroupRules, scale_lr
+from lit_tasks.run.lightning_seams import attached_trainer
+from lit_tasks.schedules import warmup_cosine
 
 MODELS = ("fcos", "vfnet", "detr")
 
@@ -148,8 +148,9 @@ class DetectionTask(BaseTask):
         warmup_ratio: the fraction of the LR the warm-up starts from (mmcv's ``warmup_ratio``: ``ratio + (1 -
             ratio) * step / warmup_steps``); None = the recipe (FCOS 1/3, VFNet 0.1; DETR none: ``(step + 1) /
             warmup_steps``).
-        lr_drop_epochs: the default scheduler multiplies the LR by 0.1 at each of these epochs (the recipes:
-            [8, 11] of 12 for FCOS / VFNet, [200] of 300 for DETR); None = cosine decay to 0 over the fit.
+        lr_drop_epochs: the default scheduler multiplies the LR by ``lr_gamma`` at each of these epochs (the
+            recipes: [8, 11] of 12 for FCOS / VFNet, [200] of 300 for DETR); None = cosine decay to 0 over the fit.
+        lr_gamma: the factor of each drop (0.1, every recipe).
         lr_base_batch_size: the linear scaling rule (Goyal et al. 2017; mmdet ``auto_scale_lr``): ``lr`` is for
             this many images per step, and the optimizer's LR (default or injected) is scaled by the run's images
             per step (batch size x devices x accumulation) / this. None: ``lr`` as given.
@@ -162,6 +163,7 @@ class DetectionTask(BaseTask):
     mode = "max"
     eval_options = ("score_threshold", "score_threshold_on", "pre_nms_top_k", "nms_threshold", "max_detections",
                     "num_log_images")
+    logged_metric_keys = LOGGED_MAP_KEYS
 
     def __init__(
         self,
@@ -216,16 +218,64 @@ class DetectionTask(BaseTask):
         warmup_steps: int | None = None,
         warmup_ratio: float | None = None,
         lr_drop_epochs: list[int] | None = None,
+        lr_gamma: float = 0.1,
         lr_base_batch_size: int | None = None,
         class_names: list[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        check_options({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
 
-    # -- construction ---------------------------------------------------------------------------
+    def argument_problems(self, args: dict[str, Any]) -> list[str]:
+        """Options that cannot work, each named (DETR's architecture values are checked by
+        :func:`lit_tasks.models.detection.detr.check_detr_args` when it is built)."""
+        o, problems = args, super().argument_problems(args)
+        for check, value in ((iou_loss_by_name, o["box_loss"]), (check_regress_ranges, o["regress_ranges"])):
+            try:
+                check(value)
+            except ValueError as error:  # the message names the option and the valid choices
+                problems.append(str(error))
+        weights, rows = o["pretrained_weights"], o["pretrained_class_rows"]
+        checks = [
+            (o["model"] in MODELS, f"unknown model {o['model']!r}; choose one of {list(MODELS)}"),
+            (o["num_classes"] >= 1, f"num_classes must be >= 1, got {o['num_classes']}"),
+            *((o[k] >= 1, f"{k} must be >= 1, got {o[k]}")
+              for k in ("fpn_channels", "pre_nms_top_k", "max_detections")),
+            *((o[k] is None or o[k] >= 1, f"{k} must be >= 1 or null, got {o[k]}")
+              for k in ("head_convs", "lr_base_batch_size")),
+            (o["frozen_stages"] is None or o["frozen_stages"] >= -1,
+             f"frozen_stages must be >= -1, got {o['frozen_stages']}"),
+            (0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}"),
+            (0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}"),
+            (o["center_sampling_radius"] is None or o["center_sampling_radius"] >= 0,
+             f"center_sampling_radius must be >= 0 or null, got {o['center_sampling_radius']}"),
+            (o["warmup_ratio"] is None or 0.0 <= o["warmup_ratio"] <= 1.0,
+             f"warmup_ratio must be in [0, 1] or null, got {o['warmup_ratio']}"),
+            (o["frozen_bn"] in (None, True, False, "statistics"),
+             f"frozen_bn must be true, false, 'statistics' or null, got {o['frozen_bn']!r}"),
+            (0.0 <= o["focal_alpha"] <= 1.0, f"focal_alpha must be in [0, 1], got {o['focal_alpha']}"),
+            *((o[k] >= 0, f"{k} must be >= 0, got {o[k]}")
+              for k in ("focal_gamma", "vfl_alpha", "vfl_gamma", "weight_decay", "momentum")),
+            (o["lr"] is None or o["lr"] > 0, f"lr must be > 0, got {o['lr']}"),
+            (o["backbone_lr_ratio"] is None or o["backbone_lr_ratio"] >= 0,
+             f"backbone_lr_ratio must be >= 0, got {o['backbone_lr_ratio']}"),
+            (o["warmup_steps"] is None or o["warmup_steps"] >= 0,
+             f"warmup_steps must be >= 0, got {o['warmup_steps']}"),
+            (not weights or os.path.isfile(weights), f"pretrained_weights: no file {weights}"),
+            (o["points"] in (None, "center", "torchvision"),
+             f"points must be 'center' or 'torchvision', got {o['points']!r}"),
+            (o["score_threshold_on"] in ("class", "joint"),
+             f"score_threshold_on must be 'class' or 'joint', got {o['score_threshold_on']!r}"),
+            (weights or (rows is None and not o["reinit_class_head"]),
+             "pretrained_class_rows / reinit_class_head choose the class head of pretrained_weights; none is given"),
+            (rows is None or not o["reinit_class_head"], "give pretrained_class_rows or reinit_class_head, not both"),
+            (rows is None or len(rows) == o["num_classes"],
+             f"pretrained_class_rows needs one row per class ({o['num_classes']}), got {rows}"),
+        ]
+        return problems + [message for ok, message in checks if not ok]
+
+    # -- parts -----------------------------------------------------------------------------------
     def recipe(self, name: str) -> Any:
         """The option ``name``, or the model's recipe value (``RECIPES``) where it is None."""
         value = self.hparams.get(name)
@@ -291,12 +341,66 @@ class DetectionTask(BaseTask):
             checkpoint["pretrained_weights_file"] = hp["pretrained_weights"]  # where the start came from
 
     def configure_metrics(self) -> None:
-        self.val_map = coco_map_metric(class_metrics=True)
-        self.test_map = coco_map_metric(class_metrics=True)
+        self.metrics = nn.ModuleDict({stage: coco_map_metric(class_metrics=True) for stage in STAGES})
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [DetectionImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
 
+    # -- inference ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detect objects in [0, 1] images; boxes in input pixels.
+
+        A list of (3, H_i, W_i) images is padded, each image evaluated as if alone (in ``eval()``: padded to its own
+        multiple of 32, as mmdet tests); a (B, 3, H, W) tensor is run as given, every image filling it (as the
+        exported network runs).
+        """
+        batch, sizes = stack_padded(images, size_divisor=32)
+        as_given = torch.is_tensor(images) and images.ndim == 4
+        return self.postprocess(self.model(batch, None if as_given else sizes), sizes)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def compute_losses(self, batch: tuple[torch.Tensor, list[dict]], outputs: Any = None) -> dict[str, torch.Tensor]:
+        """The criterion's weighted ``loss_*`` terms (entries not named ``loss_*`` are logged only)."""
+        images, targets = batch
+        return self.criterion(self.model(images, sizes_of(targets)) if outputs is None else outputs, targets)
+
+    def evaluation_step(self, batch: tuple[torch.Tensor, list[dict]], stage: str,
+                        dataloader_idx: int = 0) -> list[dict]:
+        """Loss on the training targets; mAP of the detections, mapped to original pixels, against the dataset's
+        own annotations (``target["original"]``: boxes before any resize or clipping, with their ``area``), so a
+        small object a downscale erased still counts as a miss; without them, the targets mapped back."""
+        images, targets = batch
+        sizes = sizes_of(targets)
+        outputs = self.model(images, sizes)
+        self.log_loss(stage, self.compute_losses(batch, outputs), len(targets))
+        preds = self.postprocess(outputs, sizes)
+        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])}
+                      for p, t in zip(preds, targets)]
+        self.metrics[stage].update(preds_orig, [evaluation_target(t) for t in targets])
+        return preds
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        """Detections in original-image pixels, with each target's ``image_id`` when the batch has one."""
+        images, targets = batch
+        sizes = sizes_of(targets)
+        preds = self.postprocess(self.model(images, sizes), sizes)
+        return [
+            {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
+            for p, t in zip(preds, targets)
+        ]
+
+    # -- epoch ends ---------------------------------------------------------------------------------
+    def log_stage_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """COCO mAP (``LOGGED_MAP_KEYS``) and the AP of each class with ground truth (``AP/<class name>``)."""
+        values = super().log_stage_metrics(stage)
+        self.log_metrics(per_class_ap(values, self.hparams.class_names), stage)
+        return values
+
+    def test_table(self, values: dict[str, torch.Tensor]) -> str:
+        """pycocotools' summary, then AP / AR per class."""
+        return format_coco_table(values) + "\n" + format_class_ap_table(values, self.hparams.class_names)
+
+    # -- optimisation --------------------------------------------------------------------------------
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The recipe's optimizer: SGD with momentum (FCOS, VFNet), AdamW (DETR), at ``lr`` (None: the recipe's)."""
         hp = self.hparams
@@ -305,40 +409,27 @@ class DetectionTask(BaseTask):
         return torch.optim.SGD(params, lr=self.recipe("lr"), momentum=hp.momentum, weight_decay=hp.weight_decay)
 
     def warmup_steps(self) -> int:
+        """``warmup_steps``, or the recipe's (500; DETR 0)."""
         return int(self.recipe("warmup_steps"))
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """Linear warm-up from ``warmup_ratio`` of the LR, then x0.1 at each of ``lr_drop_epochs`` (mmdet's step
-        policy, DETR's StepLR), or cosine decay over the fit without them; stepped per optimizer step."""
-        drops = self.hparams.get("lr_drop_epochs")
-        start = self.recipe("warmup_ratio")
+        """Linear warm-up from ``warmup_ratio`` of the LR, then x ``lr_gamma`` at each of ``lr_drop_epochs`` (mmdet's
+        step policy, DETR's StepLR), or cosine decay over the fit without them; stepped per optimizer step."""
+        drops, start = self.hparams.lr_drop_epochs, self.recipe("warmup_ratio")
         if not drops:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, warmup_cosine(self.warmup_steps(), total_steps, warmup_start=start))
-        milestones = [epoch * self.steps_per_epoch() for epoch in drops]
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_multistep(self.warmup_steps(), milestones, warmup_start=start))
-
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one training epoch (1 outside a Trainer)."""
-        if not self._trainer:
-            return 1
-        self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the training data, so its length is known)
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError("DetectionTask: lr_drop_epochs needs training epochs of known length (an indexed or "
-                             "sized dataset); give an injected lr_scheduler in steps instead")
-        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        return self.step_decay(optimizer, drops, self.hparams.lr_gamma, warmup_start=start)
 
     def lr_scale(self) -> float:
         """``lr_base_batch_size``'s linear scaling: images per optimizer step / lr_base_batch_size (1 without it)."""
         base = self.hparams.get("lr_base_batch_size")
         if base is None:
             return 1.0
-        if not self._trainer:
+        trainer = attached_trainer(self)
+        if trainer is None:
             raise ValueError("DetectionTask: lr_base_batch_size scales the LR by the run's batch: it needs a Trainer")
-        trainer = self.trainer
         per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         if per_device is None:
             trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader)
@@ -359,91 +450,9 @@ class DetectionTask(BaseTask):
         """BaseTask's groups (the recipe's rules), the backbone's parameters in groups of their own at
         ``backbone_lr_ratio`` times their rule's ratio, every group scaled by :meth:`lr_scale` (through ``lr_ratio``,
         so injected optimizers follow too)."""
-        groups = super().param_groups()
-        ratio = float(self.recipe("backbone_lr_ratio"))
-        if ratio != 1.0:
-            backbone = {id(p) for p in self.model.backbone.parameters()}
-            split = []
-            for group in groups:
-                rest = [p for p in group["params"] if id(p) not in backbone]
-                mine = [p for p in group["params"] if id(p) in backbone]
-                split += [{**group, "params": rest}] if rest else []
-                split += [{**group, "params": mine, "lr_ratio": group.get("lr_ratio", 1.0) * ratio}] if mine else []
-            groups = split
-        scale = self.lr_scale()
-        if scale != 1.0:
-            groups = [{**group, "lr_ratio": group.get("lr_ratio", 1.0) * scale} for group in groups]
-        return groups
-
-    # -- inference ---------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detect objects in [0, 1] images; boxes in input pixels.
-
-        A list of (3, H_i, W_i) images is padded, each image evaluated as if alone (in ``eval()``: padded to its own
-        multiple of 32, as mmdet tests); a (B, 3, H, W) tensor is run as given, every image filling it (as the
-        exported network runs).
-        """
-        batch, sizes = stack_padded(images, size_divisor=32)
-        as_given = torch.is_tensor(images) and images.ndim == 4
-        return self.postprocess(self.model(batch, None if as_given else sizes), sizes)
-
-    # -- steps -------------------------------------------------------------------------------------
-    def losses(self, outputs: Any, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """The criterion's weighted parts plus their sum under ``loss`` (entries not named ``loss_*`` are logged only)."""
-        values = self.criterion(outputs, targets)
-        values["loss"] = sum(v for k, v in values.items() if k.startswith("loss_"))
-        return values
-
-    def training_step(self, batch: tuple[torch.Tensor, list[dict]], batch_idx: int) -> torch.Tensor:
-        images, targets = batch
-        losses = self.losses(self.model(images, sizes_of(targets)), targets)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"non-finite detection loss at step {self.global_step}: {losses}")
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(targets))
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(targets))
-        return losses["loss"]
-
-    def _eval_step(self, batch: tuple[torch.Tensor, list[dict]], metric: MeanAveragePrecision, stage: str) -> list[dict]:
-        """Loss on the training targets; mAP of the detections, mapped to original pixels, against the dataset's
-        own annotations (``target["original"]``: boxes before any resize or clipping, with their ``area``), so a
-        small object a downscale erased still counts as a miss; without them, the targets mapped back."""
-        images, targets = batch
-        sizes = sizes_of(targets)
-        outputs = self.model(images, sizes)
-        self.log(f"{stage}/loss", self.losses(outputs, targets)["loss"], batch_size=len(targets), sync_dist=True)
-        preds = self.postprocess(outputs, sizes)
-        preds_orig = [{**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"])} for p, t in zip(preds, targets)]
-        metric.update(preds_orig, [evaluation_target(t) for t in targets])
-        return preds
-    def validation_step(self, batch: Any, batch_idx: int) -> list[dict]:
-        return self._eval_step(batch, self.val_map, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> list[dict]:
-        return self._eval_step(batch, self.test_map, "test")
-
-    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> dict[str, torch.Tensor]:
-        values = self.log_epoch_metric(metric, stage, LOGGED_MAP_KEYS)
-        self.log_metrics(per_class_ap(values, self.hparams.class_names), stage)
-        return values
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
-
-    def on_test_epoch_end(self) -> None:
-        values = self._log_map(self.test_map, "test")
-        if self.trainer.is_global_zero:
-            print(format_coco_table(values))
-            print(format_class_ap_table(values, self.hparams.class_names))
-
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, torch.Tensor]]:
-        """Detections in original-image pixels, with each target's ``image_id`` when the batch has one."""
-        images, targets = batch
-        sizes = sizes_of(targets)
-        preds = self.postprocess(self.model(images, sizes), sizes)
-        return [
-            {**p, "boxes": rescale_boxes(p["boxes"], t["size"], t["orig_size"]), "image_id": t["image_id"]}
-            for p, t in zip(preds, targets)
-        ]
+        groups = scale_lr(super().param_groups(), float(self.recipe("backbone_lr_ratio")),
+                          self.model.backbone.parameters())
+        return scale_lr(groups, self.lr_scale())
 
     # -- export (tools/export.py) -------------------------------------------------------------------
     @property
@@ -463,10 +472,10 @@ class DetectionTask(BaseTask):
         outside the exported file: :meth:`detections_from_export` applies it to the outputs of any runtime."""
         return RawDetectorOutputs(self.model, EXPORTERS[self.hparams.model].to_tensors).eval()
 
-    def export_example(self, batch_size: int = 1, size: Sequence[int] = (512, 512)) -> tuple[torch.Tensor]:
-        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``."""
-        generator = torch.Generator().manual_seed(batch_size)
-        return (torch.rand(batch_size, 3, int(size[0]), int(size[1]), generator=generator),)
+    def export_example(self, batch_size: int = 1, size: Sequence[int] | None = None) -> tuple[torch.Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``
+        (512 x 512 by default)."""
+        return self.random_images(batch_size, size or (512, 512))
 
     @torch.no_grad()
     def detections_from_export(self, outputs: Sequence[Any], image_size: Sequence[int]) -> list[dict[str, torch.Tensor]]:
@@ -477,59 +486,3 @@ class DetectionTask(BaseTask):
         size = (int(image_size[0]), int(image_size[1]))
         decoded = EXPORTERS[self.hparams.model].from_tensors(tensors, size, self.model)
         return self.postprocess(decoded, [size] * tensors[0].shape[0])
-
-
-def check_options(options: dict[str, Any]) -> None:
-    """Fail early on DetectionTask options that cannot work, naming the option (DETR's architecture values are
-    checked by :func:`lit_tasks.models.detection.detr.check_detr_args` when it is built)."""
-    o = options
-    if o["model"] not in MODELS:
-        raise ValueError(f"DetectionTask: unknown model {o['model']!r}; choose one of {list(MODELS)}")
-    if o["num_classes"] < 1:
-        raise ValueError(f"DetectionTask: num_classes must be >= 1, got {o['num_classes']}")
-    iou_loss_by_name(o["box_loss"])  # fails early, naming the valid choices
-    check_regress_ranges(o["regress_ranges"], what="DetectionTask")
-    problems = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    for name in ("fpn_channels", "pre_nms_top_k", "max_detections"):
-        need(o[name] >= 1, f"{name} must be >= 1, got {o[name]}")
-    for name in ("head_convs", "lr_base_batch_size"):
-        need(o[name] is None or o[name] >= 1, f"{name} must be >= 1 or null, got {o[name]}")
-    need(o["frozen_stages"] is None or o["frozen_stages"] >= -1,
-         f"frozen_stages must be >= -1, got {o['frozen_stages']}")
-    need(0.0 <= o["score_threshold"] <= 1.0, f"score_threshold must be in [0, 1], got {o['score_threshold']}")
-    need(0.0 < o["nms_threshold"] <= 1.0, f"nms_threshold must be in (0, 1], got {o['nms_threshold']}")
-    need(o["center_sampling_radius"] is None or o["center_sampling_radius"] >= 0,
-         f"center_sampling_radius must be >= 0 or null, got {o['center_sampling_radius']}")
-    need(o["warmup_ratio"] is None or 0.0 <= o["warmup_ratio"] <= 1.0,
-         f"warmup_ratio must be in [0, 1] or null, got {o['warmup_ratio']}")
-    need(o["frozen_bn"] in (None, True, False, "statistics"),
-         f"frozen_bn must be true, false, 'statistics' or null, got {o['frozen_bn']!r}")
-    need(0.0 <= o["focal_alpha"] <= 1.0, f"focal_alpha must be in [0, 1], got {o['focal_alpha']}")
-    for name in ("focal_gamma", "vfl_alpha", "vfl_gamma", "weight_decay", "momentum"):
-        need(o[name] >= 0, f"{name} must be >= 0, got {o[name]}")
-    need(o["lr"] is None or o["lr"] > 0, f"lr must be > 0, got {o['lr']}")
-    need(o["backbone_lr_ratio"] is None or o["backbone_lr_ratio"] >= 0,
-         f"backbone_lr_ratio must be >= 0, got {o['backbone_lr_ratio']}")
-    need(o["warmup_steps"] is None or o["warmup_steps"] >= 0, f"warmup_steps must be >= 0, got {o['warmup_steps']}")
-    drops = o["lr_drop_epochs"]
-    need(drops is None or (all(e >= 1 for e in drops) and list(drops) == sorted(set(drops))),
-         f"lr_drop_epochs must be increasing epochs >= 1, got {drops}")
-    weights = o["pretrained_weights"]
-    if weights:
-        need(os.path.isfile(weights), f"pretrained_weights: no file {weights}")
-    need(o["points"] in (None, "center", "torchvision"), f"points must be 'center' or 'torchvision', got {o['points']!r}")
-    need(o["score_threshold_on"] in ("class", "joint"),
-         f"score_threshold_on must be 'class' or 'joint', got {o['score_threshold_on']!r}")
-    need(weights or (o["pretrained_class_rows"] is None and not o["reinit_class_head"]),
-         "pretrained_class_rows / reinit_class_head choose the class head of pretrained_weights; none is given")
-    need(o["pretrained_class_rows"] is None or not o["reinit_class_head"],
-         "give pretrained_class_rows or reinit_class_head, not both")
-    need(o["pretrained_class_rows"] is None or len(o["pretrained_class_rows"]) == o["num_classes"],
-         f"pretrained_class_rows needs one row per class ({o['num_classes']}), got {o['pretrained_class_rows']}")
-    if problems:
-        raise ValueError("DetectionTask: " + "; ".join(problems))

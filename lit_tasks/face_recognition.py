@@ -32,14 +32,14 @@ of images.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lit_tasks.base import BaseTask
+from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.embeddings import EmbeddingProjector
 from lit_tasks.losses.margin import MarginSoftmaxLoss, build_margin
 from lit_tasks.losses.partial_fc import PartialFC
@@ -100,9 +100,11 @@ class FaceRecognitionTask(BaseTask):
     monitor = "val/verification_accuracy"
     mode = "max"
     eval_options = ("flip_test", "num_log_images", "verification_sets")
+    # A named set's result entries logged under ``stage/<set>/`` and their short names.
     SET_KEYS = {"verification_accuracy": "accuracy", "verification_accuracy_std": "accuracy_std",
                 "threshold": "threshold", "auc": "auc", "tar_at_far_1e-4": "tar_at_far_1e-4",
                 "tar_at_far_1e-3": "tar_at_far_1e-3", "tar_at_far_1e-2": "tar_at_far_1e-2"}
+    export_output_names = ("embeddings",)
 
     def __init__(
         self,
@@ -135,15 +137,21 @@ class FaceRecognitionTask(BaseTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        if num_identities < 2:
-            raise ValueError(f"num_identities={num_identities}: a softmax over identities needs at least 2")
-        if verification_sets is not None and (not verification_sets
-                                              or len(set(verification_sets)) != len(verification_sets)):
-            raise ValueError(f"verification_sets={verification_sets!r}: give distinct names, one per dataloader")
-        if not 0.0 <= warmup_fraction < 1.0 or (warmup_fraction and warmup_steps):
-            raise ValueError(f"FaceRecognitionTask: warmup_fraction={warmup_fraction} must be in [0, 1) and "
-                             f"warmup_steps={warmup_steps} 0 with it (one warm-up length, in steps or as a fraction)")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
+
+    def argument_problems(self, args: dict[str, Any]) -> list[str]:
+        """Fewer than two identities, repeated or empty verification set names, two warm-up lengths."""
+        sets, fraction = args["verification_sets"], args["warmup_fraction"]
+        checks = [
+            (args["num_identities"] >= 2,
+             f"num_identities={args['num_identities']}: a softmax over identities needs at least 2"),
+            (sets is None or (bool(sets) and len(set(sets)) == len(sets)),
+             f"verification_sets={sets!r}: give distinct names, one per dataloader"),
+            (0.0 <= fraction < 1.0 and not (fraction and args["warmup_steps"]),
+             f"warmup_fraction={fraction} must be in [0, 1) and warmup_steps={args['warmup_steps']} 0 with it (one "
+             "warm-up length, in steps or as a fraction)"),
+        ]
+        return super().argument_problems(args) + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
@@ -157,48 +165,36 @@ class FaceRecognitionTask(BaseTask):
             published.load_into(self.model)
 
     def configure_losses(self) -> None:
+        """The margin softmax over the identities' centres (their ``(B, D)`` embeddings -> the mean loss)."""
         h = self.hparams
         margin = build_margin(h.margin, scale=h.scale, m1=h.m1, m2=h.m2, m3=h.m3, gradient=h.margin_gradient)
         if h.partial_fc:
-            self.head: nn.Module = PartialFC(num_classes=h.num_identities, embedding_size=h.embedding_size,
-                                             margin=margin, sample_rate=h.sample_rate)
+            self.criterion: nn.Module = PartialFC(num_classes=h.num_identities, embedding_size=h.embedding_size,
+                                                  margin=margin, sample_rate=h.sample_rate)
             # The shards differ per process: DDP must neither broadcast nor shape-check them.
-            ignore_in_ddp(self, self.head.ddp_ignored_buffers("head."))
+            ignore_in_ddp(self, self.criterion.ddp_ignored_buffers("criterion."))
         else:
-            self.head = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
+            self.criterion = MarginSoftmaxLoss(h.num_identities, h.embedding_size, margin)
 
     def configure_metrics(self) -> None:
-        # One metric per verification set (dataloader), in the order of ``verification_sets``.
+        """One verification metric per set (dataloader), in the order of ``verification_sets``, per stage."""
         count = len(self.verification_sets or [None])
-        self.val_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
-        self.test_verification = nn.ModuleList(VerificationMetric() for _ in range(count))
+        self.metrics = nn.ModuleDict({stage: nn.ModuleList(VerificationMetric() for _ in range(count))
+                                      for stage in STAGES})
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [EmbeddingProjector(max_images=self.num_log_images)] if self.num_log_images > 0 else []
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.head, PartialFC):
-            self.head.reshard()  # the process group exists from here on
+        """Partial FC: keep this process's shard of the centres."""
+        if isinstance(self.criterion, PartialFC):
+            self.criterion.reshard()  # the process group exists from here on
 
-    def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
-        """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5), over every parameter in one
-        group (BaseTask's default rules): train_v2.py L91-93, ``torch.optim.SGD(params=[{"params":
-        backbone.parameters()}, {"params": module_partial_fc.parameters()}], lr=cfg.lr, momentum=0.9,
-        weight_decay=cfg.weight_decay)``: BatchNorm, PReLU and the centres decay like every weight. Partial FC's
-        centres are updated with that group's hyperparameters."""
-        h = self.hparams
-        return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
-
-    def warmup_steps(self) -> int:
-        """``warmup_steps``, or ``warmup_fraction`` of the run's optimizer steps (rounded)."""
-        h = self.hparams
-        return int(h.warmup_steps) or int(round(h.get("warmup_fraction", 0.0) * self.total_steps()))
-
-    def default_scheduler(self, optimizer: torch.optim.Optimizer,
-                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """arcface_torch's ``PolynomialLRWarmup`` (REFERENCE §1.5): linear warm-up over ``warmup_steps``, then linear
-        decay (power 1) to 0 at the last step, stepped every optimizer step."""
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps, power=1.0))
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the margin head was ``self.criterion`` hold it under ``head.``: renamed."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("head.")]:
+            state["criterion." + key.removeprefix("head.")] = state.pop(key)
 
     # -- inference -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,41 +215,16 @@ class FaceRecognitionTask(BaseTask):
         finally:
             self.train(was_training)
 
-    export_output_name = "embeddings"
-
-    def export_module(self) -> nn.Module:
-        """For ``tools/export.py``: images in [0, 1] -> L2-normalised embeddings (no margin head)."""
-        return self.embedder().eval()
-
-    def export_example(self, batch_size: int = 1) -> tuple[torch.Tensor]:
-        """Example input for export: ``(batch_size, 3, S, S)`` uniform images in [0, 1]."""
-        generator = torch.Generator().manual_seed(batch_size)
-        size = self.hparams.image_size
-        return (torch.rand(batch_size, 3, size, size, generator=generator),)
-
     # -- steps -----------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def compute_losses(self, batch: tuple[torch.Tensor, torch.Tensor],
+                       outputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"loss_margin"}``: the margin softmax of the embeddings (``outputs``, else the network's) and labels."""
         images, labels = batch
-        loss = self.head(self.model(images), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
-        return loss
+        return {"loss_margin": self.criterion(self.model(images) if outputs is None else outputs, labels)}
 
-    def configure_optimizers(self) -> Any:
-        config = super().configure_optimizers()
-        if isinstance(self.head, PartialFC):
-            optimizer = config["optimizer"]
-            self.head.bind_optimizer(optimizer)
-            # After optimizer.step() only: a step the AMP GradScaler skips (inf / NaN gradients) never calls it.
-            optimizer.register_step_post_hook(self._step_centres)
-        return config
-
-    def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
-        trainer = attached_trainer(self)
-        self.head.step(optimizer.param_groups[0], grad_scale(trainer) if trainer is not None else 1.0)
-
-    def _verification_step(self, batch: dict[str, Any], metrics: nn.ModuleList, dataloader_idx: int
-                           ) -> dict[str, torch.Tensor]:
+    def evaluation_step(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """The flip-fused embeddings of both images of each pair into the metric of the dataloader's set."""
+        metrics = self.metrics[stage]
         if dataloader_idx >= len(metrics):
             raise ValueError(f"verification dataloader {dataloader_idx} has no set: verification_sets="
                              f"{self.verification_sets!r} names {len(metrics)}; give one name per dataloader "
@@ -263,46 +234,78 @@ class FaceRecognitionTask(BaseTask):
         metrics[dataloader_idx].update(embeddings_a, embeddings_b, batch["same"], batch["index"])
         return {"embeddings_a": embeddings_a, "embeddings_b": embeddings_b}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int,
-                        dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.val_verification, dataloader_idx)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """``{"embeddings": (B, D) L2-normalised on CPU, "names": list[str] | None}``."""
+        images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        names = batch.get("name") if isinstance(batch, dict) else None
+        return {"embeddings": self.embedder()(images).cpu(), "names": list(names) if names is not None else None}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        return self._verification_step(batch, self.test_verification, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_verification(self.val_verification, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_verification(self.test_verification, "test")
-
-    def log_verification(self, metrics: nn.ModuleList, stage: str) -> None:
+    # -- epoch ends ---------------------------------------------------------------------------------
+    def log_stage_metrics(self, stage: str) -> dict[str, Any]:
         """Compute, log and keep each set's result; named sets under ``stage/<name>/`` and their mean accuracy.
 
         ``epoch_results[stage]`` holds the first set's full result (ROC curve included) with the mean accuracy as
         ``verification_accuracy`` and the set's name as ``set_name``; ``epoch_results[f"{stage}/{name}"]`` each
         named set's. Every process computes every set (the metric's DDP sync is a collective).
         """
+        metrics = self.metrics[stage]
         if not self.verification_sets:
-            self.log_epoch_metric(metrics[0], stage)
+            values = self.log_epoch_metric(metrics[0], stage)
             self.epoch_results[stage]["set_name"] = None
-            return
+            return values
         accuracies = []
         for name, metric in zip(self.verification_sets, metrics):
-            values = metric.compute()
-            metric.reset()
-            self.log_metrics({short: values[key] for key, short in self.SET_KEYS.items() if key in values},
-                             f"{stage}/{name}")
-            result = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in values.items()}
-            self.epoch_results[f"{stage}/{name}"] = {**result, "set_name": name}
+            values = self.log_epoch_metric(metric, f"{stage}/{name}", self.SET_KEYS)
+            self.epoch_results[f"{stage}/{name}"]["set_name"] = name
             accuracies.append(float(values["verification_accuracy"]))
         mean = torch.tensor(sum(accuracies) / len(accuracies), dtype=torch.float64)
         self.log_metrics({"verification_accuracy": mean}, stage)
         first = self.epoch_results[f"{stage}/{self.verification_sets[0]}"]
         self.epoch_results[stage] = {**first, "verification_accuracy": mean, "set_name": self.verification_sets[0]}
+        return self.epoch_results[stage]
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """``{"embeddings": (B, D) L2-normalised on CPU, "names": list[str] | None}``."""
-        images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
-        names = batch.get("name") if isinstance(batch, dict) else None
-        return {"embeddings": self.embedder()(images).cpu(), "names": list(names) if names is not None else None}
+    # -- optimisation -------------------------------------------------------------------------------
+    def default_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """SGD(lr 0.1, momentum 0.9, wd 5e-4): arcface_torch's recipe (REFERENCE §1.5), over every parameter in one
+        group (BaseTask's default rules): train_v2.py L91-93, ``torch.optim.SGD(params=[{"params":
+        backbone.parameters()}, {"params": module_partial_fc.parameters()}], lr=cfg.lr, momentum=0.9,
+        weight_decay=cfg.weight_decay)``: BatchNorm, PReLU and the centres decay like every weight. Partial FC's
+        centres are updated with that group's hyperparameters."""
+        h = self.hparams
+        return torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+
+    def warmup_steps(self) -> int:
+        """``warmup_steps``, or ``warmup_fraction`` of the run's optimizer steps (rounded)."""
+        h = self.hparams
+        return int(h.warmup_steps) or int(round(h.get("warmup_fraction", 0.0) * self.total_steps()))
+
+    def default_scheduler(self, optimizer: torch.optim.Optimizer,
+                          total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """arcface_torch's ``PolynomialLRWarmup`` (REFERENCE §1.5): linear warm-up over ``warmup_steps``, then linear
+        decay (power 1) to 0 at the last step, stepped every optimizer step."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps, power=1.0))
+
+    def configure_optimizers(self) -> Any:
+        """BaseTask's, and with Partial FC its centres bound to the optimizer and stepped after each of its steps."""
+        config = super().configure_optimizers()
+        if isinstance(self.criterion, PartialFC):
+            optimizer = config["optimizer"]
+            self.criterion.bind_optimizer(optimizer)
+            # After optimizer.step() only: a step the AMP GradScaler skips (inf / NaN gradients) never calls it.
+            optimizer.register_step_post_hook(self._step_centres)
+        return config
+
+    def _step_centres(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Partial FC's lazy centre update with the hyperparameters (as scheduled now) of the first param group."""
+        trainer = attached_trainer(self)
+        self.criterion.step(optimizer.param_groups[0], grad_scale(trainer) if trainer is not None else 1.0)
+
+    # -- export (tools/export.py) -------------------------------------------------------------------
+    def export_module(self) -> nn.Module:
+        """For ``tools/export.py``: images in [0, 1] -> L2-normalised embeddings (no margin head)."""
+        return self.embedder().eval()
+
+    def export_example(self, batch_size: int = 1, size: Sequence[int] | None = None) -> tuple[torch.Tensor]:
+        """Example input for export: ``(batch_size, 3, S, S)`` uniform images in [0, 1] (S fixed: ``image_size``)."""
+        side = self.hparams.image_size
+        return self.random_images(batch_size, size, fixed=(side, side))

@@ -14,13 +14,14 @@ which is what DETR, arcface_torch, mmseg's DeepLab, RLE and OadTR do.
 
 :func:`param_groups` returns groups carrying ``lr_ratio`` / ``weight_decay_ratio``, multipliers that
 :meth:`lit_tasks.base.BaseTask.configure_optimizers` applies to whatever optimizer is built (the recipe's or an injected
-one), so the rules hold for both.
+one), so the rules hold for both; :func:`scale_lr` scales the LR of some of them (a backbone) or all (the linear
+scaling rule) through the same ratio.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -63,4 +64,20 @@ def param_groups(model: nn.Module, rules: ParamGroupRules = ParamGroupRules()) -
         if params:
             ratios = {k: v for k, v in (("lr_ratio", lr), ("weight_decay_ratio", decay)) if v != 1.0}
             out.append({"params": params, **ratios})
+    return out
+
+
+def scale_lr(groups: list[dict[str, Any]], ratio: float,
+             params: Iterable[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """``groups`` with the LR of ``params`` (every parameter when None) times ``ratio``: each group split into its
+    other parameters and those, the latter with ``lr_ratio`` x ``ratio`` (e.g. DETR's backbone at 0.1x)."""
+    if ratio == 1.0:
+        return groups
+    chosen = None if params is None else {id(p) for p in params}
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if chosen is not None and id(p) not in chosen]
+        mine = [p for p in group["params"] if chosen is None or id(p) in chosen]
+        out += [{**group, "params": rest}] if rest else []
+        out += [{**group, "params": mine, "lr_ratio": group.get("lr_ratio", 1.0) * ratio}] if mine else []
     return out

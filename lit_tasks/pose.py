@@ -33,16 +33,14 @@ Batches: see :mod:`datamodules.keypoints.coco` (``image``, ``keypoints`` crop pi
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lit_tasks.base import BaseTask
+from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.pose_images import PoseImageLogger
 from lit_tasks.losses.rle import Q_DISTRIBUTIONS, CoordinateL1Loss, RLELoss
 from lit_tasks.metrics.pose import EPE, PCK, PCKAUC, KeypointAP, format_keypoint_table
@@ -58,7 +56,6 @@ from lit_tasks.models.pose.rle import (
 from lit_tasks.models.published import published_weights
 from lit_tasks.ops.keypoints import COCO_FLIP_INDEX, affine_points, crop_to_image
 from lit_tasks.ops.oks import COCO_KEYPOINT_SIGMAS
-from lit_tasks.schedules import warmup_multistep
 
 LOGGED_AP_KEYS = ("map", "map_50", "map_75", "map_medium", "map_large", "mar")
 
@@ -82,8 +79,8 @@ class PoseTask(BaseTask):
         oks_sigmas: per-keypoint OKS sigmas; linked from the DataModule (None: COCO's 17).
         channels_last: channels-last backbone (faster convolutions on CPU and tensor cores).
         lr: Adam learning rate of the default optimizer (1e-3, official and mmpose).
-        lr_milestones: epochs at which the default schedule multiplies the LR by ``lr_gamma`` (170 and 200 in
-            both references, of 270 / 210 epochs).
+        lr_drop_epochs: epochs at which the default schedule multiplies the LR by ``lr_gamma``; None = the
+            references' [170, 200] (of 270 / 210 epochs).
         lr_gamma: the decay factor (0.1).
         warmup_steps: linear warm-up of the default schedule (0 official; mmpose 500).
         coord_norm: the coordinate head divides by the feature's L2 norm (official RLE); False: plain linear
@@ -107,7 +104,8 @@ class PoseTask(BaseTask):
     monitor = "val/map"
     mode = "max"
     eval_options = ("flip_test", "oks_nms_threshold", "pck_threshold", "num_log_images")
-    export_output_name = "keypoints"
+    logged_metric_keys = ("PCK", "AUC", "EPE", *LOGGED_AP_KEYS)
+    export_output_names = ("keypoints",)
 
     def __init__(
         self,
@@ -130,7 +128,7 @@ class PoseTask(BaseTask):
         oks_sigmas: list[float] | None = None,
         channels_last: bool = True,
         lr: float = 1e-3,
-        lr_milestones: list[int] | None = None,
+        lr_drop_epochs: list[int] | None = None,
         lr_gamma: float = 0.1,
         warmup_steps: int = 0,
         flip_test: bool = True,
@@ -141,27 +139,27 @@ class PoseTask(BaseTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        k = num_keypoints
-        if model != "rle":
-            raise ValueError(f"PoseTask: unknown model {model!r}; choose 'rle'")
-        if loss not in ("rle", "l1"):
-            raise ValueError(f"PoseTask: loss must be 'rle' or 'l1', got {loss!r}")
-        if q_distribution not in Q_DISTRIBUTIONS:
-            raise ValueError(f"PoseTask: q_distribution must be one of {Q_DISTRIBUTIONS}, got {q_distribution!r}")
-        if input_size is not None and (len(input_size) != 2 or min(input_size) < 1):
-            raise ValueError(f"PoseTask: input_size must be [height, width], got {input_size}")
-        for name, value in (("keypoint_names", keypoint_names), ("flip_index", flip_index), ("oks_sigmas", oks_sigmas)):
-            if value is not None and len(value) != k:
-                raise ValueError(f"PoseTask: {name} has {len(value)} entries for num_keypoints={k}")
-        if flip_index is not None and sorted(flip_index) != list(range(k)):
-            raise ValueError(f"PoseTask: flip_index {flip_index} is not a permutation of 0..{k - 1}")
-        if flip_index is None and k != 17:
-            raise ValueError(f"PoseTask: flip_index is needed for {k} keypoints (COCO's is used only for 17); it is "
-                             "linked from the DataModule, from the left_/right_ keypoint names")
-        if oks_sigmas is None and k != 17:
-            raise ValueError(f"PoseTask: oks_sigmas are needed for {k} keypoints (COCO's are used only for 17); "
-                             "give them with --data.oks_sigmas")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
+
+    def argument_problems(self, args: dict[str, Any]) -> list[str]:
+        """Unknown choices, an ``input_size`` that is not ``[H, W]``, per-keypoint lists that disagree with K."""
+        k, size, flip, sigmas = args["num_keypoints"], args["input_size"], args["flip_index"], args["oks_sigmas"]
+        checks = [
+            (args["model"] == "rle", f"unknown model {args['model']!r}; choose 'rle'"),
+            (args["loss"] in ("rle", "l1"), f"loss must be 'rle' or 'l1', got {args['loss']!r}"),
+            (args["q_distribution"] in Q_DISTRIBUTIONS,
+             f"q_distribution must be one of {Q_DISTRIBUTIONS}, got {args['q_distribution']!r}"),
+            (size is None or (len(size) == 2 and min(size) >= 1), f"input_size must be [height, width], got {size}"),
+            *((args[name] is None or len(args[name]) == k,
+               f"{name} has {len(args[name] or ())} entries for num_keypoints={k}")
+              for name in ("keypoint_names", "flip_index", "oks_sigmas")),
+            (flip is None or sorted(flip) == list(range(k)), f"flip_index {flip} is not a permutation of 0..{k - 1}"),
+            (flip is not None or k == 17, f"flip_index is needed for {k} keypoints (COCO's is used only for 17); it is "
+                                          "linked from the DataModule, from the left_/right_ keypoint names"),
+            (sigmas is not None or k == 17, f"oks_sigmas are needed for {k} keypoints (COCO's are used only for 17); "
+                                            "give them with --data.oks_sigmas"),
+        ]
+        return super().argument_problems(args) + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------
     @property
@@ -200,14 +198,15 @@ class PoseTask(BaseTask):
             self._published = None
 
     def configure_metrics(self) -> None:
+        """PCK, its AUC and EPE on ground-truth-box crops, OKS AP over every instance; per stage."""
         k = self.hparams.num_keypoints
         self.metrics = nn.ModuleDict({
             stage: nn.ModuleDict({
-                "pck": PCK(k, self.pck_threshold),
-                "auc": PCKAUC(k),
-                "epe": EPE(),
+                "PCK": PCK(k, self.pck_threshold),
+                "AUC": PCKAUC(k),
+                "EPE": EPE(),
                 "ap": KeypointAP(self.sigmas, oks_nms_threshold=self.oks_nms_threshold),
-            }) for stage in ("val", "test")
+            }) for stage in STAGES
         })
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -233,35 +232,21 @@ class PoseTask(BaseTask):
         crop_to_image`)."""
         return crop_to_image(keypoints, boxes_xywh, self.input_size, padding)
 
-    def export_module(self) -> nn.Module:
-        """For ``tools/export.py``: crops in [0, 1] -> ``(B, K, 3)`` crop-pixel x, y, score (flip per ``flip_test``)."""
-        return self.predictor().eval()
-
-    def export_example(self, batch_size: int = 1) -> tuple[Tensor]:
-        """Example input: ``(batch_size, 3, H, W)`` uniform crops in [0, 1]."""
-        generator = torch.Generator().manual_seed(batch_size)
-        return (torch.rand(batch_size, 3, *self.input_size, generator=generator),)
-
     # -- steps -------------------------------------------------------------------------------------
-    def compute_loss(self, out: dict[str, Tensor], keypoints: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """The loss of ``out`` (``coords``, ``sigma``) for ``(B, K, 3)`` crop-pixel ground truth (v > 0 counts)."""
-        target = pixels_to_normalized(keypoints[..., :2].float(), image_size)
-        return self.criterion(out["coords"], out["sigma"], target, keypoints[..., 2] > 0)
+    def compute_losses(self, batch: dict[str, Any], outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{"loss_rle"}`` or ``{"loss_l1"}`` of the network's ``coords`` and ``sigma`` (``outputs``, else run on the
+        crops) for the ``(B, K, 3)`` crop-pixel ground truth (v > 0 counts)."""
+        images, keypoints = batch["image"], batch["keypoints"]
+        out = self.model(images) if outputs is None else outputs
+        target = pixels_to_normalized(keypoints[..., :2].float(), images.shape[-2:])
+        return {f"loss_{self.hparams.loss}": self.criterion(out["coords"], out["sigma"], target, keypoints[..., 2] > 0)}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        images = batch["image"]
-        loss = self.compute_loss(self.model(images), batch["keypoints"], images.shape[-2:])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite pose loss {float(loss)} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        return loss
-
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Tensor]:
+    def evaluation_step(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Loss; flip-tested keypoints in image pixels into PCK / AUC / EPE (ground-truth boxes) and OKS AP."""
         images = batch["image"]
         h, w = images.shape[-2:]
         out = self.model(images)
-        loss = self.compute_loss(out, batch["keypoints"], (h, w))
-        self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        self.log_loss(stage, self.compute_losses(batch, out), images.shape[0])
         coords, sigma = out["coords"], out["sigma"]
         if self.flip_test:
             coords, sigma = merge_flipped(out, self.model(images.flip(-1)), self.keypoint_flip_index, w)
@@ -272,9 +257,9 @@ class PoseTask(BaseTask):
         gt_box = ~batch["from_detector"]  # PCK and EPE need the person's ground truth: GT-box crops only
         truth = batch["keypoints_image"][gt_box]
         visible = truth[..., 2] > 0
-        for name in ("pck", "auc"):
+        for name in ("PCK", "AUC"):
             metrics[name].update(in_image[gt_box], truth, visible, batch["box"][gt_box])
-        metrics["epe"].update(in_image[gt_box], truth, visible)
+        metrics["EPE"].update(in_image[gt_box], truth, visible)
         metrics["ap"].update(self._instances(batch, in_image, scores), batch["gt"])
         return {"keypoints": keypoints, "scores": scores, "sigma": sigma}
 
@@ -286,12 +271,6 @@ class PoseTask(BaseTask):
         return {"keypoints": torch.cat([in_image, scores[..., None]], dim=-1), "scores": score,
                 "image_id": batch["image_id"], "nms_areas": areas}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "test")
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """COCO keypoint results of a batch, on the CPU: ``keypoints`` ``(B, K, 3)`` image pixels + score,
         ``scores``, ``image_id``, ``category_id``, ``nms_areas`` (> 0 for poses from detector boxes) ``(B,)``."""
@@ -302,26 +281,10 @@ class PoseTask(BaseTask):
         return {k: v.detach().cpu() for k, v in rows.items()}
 
     # -- epoch ends ---------------------------------------------------------------------------------
-    def _log_stage(self, stage: str) -> dict[str, Tensor]:
-        """Compute (a collective under DDP), reset and log PCK, AUC, EPE and the OKS AP keys of ``stage``."""
-        metrics = self.metrics[stage]
-        values = {"PCK": metrics["pck"].compute(), "AUC": metrics["auc"].compute(), "EPE": metrics["epe"].compute()}
-        values.update(metrics["ap"].compute())
-        for metric in metrics.values():
-            metric.reset()
-        self.log_metrics({k: v for k, v in values.items() if k in ("PCK", "AUC", "EPE", *LOGGED_AP_KEYS)}, stage)
-        self.epoch_results[stage] = {k: v.detach().cpu() for k, v in values.items()}
-        return values
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_stage("val")
-
-    def on_test_epoch_end(self) -> None:
-        values = self._log_stage("test")
-        if self.trainer.is_global_zero:
-            print(format_keypoint_table(values))
-            print(f"PCK@{self.pck_threshold:g} {float(values['PCK']):.4f}   AUC {float(values['AUC']):.4f}   "
-                  f"EPE {float(values['EPE']):.2f} px (ground-truth boxes only)")
+    def test_table(self, values: dict[str, Tensor]) -> str:
+        """pycocotools' keypoint summary, then PCK, AUC and EPE."""
+        return (format_keypoint_table(values) + "\n" + f"PCK@{self.pck_threshold:g} {float(values['PCK']):.4f}   "
+                f"AUC {float(values['AUC']):.4f}   EPE {float(values['EPE']):.2f} px (ground-truth boxes only)")
 
     # -- optimisation ---------------------------------------------------------------------------------
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
@@ -331,22 +294,16 @@ class PoseTask(BaseTask):
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer,
                           total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """Step decay: x ``lr_gamma`` at each of ``lr_milestones`` epochs (170, 200), after the optional warm-up.
+        """Step decay: x ``lr_gamma`` at each of ``lr_drop_epochs`` (170, 200), after the optional warm-up; stepped
+        per optimizer step (the epochs converted with the fit's steps per epoch)."""
+        drops = self.hparams.lr_drop_epochs
+        return self.step_decay(optimizer, [170, 200] if drops is None else drops, self.hparams.lr_gamma)
 
-        Stepped per optimizer step, so the milestones are converted with the fit's steps per epoch.
-        """
-        milestones = self.hparams.lr_milestones if self.hparams.lr_milestones is not None else [170, 200]
-        per_epoch = self.steps_per_epoch(total_steps)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_multistep(
-            self.warmup_steps(), [m * per_epoch for m in milestones], self.hparams.lr_gamma))
+    # -- export (tools/export.py) -------------------------------------------------------------------
+    def export_module(self) -> nn.Module:
+        """For ``tools/export.py``: crops in [0, 1] -> ``(B, K, 3)`` crop-pixel x, y, score (flip per ``flip_test``)."""
+        return self.predictor().eval()
 
-    def steps_per_epoch(self, total_steps: int) -> int:
-        """Optimizer steps per training epoch of the attached Trainer (``total_steps`` outside a fit)."""
-        trainer = self._trainer
-        if trainer is None:
-            return total_steps
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches) or batches <= 0:
-            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-            return max(1, total_steps // epochs)
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    def export_example(self, batch_size: int = 1, size: Sequence[int] | None = None) -> tuple[Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform crops in [0, 1] (H, W fixed: ``input_size``)."""
+        return self.random_images(batch_size, size, fixed=self.input_size)

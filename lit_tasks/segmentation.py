@@ -2,7 +2,8 @@
 
 The network (:class:`lit_tasks.models.segmentation.segmenter.Segmenter`) is a dilated backbone + context head with logits
 at the input size. Training minimises per-pixel cross entropy over the labelled pixels, plus 0.4 x the loss
-of an auxiliary FCN head on stage 3 (PSPNet §3.3, as mmsegmentation's recipes do). Metrics come from one
+of an auxiliary FCN head on stage 3 (PSPNet §3.3, as mmsegmentation's recipes do;
+:class:`~lit_tasks.losses.cross_entropy.SegmentationCriterion`). Metrics come from one
 dataset-wide confusion matrix (PA, MPA, mIoU, FWIoU; REFERENCE.md §7.1).
 
 Batches are dicts: ``image`` float ``(B, 3, H, W)`` in [0, 1], ``mask`` int64 ``(B, H, W)`` with
@@ -13,18 +14,17 @@ own size (images of one size together), so an image's prediction never depends o
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
-from lit_tasks.base import BaseTask
+from lit_tasks.base import STAGES, BaseTask
 from lit_tasks.callbacks.segmentation_images import SegmentationImageLogger
-from lit_tasks.losses.cross_entropy import masked_cross_entropy
+from lit_tasks.losses.cross_entropy import SegmentationCriterion
 from lit_tasks.metrics.segmentation import SegmentationMetrics, format_class_table
 from lit_tasks.models.published import published_weights
 from lit_tasks.models.segmentation.convert import read_segmentation_weights
@@ -82,6 +82,8 @@ class SemanticSegmentationTask(BaseTask):
     monitor = "val/mIoU"
     mode = "max"
     eval_options = ("tta_flip", "tta_scales", "slide_crop", "slide_stride", "num_log_images")
+    logged_metric_keys = ("PA", "MPA", "mIoU", "FWIoU")
+    export_output_names = ("logits",)
 
     def __init__(
         self,
@@ -116,18 +118,21 @@ class SemanticSegmentationTask(BaseTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(class_weights)} entries for num_classes={num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} entries for num_classes={num_classes}")
-        if ignore_index < 0:  # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.samples.check_ignore_index)
-            raise ValueError(f"ignore_index={ignore_index}: masks store unsigned class ids (PNG, TFRecord), so no mask "
-                             "can hold a negative value; use an id >= num_classes, e.g. 255")
-        if ignore_index < num_classes:
-            raise ValueError(f"ignore_index={ignore_index} must lie outside [0, num_classes={num_classes})")
         super().__init__(optimizer, lr_scheduler, lr_scheduler_interval)
+
+    def argument_problems(self, args: dict[str, Any]) -> list[str]:
+        """Sizes that disagree with ``num_classes``, an ``output_stride`` or ``ignore_index`` that cannot work."""
+        n, ignore = args["num_classes"], args["ignore_index"]
+        checks = [
+            (args["output_stride"] in (8, 16, 32), f"output_stride must be 8, 16 or 32, got {args['output_stride']}"),
+            *((args[k] is None or len(args[k]) == n, f"{k} has {len(args[k] or ())} entries for num_classes={n}")
+              for k in ("class_weights", "class_names")),
+            # masks hold unsigned ids; DataModules refuse it too (datamodules.segmentation.samples.check_ignore_index)
+            (ignore >= 0, f"ignore_index={ignore}: masks store unsigned class ids (PNG, TFRecord), so no mask can hold "
+                          "a negative value; use an id >= num_classes, e.g. 255"),
+            (ignore < 0 or ignore >= n, f"ignore_index={ignore} must lie outside [0, num_classes={n})"),
+        ]
+        return super().argument_problems(args) + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
@@ -145,14 +150,15 @@ class SemanticSegmentationTask(BaseTask):
             self.model.to(memory_format=torch.channels_last)
 
     def configure_losses(self) -> None:
-        weights = self.hparams.class_weights
-        self.register_buffer(
-            "class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None, persistent=False
-        )
+        """Decode + weighted auxiliary cross entropy over the labelled pixels."""
+        hp = self.hparams
+        self.criterion = SegmentationCriterion(ignore_index=hp.ignore_index, class_weights=hp.class_weights,
+                                               aux_weight=hp.aux_weight)
 
     def configure_metrics(self) -> None:
-        self.val_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
-        self.test_metrics = SegmentationMetrics(self.hparams.num_classes, self.hparams.ignore_index)
+        """One dataset-wide confusion matrix per stage."""
+        hp = self.hparams
+        self.metrics = nn.ModuleDict({stage: SegmentationMetrics(hp.num_classes, hp.ignore_index) for stage in STAGES})
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [SegmentationImageLogger(num_images=self.num_log_images)] if self.num_log_images > 0 else []
@@ -201,25 +207,6 @@ class SemanticSegmentationTask(BaseTask):
                 total = probs if total is None else total + probs
         return total / (len(scales) * len(flips))
 
-    # -- steps -------------------------------------------------------------------------------------
-    def compute_loss(self, logits: Tensor, aux: Tensor | None, masks: Tensor) -> dict[str, Tensor]:
-        """``loss`` = decode CE + ``aux_weight`` x auxiliary CE, with the parts."""
-        ii, w = self.hparams.ignore_index, self.class_weights
-        losses = {"loss_decode": masked_cross_entropy(logits, masks, ii, w)}
-        if aux is not None:
-            losses["loss_aux"] = masked_cross_entropy(aux, masks, ii, w)
-        losses["loss"] = losses["loss_decode"] + self.hparams.aux_weight * losses.get("loss_aux", 0.0)
-        return losses
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, masks = batch["image"], batch["mask"]
-        logits, aux = self.model.forward_with_aux(images)
-        losses = self.compute_loss(logits, aux, masks)
-        parts = {f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}
-        self.log_dict(parts, batch_size=images.shape[0])
-        self.log("train/loss", losses["loss"].detach(), batch_size=images.shape[0], prog_bar=True)
-        return losses["loss"]
-
     def each_image(self, fn: Callable[[Tensor], Tensor], batch: dict) -> Tensor:
         """``fn`` (images -> ``(n, C, h, w)`` maps) on every image of a padded batch at its own size.
 
@@ -239,19 +226,23 @@ class SemanticSegmentationTask(BaseTask):
             out[index, :, :hi, :wi] = maps
         return out
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        masks = batch["mask"]
-        logits = self.each_image(self, batch)
-        loss = masked_cross_entropy(logits, masks, self.hparams.ignore_index, self.class_weights)
-        preds = logits.argmax(dim=1)
-        self.val_metrics.update(preds, masks)
-        self.log("val/loss", loss, batch_size=masks.shape[0], sync_dist=True)
-        return {"loss": loss, "preds": preds}
+    # -- steps -------------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict, outputs: tuple[Tensor, Tensor | None] | None = None) -> dict[str, Tensor]:
+        """``loss_decode`` and ``loss_aux`` (x ``aux_weight``); ``outputs``: ``(logits, auxiliary logits or None)``."""
+        logits, aux = self.model.forward_with_aux(batch["image"]) if outputs is None else outputs
+        return self.criterion(logits, aux, batch["mask"])
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        preds = self.each_image(self.predict_probs, batch).argmax(dim=1)
-        self.test_metrics.update(preds, batch["mask"])
-        return {"preds": preds}
+    def evaluation_step(self, batch: dict, stage: str, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Each image at its own size; validation: the plain network and the decode loss, test: the test-time
+        options (flips, scales, windows), no loss."""
+        if stage == "test":
+            out = {"preds": self.each_image(self.predict_probs, batch).argmax(dim=1)}
+        else:
+            logits = self.each_image(self, batch)
+            loss = self.log_loss(stage, self.compute_losses(batch, (logits, None)), batch["mask"].shape[0])
+            out = {"loss": loss, "preds": logits.argmax(dim=1)}
+        self.metrics[stage].update(out["preds"], batch["mask"])
+        return out
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """Per image: ``mask`` class ids ``(h, w)`` at the file's size (``orig_size``) and its ``path``.
@@ -276,16 +267,15 @@ class SemanticSegmentationTask(BaseTask):
         return out
 
     # -- epoch ends ---------------------------------------------------------------------------------
-    def _log_scores(self, metric: SegmentationMetrics, stage: str) -> dict[str, Tensor]:
-        scores = self.log_epoch_metric(metric, stage, keys=("PA", "MPA", "mIoU", "FWIoU"))
+    def log_stage_metrics(self, stage: str) -> dict[str, Tensor]:
+        """PA, MPA, mIoU, FWIoU and the IoU of each class (``IoU/<class name>``)."""
+        scores = super().log_stage_metrics(stage)
         self.log_metrics({f"IoU/{n}": iou for n, iou in zip(self.class_names(), scores["IoU"])}, stage)
         return scores
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_scores(self.val_metrics, "val")
-
-    def on_test_epoch_end(self) -> None:
-        rank_zero_info(format_class_table(self.class_names(), self._log_scores(self.test_metrics, "test")))
+    def test_table(self, values: dict[str, Tensor]) -> str:
+        """IoU and accuracy per class, then the summary scores."""
+        return format_class_table(self.class_names(), values)
 
     def class_names(self) -> list[str]:
         """Class names for logs (ids when the DataModule gave none); spaces become underscores."""
@@ -304,14 +294,12 @@ class SemanticSegmentationTask(BaseTask):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly(self.warmup_steps(), total_steps))
 
     # -- export (tools/export.py) -------------------------------------------------------------------
-    export_output_name = "logits"
-
     def export_module(self) -> torch.nn.Module:
         """For ``tools/export.py``: images ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, C, H, W)`` (argmax: the class
         map). Test-time flips, scales and sliding windows are not part of the exported network."""
         return self.model.eval()
 
-    def export_example(self, batch_size: int = 1, size: Sequence[int] = (512, 512)) -> tuple[Tensor]:
-        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``."""
-        generator = torch.Generator().manual_seed(batch_size)
-        return (torch.rand(batch_size, 3, int(size[0]), int(size[1]), generator=generator),)
+    def export_example(self, batch_size: int = 1, size: Sequence[int] | None = None) -> tuple[Tensor]:
+        """Example input: ``(batch_size, 3, H, W)`` uniform images in [0, 1]; the exported file is fixed to ``size``
+        (512 x 512 by default)."""
+        return self.random_images(batch_size, size or (512, 512))

@@ -177,10 +177,12 @@ def test_bf16_mixed_fit_is_finite(tmp_path):
     assert not torch.equal(before, task.model.input_proj.weight)
 
 
-def test_default_optimizer_and_step_decay_per_epoch(tmp_path):
-    """Adam with L2 decay on every parameter; lr x 0.1 after each epoch (StepLR, lr_drop 1, as released)."""
+@pytest.mark.parametrize("drops, epoch_factors", [(None, [1, 0.1, 0.01]), ([2], [1, 1, 0.1])])
+def test_default_optimizer_and_step_decay_per_epoch(tmp_path, drops, epoch_factors):
+    """Adam with L2 decay on every parameter; lr x 0.1 after each epoch (StepLR, lr_drop_epochs None, as released),
+    or at the given epochs."""
     dm = tiny_data(batch_size=64)
-    task = tiny_task(dm, lr=1e-3, num_log_streams=0)
+    task = tiny_task(dm, lr=1e-3, num_log_streams=0, lr_drop_epochs=drops)
     lrs = []
 
     class Record(pl.Callback):
@@ -197,7 +199,7 @@ def test_default_optimizer_and_step_decay_per_epoch(tmp_path):
     assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == sum(p.numel() for p in task.parameters())
     per_epoch = trainer.num_training_batches
     assert per_epoch >= 2 and len(lrs) == 3 * per_epoch
-    expected = [1e-3 * 0.1 ** (i // per_epoch) for i in range(len(lrs))]
+    expected = [1e-3 * epoch_factors[i // per_epoch] for i in range(len(lrs))]
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 

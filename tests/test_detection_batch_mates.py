@@ -93,10 +93,10 @@ class CollectMetricInputs(pl.Callback):
                                          metric.detection_labels[-n:])])
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.collect(pl_module.val_map, "val", len(batch[1]))
+        self.collect(pl_module.metrics["val"], "val", len(batch[1]))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.collect(pl_module.test_map, "test", len(batch[1]))
+        self.collect(pl_module.metrics["test"], "test", len(batch[1]))
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["per_image", "grouped"])

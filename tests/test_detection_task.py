@@ -192,7 +192,7 @@ def test_regress_ranges_reach_the_target_assignment():
     paper.eval()
     with torch.no_grad():
         out = paper.model(images, [(64, 64)])
-        with_pos, without = paper.losses(out, target), none.losses(out, target)
+        with_pos, without = paper.compute_losses((images, target), out), none.compute_losses((images, target), out)
     assert float(with_pos["loss_box"]) > 0 and float(with_pos["loss_centerness"]) > 0
     assert float(without["loss_box"]) == 0 and float(without["loss_centerness"]) == 0
     assert float(without["loss_cls"]) != pytest.approx(float(with_pos["loss_cls"]))

@@ -72,5 +72,6 @@ def test_a_fake_trio_fits_validates_and_predicts(tmp_path):
     assert first["boxes"].shape == (16, 4) and first["scores"].shape == (16,) and "image_id" in first
     # The loss is the criterion's loss_* entries summed: "cells" is logged, not optimised.
     out = task.model(torch.rand(1, 3, 32, 32), [(32, 32)])
-    losses = task.losses(out, [{"boxes": torch.tensor([[0.0, 0.0, 16.0, 16.0]]), "labels": torch.tensor([1])}])
-    assert float(losses["loss"]) == float(losses["loss_cls"]) and float(losses["cells"]) == 4.0
+    target = {"boxes": torch.tensor([[0.0, 0.0, 16.0, 16.0]]), "labels": torch.tensor([1])}
+    losses = task.compute_losses((None, [target]), out)
+    assert float(task.total_loss(losses, "train")) == float(losses["loss_cls"]) and float(losses["cells"]) == 4.0

@@ -116,7 +116,7 @@ def test_cli_checkpoint_round_trip_and_predict_files(trained_cli_run: Path, monk
     state = torch.load(last, weights_only=True, map_location="cpu")
     assert state["hyper_parameters"]["num_identities"] == 6
     task = FaceRecognitionTask.load_from_checkpoint(last, map_location="cpu")
-    assert torch.equal(task.head.weight, state["state_dict"]["head.weight"])
+    assert torch.equal(task.criterion.weight, state["state_dict"]["criterion.weight"])
     cli_main(["predict", "--config", str(ROOT / "configs/face/arcface_synthetic.yaml"), f"--ckpt_path={last}",
               "--trainer.accelerator=cpu", *SMALL_SYNTHETIC])
     out = trained_cli_run / "lightning_logs/arcface_synthetic/predictions"
@@ -153,14 +153,14 @@ def test_embed_is_normalised_and_flip_fused() -> None:
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_partial_fc_trains_under_mixed_precision(precision: str) -> None:
     task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=20)
-    before = task.head.weight.clone()
+    before = task.criterion.weight.clone()
     trainer = quiet_trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0, precision=precision)
     trainer.fit(task, tiny_data(num_train_identities=20, batch_size=4))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    changed = torch.nonzero((task.head.weight != before).any(dim=1)).squeeze(1)
+    changed = torch.nonzero((task.criterion.weight != before).any(dim=1)).squeeze(1)
     # The lazy update touched exactly the 10 sampled rows, and momentum exists only for them.
-    assert torch.equal(changed, task.head.last_index) and len(changed) == 10
-    assert (task.head.momentum_buffer.abs().sum(1) > 0).sum() == 10
+    assert torch.equal(changed, task.criterion.last_index) and len(changed) == 10
+    assert (task.criterion.momentum_buffer.abs().sum(1) > 0).sum() == 10
 
 
 def test_partial_fc_checkpoint_round_trip(tmp_path) -> None:
@@ -169,9 +169,9 @@ def test_partial_fc_checkpoint_round_trip(tmp_path) -> None:
     trainer.fit(task, tiny_data())
     trainer.save_checkpoint(tmp_path / "pfc.ckpt")
     loaded = FaceRecognitionTask.load_from_checkpoint(tmp_path / "pfc.ckpt", map_location="cpu")
-    assert isinstance(loaded.head, PartialFC)
-    assert torch.equal(loaded.head.weight, task.head.weight)
-    assert torch.equal(loaded.head.momentum_buffer, task.head.momentum_buffer)
+    assert isinstance(loaded.criterion, PartialFC)
+    assert torch.equal(loaded.criterion.weight, task.criterion.weight)
+    assert torch.equal(loaded.criterion.momentum_buffer, task.criterion.momentum_buffer)
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded.embed(images), task.embed(images))
     tested = quiet_trainer().test(loaded, tiny_data())[0]  # `lit-tasks test`: the same pair protocol
@@ -206,7 +206,7 @@ class RecordShard(pl.Callback):
         self.folder = folder
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        head = pl_module.head
+        head = pl_module.criterion
         Path(self.folder, f"shard{trainer.global_rank}.txt").write_text(f"{head.class_start} {head.num_local}")
 
 
@@ -214,19 +214,19 @@ class RecordShard(pl.Callback):
 def test_ddp_two_processes_partial_fc_fit_and_checkpoint(tmp_path) -> None:
     """2 CPU processes (gloo, ddp_spawn): sharded centres, gathered into a full checkpoint."""
     task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=7)
-    initial = task.head.weight.clone()
+    initial = task.criterion.weight.clone()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=2,
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, enable_checkpointing=False, callbacks=[RecordShard(str(tmp_path))])
     trainer.fit(task, tiny_data(num_train_identities=7))
     assert [(tmp_path / f"shard{r}.txt").read_text() for r in range(2)] == ["0 4", "4 3"]
-    changed = (task.head.weight != initial).any(dim=1)
+    changed = (task.criterion.weight != initial).any(dim=1)
     assert changed[:4].any() and changed[4:].any()  # trained rows of both shards came back
     trainer.save_checkpoint(tmp_path / "ddp.ckpt")  # main process: the module holds all 7 rows again
     state = torch.load(tmp_path / "ddp.ckpt", weights_only=True)["state_dict"]
-    assert state["head.weight"].shape == (7, 16)
+    assert state["criterion.weight"].shape == (7, 16)
     loaded = FaceRecognitionTask.load_from_checkpoint(tmp_path / "ddp.ckpt")
-    assert torch.equal(loaded.head.weight, task.head.weight)
+    assert torch.equal(loaded.criterion.weight, task.criterion.weight)
     # Verification over 2 processes (21 pairs: the DistributedSampler pads one duplicate) equals 1 process.
     data = tiny_data(num_train_identities=7, num_val_pairs=21, batch_size=4)
     ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
@@ -273,11 +273,11 @@ def test_partial_fc_centres_follow_the_injected_optimizer_and_schedule(optimizer
     pfc = tiny_task(partial_fc=True, sample_rate=1.0, **kwargs)
     pfc.model.load_state_dict(full.model.state_dict())
     with torch.no_grad():
-        pfc.head.weight.copy_(full.head.weight)
+        pfc.criterion.weight.copy_(full.criterion.weight)
     for task in (full, pfc):
         quiet_trainer(max_steps=3, limit_val_batches=0).fit(task, train_dataloaders=fixed_loader())
-    assert not torch.equal(pfc.head.weight, full.head.weight.new_zeros(()))  # trained at all
-    torch.testing.assert_close(pfc.head.weight, full.head.weight.detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(pfc.criterion.weight, full.criterion.weight.new_zeros(()))  # trained at all
+    torch.testing.assert_close(pfc.criterion.weight, full.criterion.weight.detach(), rtol=1e-4, atol=1e-6)
     for (name, a), b in zip(pfc.model.state_dict().items(), full.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -308,20 +308,20 @@ def test_partial_fc_centres_skip_the_steps_the_grad_scaler_skips() -> None:
     the centres must not move on that step either (they did: the lazy update ran in on_before_optimizer_step)."""
     task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6)
     before_model = {k: v.clone() for k, v in task.model.state_dict().items()}
-    before = task.head.weight.clone()
+    before = task.criterion.weight.clone()
     nan = NaNBackboneGradient(steps=(0,))
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
     trainer.fit(task, train_dataloaders=fixed_loader())
     assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0] / 2  # the scaler saw the NaN and skipped
     assert all(torch.equal(v, before_model[k]) for k, v in task.model.state_dict().items() if "num_batches" not in k
                and "running" not in k)  # the optimizer step was skipped (BN statistics move in forward)
-    assert torch.equal(task.head.weight, before)
+    assert torch.equal(task.criterion.weight, before)
     # A step the scaler takes still updates the centres.
     nan.steps, nan.scales = (), []
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0, plugins=[fp16_with_scaler()], callbacks=[nan])
     trainer.fit(task, train_dataloaders=fixed_loader())
     assert trainer.precision_plugin.scaler.get_scale() == nan.scales[0]  # taken: no inf, the scale stays
-    assert not torch.equal(task.head.weight, before)
+    assert not torch.equal(task.criterion.weight, before)
 
 
 class SeedEachStep(pl.Callback):
@@ -349,11 +349,31 @@ def test_partial_fc_resume_with_adamw_continues_exactly(tmp_path) -> None:
     first, trainer = run(1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     state = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
-    assert {"head.exp_avg", "head.exp_avg_sq", "head.row_steps"} <= set(state)
-    assert len(set(state["head.row_steps"].tolist())) > 1  # rows sampled a different number of times: per-row state
+    assert {"criterion.exp_avg", "criterion.exp_avg_sq", "criterion.row_steps"} <= set(state)
+    assert len(set(state["criterion.row_steps"].tolist())) > 1  # rows sampled a different number of times
     resumed, _ = run(2, str(tmp_path / "epoch1.ckpt"))
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_steps"):
-        assert torch.equal(getattr(resumed.head, name), getattr(straight.head, name)), name
+        assert torch.equal(getattr(resumed.criterion, name), getattr(straight.criterion, name)), name
+
+
+def test_a_checkpoint_with_the_old_head_keys_still_loads_and_resumes(tmp_path) -> None:
+    """Checkpoints written when the margin head was ``task.head`` (``head.*`` keys) load into ``task.criterion``."""
+    task = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(task, tiny_data(num_train_identities=6))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    checkpoint["state_dict"] = {("head." + k.removeprefix("criterion.") if k.startswith("criterion.") else k): v
+                                for k, v in checkpoint["state_dict"].items()}
+    assert "head.weight" in checkpoint["state_dict"] and "head.momentum_buffer" in checkpoint["state_dict"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = FaceRecognitionTask.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    for name in ("weight", "momentum_buffer"):
+        assert torch.equal(getattr(loaded.criterion, name), getattr(task.criterion, name)), name
+    resumed = tiny_task(partial_fc=True, sample_rate=0.5, num_identities=6)
+    quiet_trainer(max_steps=3, limit_val_batches=0).fit(resumed, tiny_data(num_train_identities=6),
+                                                         ckpt_path=str(tmp_path / "old.ckpt"))
+    assert resumed.trainer.global_step == 3
 
 
 # -- several verification sets in one validation loop ---------------------------------------------------------------

@@ -126,13 +126,6 @@ ALLOWED = {
 # torch.nn names private by spelling only: nn.Module's state-dict hooks, which torch's docs tell subclasses to
 # override, and the norm base classes isinstance checks use across torchvision / timm. Not Lightning; not guarded.
 TORCH_NN_NAMES = {"_load_from_state_dict", "_save_to_state_dict", "_BatchNorm", "_InstanceNorm", "_NormBase"}
-# LightningModule._trainer (is a trainer attached?) read by tasks before lit_tasks.run.lightning_seams.attached_trainer
-# existed; new code calls attached_trainer(self). To go when the task files move to it.
-PENDING = {("lit_tasks/base.py", "BaseTask.total_steps"), ("lit_tasks/detection.py", "DetectionTask.steps_per_epoch"),
-           ("lit_tasks/detection.py", "DetectionTask.lr_scale"), ("lit_tasks/pose.py", "PoseTask.steps_per_epoch"),
-           ("lit_tasks/action_detection.py", "ActionDetectionTask.setup"),
-           ("lit_tasks/action_detection.py", "ActionDetectionTask.on_test_epoch_end"),
-           ("lit_tasks/action_detection.py", "ActionDetectionTask.steps_per_epoch")}
 
 
 def lightning_private_names() -> set[str]:
@@ -241,7 +234,7 @@ def private_uses(path: Path, ours: set[str], lightning_names: set[str], base_pri
 def test_no_private_lightning_member_is_touched_outside_run():
     """Every private Lightning (or torch) member lives in lit_tasks/run/ behind a function that raises a clear error
     when a release changes it (lightning_seams.py, canaries in test_lightning_seams.py). Elsewhere: the ALLOWED list
-    (each documented and covered) and the PENDING task reads of ``self._trainer``."""
+    (each documented and covered)."""
     files = [p for pkg in SCANNED for p in sorted((ROOT / pkg).rglob("*.py")) if not p.name.endswith("_pb2.py")]
     ours = set().union(*(defined_names(ast.parse(p.read_text())) for pkg in PACKAGES
                          for p in (ROOT / pkg).rglob("*.py")))
@@ -256,7 +249,7 @@ def test_no_private_lightning_member_is_touched_outside_run():
         for function, line, what in private_uses(path, ours, names, base_privates):
             if (relative, function) in ALLOWED:
                 allowed_seen.add((relative, function))
-            elif (relative, function) not in PENDING and what.rpartition(".")[2] not in TORCH_NN_NAMES:
+            elif what.rpartition(".")[2] not in TORCH_NN_NAMES:
                 problems.append(f"{relative}:{line} ({function}): {what}")
     assert allowed_seen == set(ALLOWED), f"ALLOWED names what is gone: {set(ALLOWED) - allowed_seen}"
     assert not problems, ("private library members outside lit_tasks/run/ (put each behind a function in "

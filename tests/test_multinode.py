@@ -97,9 +97,9 @@ def test_two_torchrun_nodes_fit_and_match_a_one_process_evaluation(name: str, tm
         state, hp = checkpoint["state_dict"], checkpoint["hyper_parameters"]
         num_identities, size = hp["num_identities"], hp["embedding_size"]
         # the config's AdamW: the centres' optimizer state is Adam's first moment (SGD's would be momentum_buffer)
-        assert state["head.weight"].shape == state["head.exp_avg"].shape == (num_identities, size)
+        assert state["criterion.weight"].shape == state["criterion.exp_avg"].shape == (num_identities, size)
         # rows [0, 3) lived on node 0 and [3, 6) on node 1: both shards trained (moments) and came back whole
-        trained = state["head.exp_avg"].abs().sum(dim=1) > 0
+        trained = state["criterion.exp_avg"].abs().sum(dim=1) > 0
         assert trained[:3].any() and trained[3:].any()
         assert read_losses(records, 0) == read_losses(records, 1)  # Partial FC's loss is the global batch's
 

@@ -212,6 +212,18 @@ def test_rules_group_parameters_as_mmcv():
         id(p) for p in model.parameters() if p.requires_grad]
 
 
+def test_scale_lr_splits_groups_and_multiplies_their_ratio():
+    from lit_tasks.param_groups import scale_lr
+
+    a, b, c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+    groups = [{"params": [a, b]}, {"params": [c], "lr_ratio": 2.0, "weight_decay_ratio": 0.0}]
+    assert scale_lr(groups, 1.0, [b]) is groups
+    split = scale_lr(groups, 0.1, [b, c])  # b leaves its group with 0.1x; c's group keeps its decay ratio
+    assert [([id(p) for p in g["params"]], g.get("lr_ratio"), g.get("weight_decay_ratio")) for g in split] == [
+        ([id(a)], None, None), ([id(b)], 0.1, None), ([id(c)], pytest.approx(0.2), 0.0)]
+    assert [g.get("lr_ratio") for g in scale_lr(groups, 0.5)] == [0.5, 1.0]  # every parameter: no split
+
+
 def test_injected_optimizer_follows_the_recipe_groups():
     """--model.optimizer=... takes the recipe's groups too: lr and weight decay times the group's ratios."""
     task = tiny_detector(optimizer=lambda params: torch.optim.AdamW(params, lr=1.0, weight_decay=0.5))

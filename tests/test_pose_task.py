@@ -299,7 +299,7 @@ def test_bf16_mixed_fit_is_finite(figures_root, tmp_path, loss):
 
 
 def test_optimizer_holds_the_flow_and_the_lr_steps_at_epoch_milestones(figures_root, tmp_path):
-    task = tiny_task(lr_milestones=[1, 2], lr=0.01)
+    task = tiny_task(lr_drop_epochs=[1, 2], lr=0.01)
     seen = []
 
     class Record(pl.Callback):
@@ -322,7 +322,8 @@ def test_loss_is_masked_by_visibility_and_l1_is_the_baseline():
     kp = torch.zeros(1, K, 3)
     kp[0, 0] = torch.tensor([12.0 + 2.4, 16.0, 2])  # 0.1 of the width right of the centre
     kp[0, 1] = torch.tensor([100.0, 100.0, 0])  # unlabelled: ignored
-    assert float(task.compute_loss(out, kp, (32, 24))) == pytest.approx(0.1, abs=1e-6)
+    losses = task.compute_losses({"image": torch.zeros(1, 3, 32, 24), "keypoints": kp}, out)
+    assert set(losses) == {"loss_l1"} and float(losses["loss_l1"]) == pytest.approx(0.1, abs=1e-6)
 
 
 def test_bad_arguments():

@@ -364,7 +364,7 @@ def test_iresnet_checkpoint_predicts_exports_and_projects(tmp_path: Path) -> Non
                                      "--model.num_log_images=3")])
     run = next(Path("lightning_logs/arcface_ms1m").glob("version_*"))
     last = run / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True, map_location="cpu")["state_dict"]["head.weight"].shape == (6, 64)
+    assert torch.load(last, weights_only=True, map_location="cpu")["state_dict"]["criterion.weight"].shape == (6, 64)
     events = EventAccumulator(str(run)).Reload()
     assert {"val/lfw/roc", "val/lfw_py3/roc"} <= set(events.Tags()["images"])
     metadata = next(run.glob("*/val_embeddings/metadata.tsv")).read_text().splitlines()

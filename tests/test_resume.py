@@ -150,7 +150,8 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_continues_exactly(name: str, tmp_
     if name == "face_partial_fc":
         assert final["MixedPrecision"]["scale"] < 65536.0  # the scale the resumed run had to restore had moved
         # the centres' own AdamW state (the config's optimizer) was restored: moments and per-row step counts
-        assert final["state_dict"]["head.exp_avg"].abs().sum() > 0 and final["state_dict"]["head.row_steps"].sum() > 0
+        state = final["state_dict"]
+        assert state["criterion.exp_avg"].abs().sum() > 0 and state["criterion.row_steps"].sum() > 0
 
 
 # -- a fit stopped in the middle of an epoch (max_time, max_steps), then resumed without the limit -------------------

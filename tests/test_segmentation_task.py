@@ -64,8 +64,10 @@ def test_aux_loss_weight():
     task = tiny_task(aux_weight=0.4)
     logits, aux = torch.randn(1, 6, 8, 8), torch.randn(1, 6, 8, 8)
     masks = torch.randint(0, 6, (1, 8, 8))
-    losses = task.compute_loss(logits, aux, masks)
-    assert float(losses["loss"]) == pytest.approx(float(losses["loss_decode"] + 0.4 * losses["loss_aux"]), abs=1e-6)
+    losses = task.criterion(logits, aux, masks)  # the auxiliary term comes weighted
+    assert float(losses["loss_aux"]) == pytest.approx(0.4 * float(masked_cross_entropy(aux, masks, IGNORE)), abs=1e-6)
+    assert float(task.total_loss(losses, "train")) == pytest.approx(float(losses["loss_decode"] + losses["loss_aux"]),
+                                                                    abs=1e-6)
     assert tiny_task(aux_weight=0.0).model.aux_head is None
 
 
@@ -211,7 +213,7 @@ def test_training_reduces_loss_on_shapes():
     opt = task.default_optimizer(task.param_groups())
     losses = []
     for _ in range(8):
-        loss = task.compute_loss(*task.model.forward_with_aux(batch["image"]), batch["mask"])["loss"]
+        loss = task.total_loss(task.compute_losses(batch), "train")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -281,7 +283,7 @@ def test_ignore_index_is_linked_from_the_datamodule(tmp_path, monkeypatch):
     data = ["--data.init_args.image_size=32", "--data.init_args.num_val=2", "--data.init_args.num_train=2",
             "--data.init_args.ignore_index=100"]
     cli = run_cli(["fit", config, "--trainer.fast_dev_run=true", *data, *cli_overrides(tmp_path)])
-    assert cli.model.hparams.ignore_index == 100 and cli.model.val_metrics.ignore_index == 100
+    assert cli.model.hparams.ignore_index == 100 and cli.model.metrics["val"].ignore_index == 100
     with pytest.raises(ValueError, match="ignore_index=7 .* differs from the DataModule's ignore_index=100"):
         run_cli(["fit", config, "--trainer.fast_dev_run=true", *data, *cli_overrides(tmp_path),
                  "--model.init_args.ignore_index=7"])

@@ -3,18 +3,16 @@
     python tools/export.py --task lit_tasks.SemanticSegmentationTask --ckpt path/to/best.ckpt --out exported/ \
         [--formats torchscript onnx] [--input-size 512 512] [--atol 1e-4] [--rtol 1e-4]
 
-Any task plugs in by implementing two methods (every lit-tasks task does):
+Every lit-tasks task states the export contract of :class:`lit_tasks.base.BaseTask`:
 
 * ``export_module() -> nn.Module``: the inference network in eval mode, tensors in, a tensor or a tuple of
   tensors out, every one with the batch first (face: images -> L2-normalised embeddings; segmentation: images ->
   logits; detection: images -> the detector's raw outputs, whose post-processing ``detections_from_export``
   documents and applies);
-* ``export_example(batch_size[, size]) -> tuple[Tensor, ...]``: example inputs (tasks whose input size is free
-  take ``size=(H, W)``, given by ``--input-size``; the exported files are fixed to that size).
-
-and names its outputs with ``export_output_names`` (a tuple) or ``export_output_name``, its inputs with
-``export_input_names`` or ``export_input_name`` (default ``"images"``); ``export_opset`` picks the ONNX opset (17 by
-default; VFNet's deformable convolution needs 19, where ONNX has ``DeformConv``).
+* ``export_example(batch_size=1, size=None) -> tuple[Tensor, ...]``: example inputs (tasks whose input size is free
+  take ``size=(H, W)``, given by ``--input-size``, and the exported files are fixed to it; the others refuse one);
+* ``export_input_names``, ``export_output_names`` (tuples) and ``export_opset`` (17; VFNet's deformable convolution
+  needs 19, where ONNX has ``DeformConv``).
 
 The batch dimension is exported as dynamic; the check runs the exported files with a *different* batch size than
 the trace (so a hard-coded batch is caught) through ``torch.jit.load`` and onnxruntime, and fails when any output
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -53,24 +50,19 @@ def load_task(class_path: str, checkpoint: str) -> nn.Module:
 
 
 def input_names(task: nn.Module) -> tuple[str, ...]:
-    """``task.export_input_names``, or the single ``task.export_input_name`` (default ``"images"``)."""
-    names = getattr(task, "export_input_names", None)
-    return tuple(names) if names else (getattr(task, "export_input_name", "images"),)
+    """The names of the exported network's inputs: ``task.export_input_names``."""
+    return tuple(task.export_input_names)
 
 
 def output_names(task: nn.Module) -> tuple[str, ...]:
-    """``task.export_output_names``, or the single ``task.export_output_name`` (default ``"output"``)."""
-    names = getattr(task, "export_output_names", None)
-    return tuple(names) if names else (getattr(task, "export_output_name", "output"),)
+    """The names of the exported network's outputs: ``task.export_output_names``."""
+    return tuple(task.export_output_names)
 
 
 def example_inputs(task: nn.Module, batch_size: int, size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
-    """``task.export_example(batch_size)``, at ``size`` (H, W) when given (an error if the task's size is fixed)."""
-    if size is None:
-        return tuple(task.export_example(batch_size))
-    if "size" not in inspect.signature(task.export_example).parameters:
-        raise ValueError(f"--input-size: {type(task).__name__}'s input size is fixed by the model; leave it out")
-    return tuple(task.export_example(batch_size, size=tuple(int(v) for v in size)))
+    """``task.export_example(batch_size, size)``; ``size`` (H, W) only for tasks whose input size is free (the others
+    raise ValueError)."""
+    return tuple(task.export_example(batch_size, size=None if size is None else tuple(int(v) for v in size)))
 
 
 def as_arrays(outputs: Any) -> tuple[np.ndarray, ...]:
@@ -183,7 +175,7 @@ def export(task: nn.Module, out_dir: str | Path, formats: Sequence[str] = FORMAT
             path = export_torchscript(module, example, out_dir / f"{name}.pt")
         else:
             path = export_onnx(module, example, out_dir / f"{name}.onnx", input_names=input_names(task),
-                               output_names=names, opset=getattr(task, "export_opset", 17))
+                               output_names=names, opset=task.export_opset)
         errors, failure = compare(as_arrays(run_exported(fmt, path, check_inputs)), reference, names, atol, rtol)
         if failure:
             raise ValueError(f"{fmt} export {path} differs from PyTorch {failure}")
