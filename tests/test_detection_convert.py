@@ -14,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from reference_keys import bn_keys, resnet_stages_keys
 import torch
 from torchvision.models.detection import fcos_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
@@ -233,29 +234,14 @@ def test_fcos_export_rebuilds_torchvision_points(fcos_pair):
 
 
 # -- mmdetection VarifocalNet: key names and shapes (mmdet does not install here) ------------------------------------
-def _bn(prefix, c):
-    return [(f"{prefix}.{n}", () if n == "num_batches_tracked" else (c,))
-            for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-
-
 def mmdet_vfnet_keys(depth: int = 50, num_classes: int = 80) -> list[tuple[str, tuple[int, ...]]]:
     """The state dict of mmdetection's ``vfnet_r{50,101}_fpn_*`` (names and shapes, in order), transcribed from
     mmdet's ``ResNet(style='pytorch')`` (Bottleneck, expansion 4), ``FPN(in_channels=[256, 512, 1024, 2048],
     out_channels=256, start_level=1, add_extra_convs='on_output', num_outs=5)`` (ConvModule: ``.conv``) and
     ``VFNetHead(stacked_convs=3, feat_channels=256)`` (GN ConvModules without conv bias: ``.conv``, ``.gn``; mmcv
     ``Scale``: ``.scale``; mmcv ``DeformConv2d``: a weight, no bias)."""
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-    keys = [("backbone.conv1.weight", (64, 3, 7, 7)), *_bn("backbone.bn1", 64)]
-    inplanes = 64
-    for s, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
-        for b in range(n):
-            p = f"backbone.layer{s}.{b}"
-            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1)), *_bn(f"{p}.bn1", planes),
-                     (f"{p}.conv2.weight", (planes, planes, 3, 3)), *_bn(f"{p}.bn2", planes),
-                     (f"{p}.conv3.weight", (planes * 4, planes, 1, 1)), *_bn(f"{p}.bn3", planes * 4)]
-            if b == 0:
-                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1)), *_bn(f"{p}.downsample.1", planes * 4)]
-            inplanes = planes * 4
+    keys = [("backbone.conv1.weight", (64, 3, 7, 7)), *bn_keys("backbone.bn1", 64)]
+    keys += resnet_stages_keys(depth)
     for i, c in enumerate((512, 1024, 2048)):
         keys += [(f"neck.lateral_convs.{i}.conv.weight", (256, c, 1, 1)), (f"neck.lateral_convs.{i}.conv.bias", (256,))]
     for i in range(5):

@@ -11,6 +11,7 @@ input size are compared. R101: the key mapping alone (slow-marked parity).
 from __future__ import annotations
 
 import pytest
+from reference_keys import bn_keys, resnet_stages_keys
 import torch
 import torchvision
 
@@ -137,33 +138,18 @@ def test_class_heads_and_option_mismatches(tmp_path):
 
 
 # -- mmsegmentation PSPNet R50-D8: key names and shapes (mmseg does not install here) -------------------------------
-def _bn(prefix, c):
-    return [(f"{prefix}.{n}", () if n == "num_batches_tracked" else (c,))
-            for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-
-
 def mmseg_pspnet_keys(depth: int = 50, num_classes: int = 21) -> list[tuple[str, tuple[int, ...]]]:
     """mmseg ``pspnet_r{50,101}-d8`` state dict, transcribed from ``ResNetV1c`` (deep stem ``stem.{0,1,3,4,6,7}``,
     Bottleneck ``conv1-3`` / ``bn1-3``, ``downsample.0/1``), ``PSPHead(channels=512)`` (``psp_modules.i.1`` and
     ``bottleneck`` ConvModules: ``.conv`` / ``.bn``; ``conv_seg``) and the auxiliary ``FCNHead(channels=256)``."""
-    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-    keys = [("backbone.stem.0.weight", (32, 3, 3, 3)), *_bn("backbone.stem.1", 32), ("backbone.stem.3.weight", (32, 32, 3, 3)),
-            *_bn("backbone.stem.4", 32), ("backbone.stem.6.weight", (64, 32, 3, 3)), *_bn("backbone.stem.7", 64)]
-    inplanes = 64
-    for s, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
-        for b in range(n):
-            p = f"backbone.layer{s}.{b}"
-            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1)), *_bn(f"{p}.bn1", planes),
-                     (f"{p}.conv2.weight", (planes, planes, 3, 3)), *_bn(f"{p}.bn2", planes),
-                     (f"{p}.conv3.weight", (planes * 4, planes, 1, 1)), *_bn(f"{p}.bn3", planes * 4)]
-            if b == 0:
-                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1)), *_bn(f"{p}.downsample.1", planes * 4)]
-            inplanes = planes * 4
+    keys = [("backbone.stem.0.weight", (32, 3, 3, 3)), *bn_keys("backbone.stem.1", 32), ("backbone.stem.3.weight", (32, 32, 3, 3)),
+            *bn_keys("backbone.stem.4", 32), ("backbone.stem.6.weight", (64, 32, 3, 3)), *bn_keys("backbone.stem.7", 64)]
+    keys += resnet_stages_keys(depth)
     for i in range(4):
-        keys += [(f"decode_head.psp_modules.{i}.1.conv.weight", (512, 2048, 1, 1)), *_bn(f"decode_head.psp_modules.{i}.1.bn", 512)]
-    keys += [("decode_head.bottleneck.conv.weight", (512, 2048 + 4 * 512, 3, 3)), *_bn("decode_head.bottleneck.bn", 512),
+        keys += [(f"decode_head.psp_modules.{i}.1.conv.weight", (512, 2048, 1, 1)), *bn_keys(f"decode_head.psp_modules.{i}.1.bn", 512)]
+    keys += [("decode_head.bottleneck.conv.weight", (512, 2048 + 4 * 512, 3, 3)), *bn_keys("decode_head.bottleneck.bn", 512),
              ("decode_head.conv_seg.weight", (num_classes, 512, 1, 1)), ("decode_head.conv_seg.bias", (num_classes,))]
-    keys += [("auxiliary_head.convs.0.conv.weight", (256, 1024, 3, 3)), *_bn("auxiliary_head.convs.0.bn", 256),
+    keys += [("auxiliary_head.convs.0.conv.weight", (256, 1024, 3, 3)), *bn_keys("auxiliary_head.convs.0.bn", 256),
              ("auxiliary_head.conv_seg.weight", (num_classes, 256, 1, 1)), ("auxiliary_head.conv_seg.bias", (num_classes,))]
     return keys
 
