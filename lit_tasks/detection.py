@@ -42,7 +42,7 @@ from lit_tasks.models.published import published_weights
 from lit_tasks.ops.assigners import FCOS_REGRESS_RANGES, check_regress_ranges
 from lit_tasks.ops.box_ops import rescale_boxes
 from lit_tasks.ops.images import sizes_of, stack_padded
-from lit_tasks.param_groups import ParamGroupRules, scale_lr
+from lit_tasks.param_groups import ParamGroupRules, linear_scaling, scale_lr
 from lit_tasks.run.lightning_seams import attached_trainer
 from lit_tasks.schedules import warmup_cosine
 
@@ -319,8 +319,6 @@ class DetectionTask(BaseTask):
                 if hp.pretrained_weights:
                     load_pretrained_detr(self.model, hp.pretrained_weights, hp.pretrained_class_rows,
                                          hp.reinit_class_head, build_args={"backbone": hp.backbone, **options})
-            case _:
-                raise ValueError(f"DetectionTask: unknown model {hp.model!r}; choose one of {list(MODELS)}")
         if published is not None:
             published.load_into(self.model, hp.pretrained_class_rows, hp.reinit_class_head)
             hint = published.eval_hint({**inference, "score_threshold_on": self.score_threshold_on})
@@ -423,24 +421,9 @@ class DetectionTask(BaseTask):
         return self.step_decay(optimizer, drops, self.hparams.lr_gamma, warmup_start=start)
 
     def lr_scale(self) -> float:
-        """``lr_base_batch_size``'s linear scaling: images per optimizer step / lr_base_batch_size (1 without it)."""
+        """``lr_base_batch_size``'s linear scaling rule (:func:`~lit_tasks.param_groups.linear_scaling`); 1 without it."""
         base = self.hparams.get("lr_base_batch_size")
-        if base is None:
-            return 1.0
-        trainer = attached_trainer(self)
-        if trainer is None:
-            raise ValueError("DetectionTask: lr_base_batch_size scales the LR by the run's batch: it needs a Trainer")
-        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
-        if per_device is None:
-            trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader)
-            per_device = getattr(trainer.train_dataloader, "batch_size", None)
-        if not per_device:
-            raise ValueError("DetectionTask: lr_base_batch_size needs the batch size (a DataModule with batch_size "
-                             "or a DataLoader with batch_size)")
-        images = int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
-        rank_zero_info(f"DetectionTask: linear scaling rule, LR x {images}/{base} for {per_device} images x "
-                       f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulated per step")
-        return images / base
+        return 1.0 if base is None else linear_scaling(attached_trainer(self), base, "DetectionTask")
 
     def param_group_rules(self) -> ParamGroupRules:
         """The chosen model's recipe (``PARAM_GROUP_RULES``)."""
@@ -462,8 +445,8 @@ class DetectionTask(BaseTask):
 
     @property
     def export_opset(self) -> int:
-        """ONNX opset of the export: 19 for VFNet (its deformable convolution is ONNX ``DeformConv``), else 17."""
-        return 19 if self.hparams.model == "vfnet" else 17
+        """ONNX opset of the export (``EXPORTERS``: 19 for VFNet's ``DeformConv``, else 17)."""
+        return EXPORTERS[self.hparams.model].opset
 
     def export_module(self) -> torch.nn.Module:
         """For ``tools/export.py``: unpadded images in [0, 1] -> the detector's raw outputs (FCOS: class logits,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lit_tasks.models.backbone import FrozenStatisticsBatchNorm2d
@@ -81,3 +82,21 @@ def scale_lr(groups: list[dict[str, Any]], ratio: float,
         out += [{**group, "params": rest}] if rest else []
         out += [{**group, "params": mine, "lr_ratio": group.get("lr_ratio", 1.0) * ratio}] if mine else []
     return out
+
+
+def linear_scaling(trainer: Any, base_batch_size: int, task: str) -> float:
+    """The linear scaling rule (Goyal et al. 2017; mmdet ``auto_scale_lr``): images per optimizer step of the run
+    (batch size x devices x accumulation) / ``base_batch_size``, the batch the recipe's LR is for."""
+    if trainer is None:
+        raise ValueError(f"{task}: lr_base_batch_size scales the LR by the run's batch: it needs a Trainer")
+    per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+    if per_device is None:
+        trainer.estimated_stepping_batches  # noqa: B018  (sets up the training loader)
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    if not per_device:
+        raise ValueError(f"{task}: lr_base_batch_size needs the batch size (a DataModule with batch_size or a "
+                         "DataLoader with batch_size)")
+    images = int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+    rank_zero_info(f"{task}: linear scaling rule, LR x {images}/{base_batch_size} for {per_device} images x "
+                   f"{trainer.world_size} devices x {trainer.accumulate_grad_batches} accumulated per step")
+    return images / base_batch_size

@@ -20,17 +20,19 @@ from lit_tasks.models.detection.vfnet import VFNET_EXPORT_NAMES, vfnet_export_te
 @dataclass(frozen=True)
 class DetectorExport:
     """How one detector model exports: output names, ``to_tensors(outputs)`` -> its raw output tensors (each with the
-    batch first), ``from_tensors(tensors, (H, W), model)`` -> the outputs its post-processor takes."""
+    batch first), ``from_tensors(tensors, (H, W), model)`` -> the outputs its post-processor takes, the ONNX opset."""
 
     names: tuple[str, ...]
     to_tensors: Callable[[Any], tuple[torch.Tensor, ...]]
     from_tensors: Callable[[tuple[torch.Tensor, ...], tuple[int, int], torch.nn.Module], Any]
+    opset: int = 17
 
 
 # One entry per model of DetectionTask's trio table (a new model adds its own).
 EXPORTERS = {
     "fcos": DetectorExport(FCOS_EXPORT_NAMES, fcos_export_tensors, fcos_output_from_export),
-    "vfnet": DetectorExport(VFNET_EXPORT_NAMES, vfnet_export_tensors, vfnet_output_from_export),
+    # VFNet's deformable convolution exports as ONNX DeformConv, which needs opset 19.
+    "vfnet": DetectorExport(VFNET_EXPORT_NAMES, vfnet_export_tensors, vfnet_output_from_export, opset=19),
     "detr": DetectorExport(DETR_EXPORT_NAMES, detr_export_tensors, detr_output_from_export),
 }
 
