@@ -39,7 +39,7 @@ class FiniteCheck(pl.Callback):
             self.problems.append(f"step {step}: {what}")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = trainer.scaler  # public: the precision plugin's GradScaler, None without one
         if scaler is not None:
             return  # fp16: overflowing steps are expected and skipped by the scaler
         for name, p in pl_module.named_parameters():
