@@ -34,6 +34,7 @@ from lit_tasks.metrics.coco import (LOGGED_MAP_KEYS, coco_map_metric, evaluation
 from lit_tasks.models.detection.convert import read_detection_weights
 from lit_tasks.models.detection.detr import DETR_OPTIONS, build_detr
 from lit_tasks.models.detection.detr_convert import load_pretrained_detr
+from lit_tasks.models.detection.detr_queries import check_query_options
 from lit_tasks.models.detection.export import EXPORTERS, RawDetectorOutputs
 from lit_tasks.models.detection.fcos import build_fcos
 from lit_tasks.models.detection.recipes import PARAM_GROUP_RULES, RECIPES
@@ -118,6 +119,9 @@ class DetectionTask(BaseTask):
         eos_coef: weight of the no-object class in the class loss (0.1).
         cost_class, cost_bbox, cost_giou: Hungarian matching costs (1, 5, 2).
         weight_ce, weight_bbox, weight_giou: loss weights (1, 5, 2).
+        dn_groups, dn_label_noise, dn_box_noise, query_groups: training-only convergence aids, off by default (0,
+            0.2, 0.4, 1): DN-DETR denoising query groups with their label / box noise, Group DETR query sets
+            (:mod:`lit_tasks.models.detection.detr_queries`; on in ``detr_shapes.yaml``).
         Published weights (every model):
         pretrained_weights: a local weights file loaded when the task is built, as published or converted once by
             ``tools/convert_weights.py``: torchvision's ``fcos_resnet50_fpn`` (FCOS), mmdetection's VFNet
@@ -203,6 +207,10 @@ class DetectionTask(BaseTask):
         weight_ce: float = 1.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
+        dn_groups: int = 0,
+        dn_label_noise: float = 0.2,
+        dn_box_noise: float = 0.4,
+        query_groups: int = 1,
         pretrained_weights: str | None = None,
         pretrained_class_rows: list[int] | None = None,
         reinit_class_head: bool = False,
@@ -273,6 +281,9 @@ class DetectionTask(BaseTask):
             (rows is None or len(rows) == o["num_classes"],
              f"pretrained_class_rows needs one row per class ({o['num_classes']}), got {rows}"),
         ]
+        problems += check_query_options(o["dn_groups"], o["dn_label_noise"], o["dn_box_noise"], o["query_groups"])
+        if o["model"] != "detr" and (o["dn_groups"] or o["query_groups"] != 1):
+            problems.append(f"dn_groups / query_groups are DETR's; model {o['model']!r} has no object queries")
         return problems + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------
@@ -360,7 +371,10 @@ class DetectionTask(BaseTask):
     def compute_losses(self, batch: tuple[torch.Tensor, list[dict]], outputs: Any = None) -> dict[str, torch.Tensor]:
         """The criterion's weighted ``loss_*`` terms (entries not named ``loss_*`` are logged only)."""
         images, targets = batch
-        return self.criterion(self.model(images, sizes_of(targets)) if outputs is None else outputs, targets)
+        if outputs is None:  # DETR's denoising queries are built from the targets (training only)
+            ground_truth = {"targets": targets} if self.hparams.model == "detr" else {}
+            outputs = self.model(images, sizes_of(targets), **ground_truth)
+        return self.criterion(outputs, targets)
 
     def evaluation_step(self, batch: tuple[torch.Tensor, list[dict]], stage: str,
                         dataloader_idx: int = 0) -> list[dict]:

@@ -75,6 +75,11 @@ class SetCriterion(nn.Module):
     torchvision): finite for degenerate predicted boxes where the reference asserts (REFERENCE.md §5.7); it
     differs from the eps-free reference by < 1e-7 / (union area) per box.
 
+    Training-only queries (:mod:`lit_tasks.models.detection.detr_queries`), when ``outputs`` carries them: query
+    groups (``query_groups`` > 1, Group DETR) are matched each on its own and each term is the mean of the groups'
+    terms (Group DETR sums them: the same up to a constant factor); denoising queries add ``loss_ce_dn``,
+    ``loss_bbox_dn``, ``loss_giou_dn`` per layer (:func:`denoising_losses`, the same weights; DN-DETR §3.4).
+
     ``outputs`` is any object with ``logits`` ``(L, B, Q, C + 1)`` (no-object last), ``boxes`` ``(L, B, Q, 4)``
     (sigmoid, normalised cxcywh of each unpadded image), last decoder layer last, and ``image_sizes`` ``(B, 2)``
     (h, w). ``targets`` as :func:`normalized_targets` takes them. ``matcher``: the Hungarian matching (None: the
@@ -113,17 +118,32 @@ class SetCriterion(nn.Module):
         num_boxes = torch.tensor(float(sum(len(t) for t in tgt_labels)), device=logits_all.device)
         num_boxes = loss_normaliser(num_boxes, training=self.training, min_value=1.0)
 
+        # Query groups (Group DETR) are matched each on its own: (L, B, G * Q) -> (L, G * B, Q), group-major.
+        groups = getattr(outputs, "query_groups", 1)
+        if groups > 1:
+            logits_all, boxes_all = (x.unflatten(2, (groups, -1)).transpose(1, 2).flatten(1, 2)
+                                     for x in (logits_all, boxes_all))
+            tgt_labels, tgt_boxes, batch = tgt_labels * groups, tgt_boxes * groups, batch * groups
         # Every layer gets its own matching; all layers are matched in one call (one device-to-host copy).
         all_indices = self.matcher(logits_all.flatten(0, 1), boxes_all.flatten(0, 1), tgt_labels * num_layers,
                                    tgt_boxes * num_layers)
         losses: dict[str, Tensor] = {}
+        dn_targets = getattr(outputs, "dn_targets", None)
         with torch.autocast(device_type=logits_all.device.type, enabled=False):
             for layer in range(num_layers):
                 logits, boxes = logits_all[layer].float(), boxes_all[layer].float()
                 indices = all_indices[layer * batch: (layer + 1) * batch]
                 suffix = "" if layer == num_layers - 1 else f"_{layer}"
-                losses.update(self.layer_losses(logits, boxes, tgt_labels, tgt_boxes, indices, num_boxes, suffix))
-            losses.update(self.logged_errors(logits, tgt_labels, indices))
+                losses.update(self.layer_losses(logits, boxes, tgt_labels, tgt_boxes, indices, num_boxes, suffix,
+                                                groups))
+                if dn_targets is not None:
+                    ce, l1, giou = denoising_losses(outputs.dn_logits[layer].float(), outputs.dn_boxes[layer].float(),
+                                                    dn_targets, num_boxes)
+                    losses.update({f"loss_ce_dn{suffix}": self.weight_ce * ce,
+                                   f"loss_bbox_dn{suffix}": self.weight_bbox * l1,
+                                   f"loss_giou_dn{suffix}": self.weight_giou * giou})
+            first = batch // groups  # errors are logged for the first query group, the one evaluated
+            losses.update(self.logged_errors(logits[:first], tgt_labels[:first], indices[:first]))
         return losses
 
     def layer_losses(
@@ -135,8 +155,10 @@ class SetCriterion(nn.Module):
         indices: Sequence[tuple[Tensor, Tensor]],
         num_boxes: Tensor,
         suffix: str = "",
+        groups: int = 1,
     ) -> dict[str, Tensor]:
-        """Weighted losses of one layer, ``logits`` (B, Q, C + 1), ``boxes`` (B, Q, 4), for a given matching."""
+        """Weighted losses of one layer, ``logits`` (B, Q, C + 1), ``boxes`` (B, Q, 4), for a given matching; with
+        ``groups`` query groups (B = groups x images) each term is the mean of the groups' terms."""
         batch_idx, query_idx = _matched_queries(indices, logits.device)
         matched_labels = torch.cat([t[j.to(t.device)] for t, (_, j) in zip(tgt_labels, indices)])
         matched_tgt = torch.cat([t[j.to(t.device)] for t, (_, j) in zip(tgt_boxes, indices)])
@@ -145,12 +167,12 @@ class SetCriterion(nn.Module):
         loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=self.class_weight)
 
         matched_pred = boxes[batch_idx, query_idx]  # (M, 4); M = 0 gives graph-connected zero sums
-        loss_bbox = F.l1_loss(matched_pred, matched_tgt, reduction="sum") / num_boxes
+        loss_bbox = F.l1_loss(matched_pred, matched_tgt, reduction="sum") / (num_boxes * groups)
         loss_giou = giou_loss(box_cxcywh_to_xyxy(matched_pred), box_cxcywh_to_xyxy(matched_tgt), reduction="sum")
         return {
             f"loss_ce{suffix}": self.weight_ce * loss_ce,
             f"loss_bbox{suffix}": self.weight_bbox * loss_bbox,
-            f"loss_giou{suffix}": self.weight_giou * loss_giou / num_boxes,
+            f"loss_giou{suffix}": self.weight_giou * loss_giou / (num_boxes * groups),
         }
 
     @torch.no_grad()
@@ -176,3 +198,21 @@ def _matched_queries(indices: Sequence[tuple[Tensor, Tensor]], device: torch.dev
     query_idx = torch.cat([i for i, _ in indices])
     both = torch.stack([batch_idx, query_idx]).to(device, non_blocking=True)
     return both[0], both[1]
+
+
+def denoising_losses(logits: Tensor, boxes: Tensor, targets: Any, num_boxes: Tensor) -> tuple[Tensor, ...]:
+    """Unweighted (CE, L1, 1 - GIoU) of one decoder layer's denoising outputs ``(B, P, C + 1)`` / ``(B, P, 4)``
+    against ``targets`` (a :class:`~lit_tasks.models.detection.detr_queries.DenoisingTargets`), DN-DETR §3.4.
+
+    Over the object slots only: CE is their mean (each has a real class: no no-object term); L1 and GIoU are
+    summed and divided by ``num_boxes * groups`` (per group, as the matching losses per image set). No object in
+    the batch: graph-connected zeros.
+    """
+    valid = targets.valid
+    logits, boxes = logits[valid], boxes[valid]
+    labels, true_boxes = targets.labels[valid], targets.boxes[valid]
+    ce = F.cross_entropy(logits, labels, reduction="sum") / max(len(labels), 1)
+    l1 = F.l1_loss(boxes, true_boxes, reduction="sum")
+    giou = giou_loss(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(true_boxes), reduction="sum")
+    norm = num_boxes * targets.groups
+    return ce, l1 / norm, giou / norm

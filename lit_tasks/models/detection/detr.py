@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_tasks.losses.set_criterion import SetCriterion
+from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, check_query_options,
+                                                     group_attention_mask)
 from lit_tasks.models.detection.detr_transformer import Transformer
 from lit_tasks.models.detection.position_encoding import build_position_embedding
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy
@@ -49,11 +51,18 @@ class DETROutput:
     logits: ``(L, B, Q, C + 1)``, no-object last.
     boxes: ``(L, B, Q, 4)`` sigmoid (cx, cy, w, h) relative to each image's unpadded size.
     image_sizes: ``(B, 2)`` int64 unpadded (h, w) in input pixels.
+    query_groups: in training with Group DETR's query groups, Q = query_groups x the model's queries (group-major).
+    dn_logits, dn_boxes, dn_targets: in training with denoising queries, their outputs ``(L, B, P, ...)`` and what
+        they must reconstruct (:mod:`lit_tasks.models.detection.detr_queries`).
     """
 
     logits: Tensor
     boxes: Tensor
     image_sizes: Tensor
+    query_groups: int = 1
+    dn_logits: Tensor | None = None
+    dn_boxes: Tensor | None = None
+    dn_targets: DenoisingTargets | None = None
 
     @property
     def pred_logits(self) -> Tensor:
@@ -120,6 +129,9 @@ class DETR(nn.Module):
         num_queries: object queries, the most objects an image can have detected.
         aux_loss: outputs of every decoder layer (True) or the last one only.
         backbone_on_padded_batch: see the module docstring.
+        denoising: DN-DETR's denoising queries (training only; None: none, the paper's), fed the ground truth through
+            ``forward(..., targets=)`` (:mod:`lit_tasks.models.detection.detr_queries`).
+        query_groups: Group DETR's sets of object queries in training (1: the paper's); evaluation uses the first.
     """
 
     def __init__(
@@ -132,6 +144,8 @@ class DETR(nn.Module):
         num_queries: int = 100,
         aux_loss: bool = True,
         backbone_on_padded_batch: bool = False,
+        denoising: DenoisingQueries | None = None,
+        query_groups: int = 1,
     ) -> None:
         super().__init__()
         if transformer.return_intermediate != aux_loss:
@@ -147,8 +161,15 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        self.query_groups = query_groups
+        if query_groups > 1:  # its own module: the published weights' query_embed keeps its shape
+            self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, d_model)
+        self.denoising = denoising
 
-    def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | Tensor | None = None) -> DETROutput:
+    def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | Tensor | None = None,
+                targets: Sequence[dict[str, Tensor]] | None = None) -> DETROutput:
+        """``targets`` (as :class:`~lit_tasks.losses.set_criterion.SetCriterion` takes them) feed the denoising
+        queries in training; without them, or in eval mode, the network is the paper's."""
         sizes = check_image_sizes(images, image_sizes)
         if self.backbone_on_padded_batch:
             features, mask = self.features_of_padded_batch(images, sizes)
@@ -157,12 +178,29 @@ class DETR(nn.Module):
         src = self.input_proj(features)
         pos_mask = mask if mask is not None else torch.zeros_like(src[:, 0], dtype=torch.bool)
         pos = self.position_embedding(pos_mask).to(src.dtype)
-        hs = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, d)
-        return DETROutput(
-            logits=self.class_embed(hs),
-            boxes=self.bbox_embed(hs).sigmoid(),
-            image_sizes=torch.tensor(sizes, dtype=torch.int64, device=images.device),
-        )
+        image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
+        groups = self.query_groups if self.training else 1
+        queries = self.query_embed.weight
+        if groups > 1:
+            queries = torch.cat([queries, self.extra_query_embed.weight])
+        dn_targets = None
+        if self.training and self.denoising is not None and targets is not None:
+            labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
+            content, position, dn_targets = self.denoising(labels, boxes)
+            num_matching = len(queries)
+            queries = torch.cat([queries[None].expand(len(images), -1, -1), position.to(queries.dtype)], dim=1)
+            content = torch.cat([torch.zeros_like(queries[:, :num_matching]), content.to(queries.dtype)], dim=1)
+            hs = self.transformer(src, mask, queries, pos, content,
+                                  group_attention_mask(groups, len(self.query_embed.weight), dn_targets))
+        else:
+            hs = self.transformer(src, mask, queries, pos, query_blocked=group_attention_mask(
+                groups, len(self.query_embed.weight), None))  # (L, B, Q, d)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        if dn_targets is None:
+            return DETROutput(logits, boxes, image_sizes, groups)
+        num_matching = groups * len(self.query_embed.weight)
+        return DETROutput(logits[:, :, :num_matching], boxes[:, :, :num_matching], image_sizes, groups,
+                          logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets)
 
     def features_per_image(self, images: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor | None]:
         """C5 of each image at its own size (one backbone call per distinct size), zero-padded to the largest.
@@ -237,7 +275,8 @@ class DETRPostprocess(nn.Module):
 # build_detr's options that DetectionTask takes under the same names (the backbone's are shared with FCOS / VFNet).
 DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
                 "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
-                "cost_giou", "weight_ce", "weight_bbox", "weight_giou")
+                "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "dn_groups", "dn_label_noise", "dn_box_noise",
+                "query_groups")
 
 
 def check_detr_args(
@@ -258,10 +297,14 @@ def check_detr_args(
     weight_ce: float,
     weight_bbox: float,
     weight_giou: float,
+    dn_groups: int = 0,
+    dn_label_noise: float = 0.2,
+    dn_box_noise: float = 0.4,
+    query_groups: int = 1,
 ) -> None:
     """Fail early, naming the argument, on DETR settings that cannot build or train (names as :func:`build_detr`)."""
     costs, weights = (cost_class, cost_bbox, cost_giou), (weight_ce, weight_bbox, weight_giou)
-    problems = []
+    problems = check_query_options(dn_groups, dn_label_noise, dn_box_noise, query_groups)
     if num_classes < 1:
         problems.append(f"num_classes must be >= 1, got {num_classes}")
     if position_embedding not in ("sine", "learned"):
@@ -315,6 +358,10 @@ def build_detr(
     weight_ce: float = 1.0,
     weight_bbox: float = 5.0,
     weight_giou: float = 2.0,
+    dn_groups: int = 0,
+    dn_label_noise: float = 0.2,
+    dn_box_noise: float = 0.4,
+    query_groups: int = 1,
     max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
@@ -328,14 +375,17 @@ def build_detr(
     lr_backbone 0). They only make sense with pretrained or converted weights: on a randomly initialised timm
     ResNet, frozen BN keeps identity statistics and timm's zero-initialised last BN of every residual block at 0,
     so those blocks add nothing, ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
-    ``max_detections``: see :class:`DETRPostprocess`. Bad values raise ValueError naming the argument
-    (:func:`check_detr_args`).
+    ``max_detections``: see :class:`DETRPostprocess`. Training-only convergence aids, off by default
+    (:mod:`lit_tasks.models.detection.detr_queries`): ``dn_groups`` groups of DN-DETR denoising queries with
+    ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets. Bad values
+    raise ValueError naming the argument (:func:`check_detr_args`).
     """
     check_detr_args(num_classes=num_classes, position_embedding=position_embedding, d_model=d_model, nheads=nheads,
                     num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
                     dim_feedforward=dim_feedforward, dropout=dropout, num_queries=num_queries, eos_coef=eos_coef,
                     cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou, weight_ce=weight_ce,
-                    weight_bbox=weight_bbox, weight_giou=weight_giou)
+                    weight_bbox=weight_bbox, weight_giou=weight_giou, dn_groups=dn_groups,
+                    dn_label_noise=dn_label_noise, dn_box_noise=dn_box_noise, query_groups=query_groups)
     # C5 only; DC5 = the last stage dilated instead of strided (output stride 16), as torchvision's
     # replace_stride_with_dilation=[False, False, True] in the reference.
     network = build_backbone(backbone, pretrained=pretrained, out_indices=(-1,),
@@ -344,8 +394,10 @@ def build_detr(
     transformer = Transformer(d_model=d_model, num_heads=nheads, num_encoder_layers=num_encoder_layers,
                               num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               return_intermediate=aux_loss)
+    denoising = DenoisingQueries(num_classes, d_model, dn_groups, dn_label_noise, dn_box_noise) if dn_groups else None
     model = DETR(backbone=network, transformer=transformer, position_embedding=positions, num_classes=num_classes,
-                 num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch)
+                 num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch,
+                 denoising=denoising, query_groups=query_groups)
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
     criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
                              weight_bbox=weight_bbox, weight_giou=weight_giou)

@@ -167,6 +167,10 @@ def infer_detr_config(state_dict: Mapping[str, Tensor]) -> dict[str, object]:
     }
 
 
+# Parameters of DETR's training-only queries (lit_tasks.models.detection.detr_queries), absent from published files.
+TRAINING_ONLY_PREFIXES = ("denoising.", "extra_query_embed.")
+
+
 def load_detr_weights(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
@@ -210,6 +214,8 @@ def load_detr_weights(
     for key, value in own.items():  # BatchNorm counters: frozen BN has none, trainable BN keeps its own
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = value
+    # Training-only query modules (denoising, extra query groups) are not in published weights: kept as initialised.
+    sd.update({k: v for k, v in own.items() if k.startswith(TRAINING_ONLY_PREFIXES) and k not in sd})
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:

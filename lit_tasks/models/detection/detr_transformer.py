@@ -45,12 +45,16 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``query`` (B, Lq, d), ``key`` / ``value`` (B, Lk, d), ``key_padding_mask`` (B, Lk) True = ignore -> (B, Lq, d)."""
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                blocked: Tensor | None = None) -> Tensor:
+        """``query`` (B, Lq, d), ``key`` / ``value`` (B, Lk, d), ``key_padding_mask`` (B, Lk) True = ignore, ``blocked``
+        (B or 1, Lq, Lk) True = query may not see key -> (B, Lq, d)."""
         batch, len_q, d = query.shape
         heads = lambda x: x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731  (B, h, L, d/h)
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+        if blocked is not None:
+            attn_mask = ~blocked[:, None] if attn_mask is None else attn_mask & ~blocked[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, len_q, d))
@@ -89,10 +93,11 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_with_pos: Tensor,
-                memory_key_padding_mask: Tensor | None) -> Tensor:
-        """``tgt``, ``query_pos`` (B, Q, d); ``memory``, ``memory_with_pos`` = memory + pos (B, S, d)."""
+                memory_key_padding_mask: Tensor | None, query_blocked: Tensor | None = None) -> Tensor:
+        """``tgt``, ``query_pos`` (B, Q, d); ``memory``, ``memory_with_pos`` = memory + pos (B, S, d);
+        ``query_blocked`` (B or 1, Q, Q) True = a query may not see another (None: all see all)."""
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, blocked=query_blocked)))
         attn = self.cross_attn(tgt + query_pos, memory_with_pos, memory, memory_key_padding_mask)
         tgt = self.norm2(tgt + self.dropout2(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
@@ -103,8 +108,10 @@ class Transformer(nn.Module):
     """Encoder over the flattened feature map, decoder over the object queries; returns every decoder layer.
 
     ``forward(src, mask, query_embed, pos)``: ``src`` and ``pos`` (B, d, H, W), ``mask`` (B, H, W) True = padding
-    or None (no padding), ``query_embed`` (Q, d) -> ``(L, B, Q, d)``, each layer's output through the final
-    LayerNorm (only the last layer when ``return_intermediate`` is False: ``(1, B, Q, d)``).
+    or None (no padding), ``query_embed`` (Q, d) or (B, Q, d) -> ``(L, B, Q, d)``, each layer's output through the
+    final LayerNorm (only the last layer when ``return_intermediate`` is False: ``(1, B, Q, d)``). Optional, for
+    the training-only queries of :mod:`lit_tasks.models.detection.detr_queries`: ``content`` (B, Q, d), the
+    decoder's input (None: zeros, the paper's), and ``query_blocked`` (B or 1, Q, Q), the self-attention mask.
     """
 
     def __init__(self, *, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 6,
@@ -135,7 +142,8 @@ class Transformer(nn.Module):
             elif isinstance(module, MultiheadAttention):
                 module.reset_parameters()
 
-    def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor, content: Tensor | None = None,
+                query_blocked: Tensor | None = None) -> Tensor:
         src = src.flatten(2).transpose(1, 2)  # (B, S, d)
         pos = pos.flatten(2).transpose(1, 2)
         key_padding_mask = None if mask is None else mask.flatten(1)
@@ -143,12 +151,13 @@ class Transformer(nn.Module):
         for layer in self.encoder_layers:
             memory = layer(memory, pos, key_padding_mask)
 
-        query_pos = query_embed[None].expand(src.shape[0], -1, -1)
+        query_pos = query_embed.expand(src.shape[0], -1, -1) if query_embed.ndim == 3 else \
+            query_embed[None].expand(src.shape[0], -1, -1)
         memory_with_pos = memory + pos  # the cross-attention keys, the same for every decoder layer
-        tgt = torch.zeros_like(query_pos)
+        tgt = torch.zeros_like(query_pos) if content is None else content
         outputs = []
         for layer in self.decoder_layers:
-            tgt = layer(tgt, query_pos, memory, memory_with_pos, key_padding_mask)
+            tgt = layer(tgt, query_pos, memory, memory_with_pos, key_padding_mask, query_blocked)
             if self.return_intermediate:
                 outputs.append(self.decoder_norm(tgt))
         return torch.stack(outputs) if self.return_intermediate else self.decoder_norm(tgt)[None]

@@ -1,0 +1,232 @@
+"""DETR's training-only queries (lit_tasks/models/detection/detr_queries.py): DN-DETR denoising and Group DETR query
+groups, their attention isolation, losses and the paper model they leave unchanged at evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_tasks.losses.set_criterion import denoising_losses
+from lit_tasks.models.detection.detr import DETROutput, build_detr
+from lit_tasks.models.detection.detr_convert import load_detr_weights
+from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, box_sine_embedding,
+                                                     group_attention_mask, noised_boxes, noised_labels)
+from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+TINY = dict(backbone="test_resnet.r160_in1k", d_model=32, nheads=4, num_encoder_layers=1, num_decoder_layers=2,
+            dim_feedforward=64, num_queries=4, dropout=0.0, frozen_stages=-1, frozen_bn=False)
+
+
+def _detr(seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return build_detr(3, **{**TINY, **kwargs})
+
+
+def _targets(counts=(2, 0, 1), size=64, seed=0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * size / 2
+        wh = 4 + torch.rand(n, 2, generator=g) * size / 3
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, 3, (n,), generator=g)})
+    return out
+
+
+def test_box_noise_stays_within_dn_detr_bounds() -> None:
+    torch.manual_seed(0)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(4000, 1)
+    noised = noised_boxes(boxes, 0.4)
+    shift = (noised[:, :2] - boxes[:, :2]).abs()
+    assert (shift <= 0.4 * boxes[:, 2:] / 2 + 1e-6).all()  # centre within scale * (w, h) / 2
+    assert (noised[:, 2:] >= 0.6 * boxes[:, 2:] - 1e-6).all() and (noised[:, 2:] <= 1.4 * boxes[:, 2:] + 1e-6).all()
+    # uniform: each coordinate's extremes are reached (4000 draws: the top 1 % is missed with probability 1e-17)
+    assert (shift[:, 0] > 0.99 * 0.04).any() and (noised[:, 3] > 0.4 * 1.39).any()
+    edge = noised_boxes(torch.tensor([[0.99, 0.01, 0.5, 0.5]]).repeat(100, 1), 1.0)
+    assert edge.min() >= 0 and edge.max() <= 1  # clipped
+    assert torch.equal(noised_boxes(boxes, 0.0), boxes)
+
+
+def test_label_noise_flips_with_its_probability() -> None:
+    torch.manual_seed(0)
+    labels = torch.zeros(20000, dtype=torch.int64)
+    noised = noised_labels(labels, 5, 0.5)
+    # a flip draws any of the 5 classes: P(changed) = 0.5 * 4 / 5 = 0.4; binomial std sqrt(.4 * .6 / 2e4) = 0.0035
+    assert abs((noised != 0).float().mean().item() - 0.4) < 5 * 0.0035
+    assert noised.max() == 4 and noised.min() == 0
+    assert torch.equal(noised_labels(labels, 5, 0.0), labels)
+
+
+def test_box_sine_embedding_layout() -> None:
+    boxes = torch.tensor([[0.25, 0.5, 0.1, 1.0]])
+    emb = box_sine_embedding(boxes, 8)
+    assert emb.shape == (1, 32)
+    # coordinate c, frequency pair i: sin / cos of 2 pi c / 10000 ** (2 i / 8), at [8 c + 2 i], [8 c + 2 i + 1]
+    for c, value in enumerate(boxes[0].tolist()):
+        for i in range(4):
+            angle = 2 * math.pi * value / 10000 ** (2 * i / 8)
+            assert emb[0, 8 * c + 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert emb[0, 8 * c + 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_attention_mask_by_hand() -> None:
+    """2 query groups of 2 queries; 2 denoising groups of 2 slots; image 0 has 1 object, image 1 has 2."""
+    labels = torch.tensor([[1, -1, 1, -1], [0, 2, 0, 2]])
+    mask = group_attention_mask(2, 2, DenoisingTargets(labels, torch.zeros(2, 4, 4), 2))
+    group = [0, 0, 1, 1, 2, 2, 3, 3]
+    for b in range(2):
+        for i in range(8):
+            for j in range(8):
+                padded_key = j >= 4 and labels[b, j - 4] < 0
+                expected = group[i] != group[j] or (padded_key and i != j)
+                assert bool(mask[b, i, j]) == expected, (b, i, j)
+    assert group_attention_mask(1, 5, None) is None
+    only_groups = group_attention_mask(3, 2, None)
+    assert only_groups.shape == (1, 6, 6) and only_groups[0].logical_not().sum() == 3 * 4
+
+
+def _images(n=3, size=64, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_matching_queries_do_not_see_the_extra_queries() -> None:
+    """In training, the first query group's outputs are the plain model's: the other groups and the denoising
+    queries are invisible to it (DN-DETR §3.4's mask; Group DETR's group-wise self-attention)."""
+    images, targets = _images(), _targets()
+    plain, _, _ = _detr()
+    plain.train()
+    reference = plain(images, targets=targets)
+    for options in ({"query_groups": 3}, {"dn_groups": 2}, {"dn_groups": 2, "query_groups": 2}):
+        model, _, _ = _detr(**options)
+        model.load_state_dict(plain.state_dict(), strict=False)
+        model.train()
+        torch.manual_seed(1)
+        out = model(images, targets=targets)
+        first = out.logits[:, :, :4]
+        assert out.logits.shape[2] == 4 * options.get("query_groups", 1)
+        # same arithmetic on the same values except the masked softmax: float32 to a few ulps of O(1) values
+        torch.testing.assert_close(first, reference.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.boxes[:, :, :4], reference.boxes, rtol=1e-5, atol=1e-5)
+        if options.get("dn_groups"):
+            # 2 groups x 2 slots (the batch's most objects); image 1 has none, image 2 one
+            assert out.dn_logits.shape == (2, 3, 4, 4)
+            assert out.dn_targets.valid.tolist() == [[True, True, True, True], [False] * 4,
+                                                     [True, False, True, False]]
+
+
+def test_denoising_queries_of_one_group_do_not_see_another() -> None:
+    """Changing group 1's noise leaves group 0's outputs as they were."""
+    model, _, _ = _detr(dn_groups=2)
+    model.train()
+    images, targets = _images(2), _targets((2, 1))
+    captured = []
+    original = model.denoising.forward
+
+    def with_group_1_moved(labels, boxes):
+        content, position, dn = original(labels, boxes)
+        if captured:
+            position = torch.cat([position[:, :2], position[:, 2:] + 1.0], dim=1)  # group 1 slots: 2, 3
+        captured.append(True)
+        return content, position, dn
+
+    model.denoising.forward = with_group_1_moved
+    torch.manual_seed(3)
+    first = model(images, targets=targets)
+    torch.manual_seed(3)
+    second = model(images, targets=targets)
+    torch.testing.assert_close(second.dn_logits[:, :, :2], first.dn_logits[:, :, :2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(second.dn_logits[:, :, 2:], first.dn_logits[:, :, 2:], atol=1e-3)
+
+
+def test_evaluation_is_the_paper_model() -> None:
+    """In eval mode (or without targets) neither option changes anything: the paper network, the same outputs."""
+    images = _images(2)
+    plain, _, _ = _detr()
+    model, _, _ = _detr(dn_groups=3, query_groups=2)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    expected = plain.eval()(images)
+    out = model.eval()(images, targets=_targets((1, 2)))
+    assert out.dn_logits is None and out.query_groups == 1 and out.logits.shape == expected.logits.shape
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+
+
+def test_denoising_losses_by_hand() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[2, -1, 0, -1], [1, 0, 1, 0]])  # 2 groups x 2 slots
+    boxes = torch.rand(2, 4, 4, generator=g) * 0.3 + 0.2
+    targets = DenoisingTargets(labels, boxes * (labels[..., None] >= 0), 2)
+    logits = torch.randn(2, 4, 4, generator=g)
+    pred = torch.rand(2, 4, 4, generator=g) * 0.3 + 0.2
+    num_boxes = torch.tensor(3.0)
+    ce, l1, giou = denoising_losses(logits, pred, targets, num_boxes)
+    slots = [(b, p) for b in range(2) for p in range(4) if labels[b, p] >= 0]
+    ce_ref = sum(-torch.log_softmax(logits[b, p], -1)[labels[b, p]] for b, p in slots) / len(slots)
+    l1_ref = sum((pred[b, p] - boxes[b, p]).abs().sum() for b, p in slots) / (3.0 * 2)
+    giou_ref = sum(1 - generalized_box_iou(box_cxcywh_to_xyxy(pred[b, p][None]),
+                                           box_cxcywh_to_xyxy(boxes[b, p][None]))[0, 0] for b, p in slots) / (3.0 * 2)
+    # sums of <= 6 float32 terms of O(1): rtol 1e-5 is ~100 ulps
+    for got, want in ((ce, ce_ref), (l1, l1_ref), (giou, giou_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    empty = DenoisingTargets(torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, 0, 4), 2)
+    zero = denoising_losses(logits[:, :0].requires_grad_(), pred[:, :0].requires_grad_(), empty, torch.tensor(1.0))
+    assert all(float(x.detach()) == 0.0 for x in zero)
+
+
+def test_query_groups_loss_is_the_mean_over_groups() -> None:
+    """Two groups whose predictions are both group 0's: the same loss as one group (the mean over groups)."""
+    _, criterion, _ = _detr()
+    g = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 2, 4, 4, generator=g), torch.rand(2, 2, 4, 4, generator=g) * 0.4 + 0.3
+    sizes = torch.tensor([[64, 64], [64, 64]])
+    targets = _targets((2, 1))
+    one = criterion(DETROutput(logits, boxes, sizes), targets)
+    two = criterion(DETROutput(logits.repeat(1, 1, 2, 1), boxes.repeat(1, 1, 2, 1), sizes, query_groups=2), targets)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-6)
+
+
+def test_every_parameter_gets_a_gradient_when_no_image_has_objects() -> None:
+    """A DDP rank whose batch has no objects still reaches every parameter (zero gradients), so no rank waits."""
+    model, criterion, _ = _detr(dn_groups=2, query_groups=2)
+    model.train()
+    targets = _targets((0, 0))
+    losses = criterion(model(_images(2), targets=targets), targets)
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(losses)
+    sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_published_weights_load_into_a_model_with_training_queries() -> None:
+    """The file has no denoising / extra query parameters: they keep their initialisation, the rest loads."""
+    plain, _, _ = _detr(seed=1)
+    model, _, _ = _detr(seed=2, dn_groups=2, query_groups=3)
+    kept = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("denoising.", "extra_query"))}
+    load_detr_weights(model, plain.state_dict())
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in kept.items()) and kept
+    assert torch.equal(state["query_embed.weight"], plain.state_dict()["query_embed.weight"])
+    with pytest.raises(ValueError, match="not in the model"):
+        load_detr_weights(plain, model.state_dict())  # the other way: extra keys are an error, as before
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dn_groups": -1}, "dn_groups must be >= 0"),
+    ({"query_groups": 0}, "query_groups must be >= 1"),
+    ({"dn_label_noise": 1.5}, "dn_label_noise must be in"),
+    ({"dn_box_noise": -0.1}, "dn_box_noise must be >= 0"),
+])
+def test_bad_options_are_named(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _detr(**options)
+
+
+def test_denoising_queries_hide_padded_slots() -> None:
+    queries = DenoisingQueries(num_classes=3, d_model=16, groups=2)
+    content, position, targets = queries([torch.tensor([1]), torch.tensor([0, 2])],
+                                         [torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.rand(2, 4)])
+    assert content.shape == position.shape == (2, 4, 16)
+    assert targets.labels.tolist() == [[1, -1, 1, -1], [0, 2, 0, 2]]
+    assert (content[0, [1, 3]] == 0).all() and (position[0, [1, 3]] == 0).all()
