@@ -1,5 +1,6 @@
-"""DETR's training-only queries (lit_tasks/models/detection/detr_queries.py): DN-DETR denoising and Group DETR query
-groups, their attention isolation, losses and the paper model they leave unchanged at evaluation."""
+"""DETR's training-only convergence aids: DN-DETR denoising and Group DETR query groups
+(lit_tasks/models/detection/detr_queries.py), Co-DETR's auxiliary dense head (detr_aux_head.py); their attention
+isolation, losses, and the paper model they leave unchanged at evaluation."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 import torch
 
 from lit_tasks.losses.set_criterion import denoising_losses
+from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
 from lit_tasks.models.detection.detr import DETROutput, build_detr
 from lit_tasks.models.detection.detr_convert import load_detr_weights
 from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, box_sine_embedding,
                                                      group_attention_mask, noised_boxes, noised_labels)
+from lit_tasks.models.detection.fcos import FCOSOutput
+from lit_tasks.ops.assigners import grid_points
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 TINY = dict(backbone="test_resnet.r160_in1k", d_model=32, nheads=4, num_encoder_layers=1, num_decoder_layers=2,
@@ -143,11 +147,12 @@ def test_evaluation_is_the_paper_model() -> None:
     """In eval mode (or without targets) neither option changes anything: the paper network, the same outputs."""
     images = _images(2)
     plain, _, _ = _detr()
-    model, _, _ = _detr(dn_groups=3, query_groups=2)
+    model, _, _ = _detr(dn_groups=3, query_groups=2, aux_dense_head=True)
     model.load_state_dict(plain.state_dict(), strict=False)
     expected = plain.eval()(images)
     out = model.eval()(images, targets=_targets((1, 2)))
-    assert out.dn_logits is None and out.query_groups == 1 and out.logits.shape == expected.logits.shape
+    assert out.dn_logits is None and out.aux_dense is None and out.query_groups == 1
+    assert out.logits.shape == expected.logits.shape
     torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
 
 
@@ -188,11 +193,11 @@ def test_query_groups_loss_is_the_mean_over_groups() -> None:
 
 def test_every_parameter_gets_a_gradient_when_no_image_has_objects() -> None:
     """A DDP rank whose batch has no objects still reaches every parameter (zero gradients), so no rank waits."""
-    model, criterion, _ = _detr(dn_groups=2, query_groups=2)
+    model, criterion, _ = _detr(dn_groups=2, query_groups=2, aux_dense_head=True)
     model.train()
     targets = _targets((0, 0))
     losses = criterion(model(_images(2), targets=targets), targets)
-    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(losses)
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_cls_aux", "loss_box_aux"} <= set(losses)
     sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
@@ -202,8 +207,9 @@ def test_every_parameter_gets_a_gradient_when_no_image_has_objects() -> None:
 def test_published_weights_load_into_a_model_with_training_queries() -> None:
     """The file has no denoising / extra query parameters: they keep their initialisation, the rest loads."""
     plain, _, _ = _detr(seed=1)
-    model, _, _ = _detr(seed=2, dn_groups=2, query_groups=3)
-    kept = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("denoising.", "extra_query"))}
+    model, _, _ = _detr(seed=2, dn_groups=2, query_groups=3, aux_dense_head=True)
+    kept = {k: v.clone() for k, v in model.state_dict().items()
+            if k.startswith(("denoising.", "extra_query", "aux_head."))}
     load_detr_weights(model, plain.state_dict())
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in kept.items()) and kept
@@ -230,3 +236,36 @@ def test_denoising_queries_hide_padded_slots() -> None:
     assert content.shape == position.shape == (2, 4, 16)
     assert targets.labels.tolist() == [[1, -1, 1, -1], [0, 2, 0, 2]]
     assert (content[0, [1, 3]] == 0).all() and (position[0, [1, 3]] == 0).all()
+
+
+def test_auxiliary_head_reads_the_memory_as_its_feature_map() -> None:
+    """Token y * W + x of the encoder memory is cell (y, x), whose point is (x s + s / 2, y s + s / 2)."""
+    head = DenseAuxiliaryHead(num_classes=3, d_model=8, stride=16)
+    memory = torch.arange(6.0)[None, :, None].expand(2, 6, 8)  # (B, S = 2 x 3, d): every channel holds the index
+    seen = {}
+
+    def record(maps):
+        seen["map"] = maps[0]
+        return torch.zeros(2, 6, 3), torch.zeros(2, 6, 4), torch.zeros(2, 6)
+
+    head.head.forward = record
+    out = head(memory, (2, 3))
+    assert seen["map"].shape == (2, 8, 2, 3)
+    assert seen["map"][0, 5].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert out.points.tolist() == [[8, 8], [24, 8], [40, 8], [8, 24], [24, 24], [40, 24]]
+    assert out.strides.tolist() == [16] * 6
+
+
+def test_auxiliary_losses_are_fcos_on_one_any_size_level() -> None:
+    """A 64 x 64 image, stride 16: a box over the whole image makes every cell within 1.5 strides of its centre
+    positive (centre sampling), whatever its size (one level, no regress range)."""
+    criterion = dense_auxiliary_criterion(3)
+    points, strides, levels = grid_points([(4, 4)], [16])
+    out = FCOSOutput(torch.zeros(1, 16, 3), torch.ones(1, 16, 4), torch.zeros(1, 16), points, strides, levels)
+    big = [{"boxes": torch.tensor([[0.0, 0.0, 64.0, 64.0]]), "labels": torch.tensor([1])}]
+    losses = criterion(out, big)
+    # centre (32, 32), radius 24: the cells at 8 px from it in both axes, (24|40, 24|40): 4 positives
+    # focal loss at logit 0 (p = 1/2): positives alpha (1/2)^2 ln 2, negatives (1 - alpha) (1/2)^2 ln 2 per class
+    per = 0.25 * math.log(2)
+    expected_cls = (4 * (0.25 * per + 2 * 0.75 * per) + 12 * 3 * 0.75 * per) / 4
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(expected_cls), rtol=1e-5, atol=1e-6)

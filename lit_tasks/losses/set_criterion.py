@@ -78,7 +78,8 @@ class SetCriterion(nn.Module):
     Training-only queries (:mod:`lit_tasks.models.detection.detr_queries`), when ``outputs`` carries them: query
     groups (``query_groups`` > 1, Group DETR) are matched each on its own and each term is the mean of the groups'
     terms (Group DETR sums them: the same up to a constant factor); denoising queries add ``loss_ce_dn``,
-    ``loss_bbox_dn``, ``loss_giou_dn`` per layer (:func:`denoising_losses`, the same weights; DN-DETR §3.4).
+    ``loss_bbox_dn``, ``loss_giou_dn`` per layer (:func:`denoising_losses`, the same weights; DN-DETR §3.4); Co-DETR's auxiliary
+    dense head (``outputs.aux_dense``) adds ``dense_criterion``'s losses suffixed ``_aux``.
 
     ``outputs`` is any object with ``logits`` ``(L, B, Q, C + 1)`` (no-object last), ``boxes`` ``(L, B, Q, 4)``
     (sigmoid, normalised cxcywh of each unpadded image), last decoder layer last, and ``image_sizes`` ``(B, 2)``
@@ -95,9 +96,11 @@ class SetCriterion(nn.Module):
         weight_ce: float = 1.0,
         weight_bbox: float = 5.0,
         weight_giou: float = 2.0,
+        dense_criterion: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.dense_criterion = dense_criterion
         self.matcher = HungarianMatcher() if matcher is None else matcher
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
         class_weight = torch.ones(num_classes + 1)
@@ -142,6 +145,9 @@ class SetCriterion(nn.Module):
                     losses.update({f"loss_ce_dn{suffix}": self.weight_ce * ce,
                                    f"loss_bbox_dn{suffix}": self.weight_bbox * l1,
                                    f"loss_giou_dn{suffix}": self.weight_giou * giou})
+            if self.dense_criterion is not None and getattr(outputs, "aux_dense", None) is not None:
+                dense = self.dense_criterion(outputs.aux_dense, targets)
+                losses.update({f"{k}_aux": v for k, v in dense.items()})
             first = batch // groups  # errors are logged for the first query group, the one evaluated
             losses.update(self.logged_errors(logits[:first], tgt_labels[:first], indices[:first]))
         return losses

@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.models.backbone import Normalize, build_backbone
+from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
 from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, check_query_options,
                                                      group_attention_mask)
 from lit_tasks.models.detection.detr_transformer import Transformer
+from lit_tasks.models.detection.fcos import FCOSOutput
 from lit_tasks.models.detection.position_encoding import build_position_embedding
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy
 from lit_tasks.ops.matcher import HungarianMatcher
@@ -54,6 +56,8 @@ class DETROutput:
     query_groups: in training with Group DETR's query groups, Q = query_groups x the model's queries (group-major).
     dn_logits, dn_boxes, dn_targets: in training with denoising queries, their outputs ``(L, B, P, ...)`` and what
         they must reconstruct (:mod:`lit_tasks.models.detection.detr_queries`).
+    aux_dense: in training with Co-DETR's auxiliary dense head, its FCOS outputs on the encoder memory
+        (:mod:`lit_tasks.models.detection.detr_aux_head`).
     """
 
     logits: Tensor
@@ -63,6 +67,7 @@ class DETROutput:
     dn_logits: Tensor | None = None
     dn_boxes: Tensor | None = None
     dn_targets: DenoisingTargets | None = None
+    aux_dense: FCOSOutput | None = None
 
     @property
     def pred_logits(self) -> Tensor:
@@ -132,6 +137,7 @@ class DETR(nn.Module):
         denoising: DN-DETR's denoising queries (training only; None: none, the paper's), fed the ground truth through
             ``forward(..., targets=)`` (:mod:`lit_tasks.models.detection.detr_queries`).
         query_groups: Group DETR's sets of object queries in training (1: the paper's); evaluation uses the first.
+        aux_head: Co-DETR's auxiliary dense head on the encoder memory, training only (None: none, the paper's).
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class DETR(nn.Module):
         backbone_on_padded_batch: bool = False,
         denoising: DenoisingQueries | None = None,
         query_groups: int = 1,
+        aux_head: DenseAuxiliaryHead | None = None,
     ) -> None:
         super().__init__()
         if transformer.return_intermediate != aux_loss:
@@ -165,6 +172,7 @@ class DETR(nn.Module):
         if query_groups > 1:  # its own module: the published weights' query_embed keeps its shape
             self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, d_model)
         self.denoising = denoising
+        self.aux_head = aux_head
 
     def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | Tensor | None = None,
                 targets: Sequence[dict[str, Tensor]] | None = None) -> DETROutput:
@@ -183,24 +191,26 @@ class DETR(nn.Module):
         queries = self.query_embed.weight
         if groups > 1:
             queries = torch.cat([queries, self.extra_query_embed.weight])
-        dn_targets = None
+        content, blocked, dn_targets = None, group_attention_mask(groups, len(self.query_embed.weight), None), None
         if self.training and self.denoising is not None and targets is not None:
             labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
-            content, position, dn_targets = self.denoising(labels, boxes)
+            dn_content, position, dn_targets = self.denoising(labels, boxes)
             num_matching = len(queries)
             queries = torch.cat([queries[None].expand(len(images), -1, -1), position.to(queries.dtype)], dim=1)
-            content = torch.cat([torch.zeros_like(queries[:, :num_matching]), content.to(queries.dtype)], dim=1)
-            hs = self.transformer(src, mask, queries, pos, content,
-                                  group_attention_mask(groups, len(self.query_embed.weight), dn_targets))
-        else:
-            hs = self.transformer(src, mask, queries, pos, query_blocked=group_attention_mask(
-                groups, len(self.query_embed.weight), None))  # (L, B, Q, d)
+            content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
+            blocked = group_attention_mask(groups, len(self.query_embed.weight), dn_targets)
+        aux = self.training and self.aux_head is not None
+        hs = self.transformer(src, mask, queries, pos, content, blocked, return_memory=aux)  # (L, B, Q, d)
+        aux_dense = None
+        if aux:
+            hs, memory = hs
+            aux_dense = self.aux_head(memory, tuple(src.shape[-2:]))
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
         if dn_targets is None:
-            return DETROutput(logits, boxes, image_sizes, groups)
+            return DETROutput(logits, boxes, image_sizes, groups, aux_dense=aux_dense)
         num_matching = groups * len(self.query_embed.weight)
         return DETROutput(logits[:, :, :num_matching], boxes[:, :, :num_matching], image_sizes, groups,
-                          logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets)
+                          logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets, aux_dense)
 
     def features_per_image(self, images: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor | None]:
         """C5 of each image at its own size (one backbone call per distinct size), zero-padded to the largest.
@@ -276,7 +286,7 @@ class DETRPostprocess(nn.Module):
 DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
                 "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
                 "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "dn_groups", "dn_label_noise", "dn_box_noise",
-                "query_groups")
+                "query_groups", "aux_dense_head")
 
 
 def check_detr_args(
@@ -362,6 +372,7 @@ def build_detr(
     dn_label_noise: float = 0.2,
     dn_box_noise: float = 0.4,
     query_groups: int = 1,
+    aux_dense_head: bool = False,
     max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
@@ -377,8 +388,9 @@ def build_detr(
     so those blocks add nothing, ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
     ``max_detections``: see :class:`DETRPostprocess`. Training-only convergence aids, off by default
     (:mod:`lit_tasks.models.detection.detr_queries`): ``dn_groups`` groups of DN-DETR denoising queries with
-    ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets. Bad values
-    raise ValueError naming the argument (:func:`check_detr_args`).
+    ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets, ``aux_dense_head`` Co-DETR's auxiliary FCOS head on the encoder
+    (:mod:`lit_tasks.models.detection.detr_aux_head`). Bad values raise ValueError naming the argument
+    (:func:`check_detr_args`).
     """
     check_detr_args(num_classes=num_classes, position_embedding=position_embedding, d_model=d_model, nheads=nheads,
                     num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
@@ -397,10 +409,13 @@ def build_detr(
     denoising = DenoisingQueries(num_classes, d_model, dn_groups, dn_label_noise, dn_box_noise) if dn_groups else None
     model = DETR(backbone=network, transformer=transformer, position_embedding=positions, num_classes=num_classes,
                  num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch,
-                 denoising=denoising, query_groups=query_groups)
+                 denoising=denoising, query_groups=query_groups,
+                 aux_head=DenseAuxiliaryHead(num_classes, d_model, network.feature_info.reduction()[-1])
+                 if aux_dense_head else None)
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
     criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
-                             weight_bbox=weight_bbox, weight_giou=weight_giou)
+                             weight_bbox=weight_bbox, weight_giou=weight_giou,
+                             dense_criterion=dense_auxiliary_criterion(num_classes) if aux_dense_head else None)
     return model, criterion, DETRPostprocess(max_detections)
 
 

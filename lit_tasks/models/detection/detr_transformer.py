@@ -112,6 +112,7 @@ class Transformer(nn.Module):
     final LayerNorm (only the last layer when ``return_intermediate`` is False: ``(1, B, Q, d)``). Optional, for
     the training-only queries of :mod:`lit_tasks.models.detection.detr_queries`: ``content`` (B, Q, d), the
     decoder's input (None: zeros, the paper's), and ``query_blocked`` (B or 1, Q, Q), the self-attention mask.
+    ``return_memory``: also return the encoder output ``(B, H * W, d)`` (Co-DETR's auxiliary head reads it).
     """
 
     def __init__(self, *, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 6,
@@ -143,7 +144,7 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor, content: Tensor | None = None,
-                query_blocked: Tensor | None = None) -> Tensor:
+                query_blocked: Tensor | None = None, return_memory: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         src = src.flatten(2).transpose(1, 2)  # (B, S, d)
         pos = pos.flatten(2).transpose(1, 2)
         key_padding_mask = None if mask is None else mask.flatten(1)
@@ -160,4 +161,5 @@ class Transformer(nn.Module):
             tgt = layer(tgt, query_pos, memory, memory_with_pos, key_padding_mask, query_blocked)
             if self.return_intermediate:
                 outputs.append(self.decoder_norm(tgt))
-        return torch.stack(outputs) if self.return_intermediate else self.decoder_norm(tgt)[None]
+        hs = torch.stack(outputs) if self.return_intermediate else self.decoder_norm(tgt)[None]
+        return (hs, memory) if return_memory else hs
