@@ -112,6 +112,16 @@ def test_star_conv_in_bf16_autocast_on_cpu() -> None:
         _assert_within(f"bf16 star {name}", g, ref, bound)
 
 
+def test_star_conv_on_bf16_tensors() -> None:
+    """bf16 features, distances and weight (no autocast): sampled in float32, the 1x1 convolution in bf16, gradients
+    returned in bf16; against float64 on the same (bf16-representable) inputs, within 3 bf16 roundings."""
+    x, ltrb, weight, grad = (t.bfloat16().double() for t in _case(2, 16, 8, 6, 10, reach=1.5))
+    want = _run(_deform, x, ltrb, weight, grad, dtype=torch.float64)
+    got = _run(star_conv3x3, x, ltrb, weight, grad, dtype=torch.bfloat16)
+    for name, g, ref, bound in zip(NAMES, got, want, _bounds(x, ltrb, weight, grad, rel=3 * UBF16)):
+        _assert_within(f"bf16 tensors star {name}", g, ref, bound)
+
+
 def test_star_conv_float64_matches_deform_conv2d_closely() -> None:
     x, ltrb, weight, grad = _case(2, 8, 5, 7, 9, reach=1.0)
     for got, want in zip(_run(star_conv3x3, x, ltrb, weight, grad, dtype=torch.float64),
