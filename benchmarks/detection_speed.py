@@ -2,7 +2,9 @@
 
 1. FCOS: our FCOS ResNet-50 FPN vs torchvision's ``fcos_resnet50_fpn`` (target ours / tv <= 1.0).
 2. VFNet: our VFNet ResNet-50 FPN vs our FCOS, same backbone (target VFNet / FCOS: training step <= 1.25,
-   inference <= 1.2; the paper reports VFNet at about ATSS / FCOS speed).
+   inference <= 1.2; the paper reports VFNet at about ATSS / FCOS speed), VFNet twice: with the star-shaped
+   deformable convolution as ``lit_tasks.ops.star_conv`` computes it (forced onto ``--device``) and with
+   ``torchvision.ops.deform_conv2d``.
 3. DETR: our DETR R-50 vs Hugging Face ``DetrForObjectDetection`` (random init, timm ``resnet50`` backbone, the
    recipe's freezing on both sides: frozen BN, stem + layer1 frozen; 100 queries, 6 + 6 layers, auxiliary losses)
    (target ours / HF <= 0.8), the share of our Hungarian matching in our training step, and our matcher against
@@ -124,18 +126,40 @@ def bench_fcos(args, images, targets) -> None:
                ("ours", "tv"), rows)
 
 
+def star_conv_on(task: DetectionTask, devices: frozenset[str]) -> DetectionTask:
+    """Make every VFNet star-shaped deformable convolution of ``task`` take the star path on ``devices`` (empty:
+    always ``torchvision.ops.deform_conv2d``)."""
+    from lit_tasks.models.detection.vfnet import DeformConv3x3
+
+    for module in task.modules():
+        if isinstance(module, DeformConv3x3):
+            module.STAR_DEVICES = devices
+    return task
+
+
 def bench_vfnet(args, images, targets) -> None:
-    """VFNet vs our FCOS: the same backbone, FPN width, frozen parts (none) and images; paper head depths."""
-    vfnet = DetectionTask(num_classes=args.num_classes, model="vfnet", backbone="resnet50",
-                          channels_last=args.channels_last)
-    fcos = DetectionTask(num_classes=args.num_classes, model="fcos", backbone="resnet50",
-                         channels_last=args.channels_last)
-    v_train, v_infer = task_step(vfnet, images, targets)
-    f_train, f_infer = task_step(fcos, images, targets)
-    rows = [(name, *timed_pair(a, b, args.steps))
-            for name, a, b in (("train step", v_train, f_train), ("inference", v_infer, f_infer))]
-    print_rows(f"VFNet vs FCOS, R50-FPN, 2 x 3 x 512 x 512, {where(args)}, median of {args.steps} "
-               f"(targets: train <= 1.25, inference <= 1.2)", ("VFNet", "FCOS"), rows)
+    """VFNet (star conv, and torchvision's deform_conv2d) vs FCOS: the same backbone, FPN width, frozen parts (none)
+    and images; paper head depths. The three run alternately, so load hits them alike."""
+    device = images.device.type
+    cases = {}
+    for name, model, star in (("VFNet star", "vfnet", frozenset({device})), ("VFNet dcn", "vfnet", frozenset()),
+                              ("FCOS", "fcos", None)):
+        torch.manual_seed(0)
+        task = DetectionTask(num_classes=args.num_classes, model=model, backbone="resnet50",
+                             channels_last=args.channels_last)
+        cases[name] = task_step(star_conv_on(task, star) if star is not None else task, images, targets)
+    print(f"\nVFNet (star conv / torchvision deform_conv2d) vs FCOS, R50-FPN, 2 x 3 x 512 x 512, {where(args)}, "
+          f"median of {args.steps} (targets VFNet star / FCOS: train <= 1.25, inference <= 1.2)")
+    print("(wall-time medians; the last column is the ratio of this process's CPU-time medians, which other "
+          "processes on the machine disturb less)")
+    print(f"{'':12} {'star (s)':>10} {'dcn (s)':>10} {'FCOS (s)':>10} {'star/FCOS':>10} {'dcn/FCOS':>10} "
+          f"{'star/dcn':>10} {'star/FCOS cpu':>14}")
+    for i, stage in enumerate(("train step", "inference")):
+        times = time_calls({name: fns[i] for name, fns in cases.items()}, warmup=1, repeats=args.steps, sync=True)
+        star, dcn, fcos = (times[name].median for name in cases)
+        cpu = times["VFNet star"].median_cpu / times["FCOS"].median_cpu
+        print(f"{stage:12} {star:10.3f} {dcn:10.3f} {fcos:10.3f} {star / fcos:10.2f} {dcn / fcos:10.2f} "
+              f"{star / dcn:10.2f} {cpu:14.2f}", flush=True)
 
 
 def bench_detr(args, images, targets) -> None:

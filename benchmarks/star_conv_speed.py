@@ -3,7 +3,8 @@
 
 VFNet R-50 FPN at 512x512: batch 2, 256 channels, levels P3-P7 of 64, 32, 16, 8 and 4 cells, box distances up to a
 few cells (so some taps fall outside the map). Each case is timed alternately with the others in one run
-(benchmarks/timing.py); prints median wall times, the ratios star / deform_conv2d and star / conv3x3, forward
+(benchmarks/timing.py); prints median wall times (with the star's gather of the 25 neighbours alone, the rest
+being its 1x1 convolution over 9C channels), the ratios star / deform_conv2d and star / conv3x3, forward
 (no grad) and forward + backward (gradients of input, weight and box distances, as in VFNet's training step), and
 the load average, so the run's conditions go with its numbers.
 
@@ -21,7 +22,7 @@ from timing import time_calls  # noqa: E402  (benchmarks/ is on the path when a 
 from torchvision.ops import deform_conv2d
 
 from lit_tasks.models.detection.vfnet import star_dcn_offsets
-from lit_tasks.ops.star_conv import star_conv3x3
+from lit_tasks.ops.star_conv import star_conv3x3, star_gather
 
 
 def main() -> None:
@@ -42,6 +43,7 @@ def main() -> None:
         forward = {
             "deform_conv2d": lambda: deform_conv2d(x, star_dcn_offsets(ltrb), w, padding=(1, 1)),
             "star": lambda: star_conv3x3(x, ltrb, w),
+            "gather": lambda: star_gather(x, ltrb),
             "conv3x3": lambda: F.conv2d(x, w, padding=1),
         }
         with torch.no_grad():
@@ -49,9 +51,10 @@ def main() -> None:
         both = time_calls({k: (lambda f=f: f().sum().backward()) for k, f in forward.items()},
                           warmup=1, repeats=args.repeats, sync=sync)
         for name, t in (("forward", fwd), ("fwd+bwd", both)):
-            d, s, c = (t[k].median for k in ("deform_conv2d", "star", "conv3x3"))
-            print(f"{size:3d}x{size:<3d} {name:8s} deform_conv2d {d * 1e3:8.1f} ms  star {s * 1e3:8.1f} ms  "
-                  f"conv3x3 {c * 1e3:8.1f} ms  star/deform {s / d:5.2f}  star/conv3x3 {s / c:5.2f}", flush=True)
+            d, s, g_, c = (t[k].median for k in ("deform_conv2d", "star", "gather", "conv3x3"))
+            print(f"{size:3d}x{size:<3d} {name:8s} deform_conv2d {d * 1e3:8.1f} ms  star {s * 1e3:8.1f} ms "
+                  f"(gather {g_ * 1e3:6.1f})  conv3x3 {c * 1e3:8.1f} ms  star/deform {s / d:5.2f}  "
+                  f"star/conv3x3 {s / c:5.2f}", flush=True)
     print(f"load average at the end {os.getloadavg()}")
 
 

@@ -4,9 +4,10 @@ Tolerances come from the arithmetic, not from observed errors. A float32 sum of 
 n * u * (sum of the |products|) (Higham's gamma_n, u = 2^-24), whatever the order of the sum; both implementations
 are compared to a float64 ``deform_conv2d`` (exact at this scale), each within that bound, with the sum of |products|
 computed in float64 from |inputs| (bilinear weights are >= 0, so the same computation on |x|, |w|, |grad| gives it).
-The sampling coordinates add one more term: ``grid_sample`` normalises a pixel coordinate p to (2p + 1) / size - 1
-and back, a few roundings of numbers up to ~2 * (size + |p|), each moving the point by <= 4 u (size + |p|) cells,
-which moves a bilinear sample by at most that times the largest difference of neighbouring pixels (<= 2 max|x|).
+The sampling coordinates add one more term: a coordinate p = h - t (or w + r, ...) is rounded once, to within
+u (size + |p|) cells (the bound below allows 4 u (size + |p|), room for an implementation that normalises p and
+back), which moves a bilinear sample by at most that times the largest difference of neighbouring pixels
+(<= 2 max|x|).
 In bf16 autocast the 1x1 convolution rounds its operands to bf16 (8-bit mantissa, u = 2^-8 each) and its output
 too, so the bound is 3 * 2^-8 of the sum of |products| plus the float32 terms.
 """
@@ -18,7 +19,7 @@ import torch
 from torchvision.ops import deform_conv2d
 
 from lit_tasks.models.detection.vfnet import DeformConv3x3, star_dcn_offsets
-from lit_tasks.ops.star_conv import star_conv3x3
+from lit_tasks.ops.star_conv import star_conv3x3, star_gather
 
 U32 = 2.0 ** -24
 UBF16 = 2.0 ** -8
@@ -111,6 +112,16 @@ def test_star_conv_in_bf16_autocast_on_cpu() -> None:
         _assert_within(f"bf16 star {name}", g, ref, bound)
 
 
+def test_star_conv_on_bf16_tensors() -> None:
+    """bf16 features, distances and weight (no autocast): sampled in float32, the 1x1 convolution in bf16, gradients
+    returned in bf16; against float64 on the same (bf16-representable) inputs, within 3 bf16 roundings."""
+    x, ltrb, weight, grad = (t.bfloat16().double() for t in _case(2, 16, 8, 6, 10, reach=1.5))
+    want = _run(_deform, x, ltrb, weight, grad, dtype=torch.float64)
+    got = _run(star_conv3x3, x, ltrb, weight, grad, dtype=torch.bfloat16)
+    for name, g, ref, bound in zip(NAMES, got, want, _bounds(x, ltrb, weight, grad, rel=3 * UBF16)):
+        _assert_within(f"bf16 tensors star {name}", g, ref, bound)
+
+
 def test_star_conv_float64_matches_deform_conv2d_closely() -> None:
     x, ltrb, weight, grad = _case(2, 8, 5, 7, 9, reach=1.0)
     for got, want in zip(_run(star_conv3x3, x, ltrb, weight, grad, dtype=torch.float64),
@@ -125,7 +136,7 @@ def test_vfnet_module_uses_the_star_path_on_cpu_and_deform_conv2d_when_traced() 
     assert "cpu" in DeformConv3x3.STAR_DEVICES
     torch.testing.assert_close(module(x, ltrb), module.deform(x, star_dcn_offsets(ltrb)), rtol=0, atol=1e-5)
     traced = torch.jit.trace(module, (x, ltrb))
-    assert "deform_conv2d" in str(traced.inlined_graph) and "grid_sampler" not in str(traced.inlined_graph)
+    assert "deform_conv2d" in str(traced.inlined_graph) and "embedding_bag" not in str(traced.inlined_graph)
 
 
 def test_star_conv_refuses_mismatched_shapes() -> None:
@@ -133,3 +144,35 @@ def test_star_conv_refuses_mismatched_shapes() -> None:
         star_conv3x3(torch.zeros(1, 2, 3, 3), torch.zeros(1, 4, 3, 4), torch.zeros(1, 2, 3, 3))
     with pytest.raises(ValueError, match="weight must be"):
         star_conv3x3(torch.zeros(1, 2, 3, 3), torch.zeros(1, 4, 3, 3), torch.zeros(1, 3, 3, 3))
+
+
+def test_star_gather_at_whole_cells_is_the_shifted_map_with_zeros_outside() -> None:
+    """Integer distances make every bilinear weight exactly 0 or 1: each tap is x shifted by whole cells, exactly."""
+    g = torch.Generator().manual_seed(1)
+    b, c, h, w = 2, 3, 5, 6
+    x = torch.randn(b, c, h, w, generator=g)
+    ltrb = torch.randint(0, 7, (b, 4, h, w), generator=g).float()  # up to 6 cells: many taps leave the map
+    got = star_gather(x, ltrb)
+    assert got.shape == (b, h, w, 9, c)
+    padded = torch.zeros(b, c, h + 14, w + 14)
+    padded[:, :, 7:7 + h, 7:7 + w] = x
+    left, top, right, bottom = ltrb.long().unbind(1)
+    for bi in range(b):
+        for hi in range(h):
+            for wi in range(w):
+                ys = (-top[bi, hi, wi], 0, bottom[bi, hi, wi])
+                xs = (-left[bi, hi, wi], 0, right[bi, hi, wi])
+                want = torch.stack([padded[bi, :, 7 + hi + dy, 7 + wi + dx] for dy in ys for dx in xs])
+                assert torch.equal(got[bi, hi, wi], want)
+
+
+def test_star_conv_output_is_channels_last_and_the_centre_tap_is_the_cell_itself() -> None:
+    """With only the centre tap weighted the star conv is a 1x1 convolution of x, whatever the distances."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)
+    ltrb = torch.rand(2, 4, 5, 7, generator=g, dtype=torch.float64) * 9
+    weight = torch.zeros(3, 4, 3, 3, dtype=torch.float64)
+    weight[:, :, 1, 1] = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    out = star_conv3x3(x, ltrb, weight)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight[:, :, 1:2, 1:2]), rtol=0, atol=1e-12)

@@ -90,13 +90,16 @@ class DeformConv3x3(nn.Module):
 
     Two equal computations (tests/test_star_conv.py), chosen by device type:
 
-    - :func:`lit_tasks.ops.star_conv.star_conv3x3`, a bilinear gather of the 9 star points and one 1x1 convolution
-      over 9C channels, on devices in :attr:`STAR_DEVICES`. On CPU (2-core AVX-512 machine, 2 threads, load
-      average 1.1, benchmarks/star_conv_speed.py: batch 2, 256 channels) it took 0.33x the time of
-      ``deform_conv2d`` forward and 0.15x forward+backward at 64x64 (P3 of a 512-px image), 0.21x / 0.14x at
-      32x32, 0.28x / 0.13x at 16x16, 0.39x / 0.19x at 8x8 and 0.71x / 0.34x at 4x4; the whole VFNet R-50 FPN
-      training step went from 2.35x FCOS's to 1.63x, inference from 1.64x to 1.29x (benchmarks/detection_speed.py,
-      3 steps, load average ~2.8). Not measured on a GPU yet, so CUDA keeps ``deform_conv2d``.
+    - :func:`lit_tasks.ops.star_conv.star_conv3x3`, a gather of the 25 integer neighbours of the 9 star points (one
+      ``embedding_bag``, channels last) and one 1x1 convolution over 9C channels, on devices in
+      :attr:`STAR_DEVICES` (a class default; an instance may override it, as benchmarks/detection_speed.py does to
+      time both ways). On CPU (2-core AVX-512 machine, 2 threads, load average ~4, benchmarks/star_conv_speed.py:
+      batch 2, 256 channels) it took 0.26x the time of ``deform_conv2d`` forward and 0.14x forward+backward at
+      64x64 (P3 of a 512-px image; 1.6x / 1.8x an ordinary 3x3 convolution, against ~3x for the earlier
+      ``grid_sample`` + NCHW 1x1 version), 0.22x / 0.12x at 32x32, 0.32x / 0.13x at 16x16, 0.61x / 0.23x at 8x8
+      and 1.2x / 0.37x at 4x4 (a millisecond). The whole VFNet R-50 FPN step against FCOS's: see
+      benchmarks/detection_speed.py (training 1.19x, inference 1.17x, medians of 3 runs at load 4-6; 2.3x / 1.7x
+      with ``deform_conv2d``). Not measured on a GPU yet, so CUDA keeps ``deform_conv2d``.
     - ``torchvision.ops.deform_conv2d`` elsewhere and whenever the module is traced or exported, so the exported
       graph keeps ONNX ``DeformConv`` (opset 19). It runs in the feature dtype, with offsets and weight cast to it
       (so fp16 works, mmdet#4172); bfloat16 features run in float32 because torchvision has no bfloat16 kernel.
