@@ -77,7 +77,7 @@ def test_box_sine_embedding_layout() -> None:
 def test_attention_mask_by_hand() -> None:
     """2 query groups of 2 queries; 2 denoising groups of 2 slots; image 0 has 1 object, image 1 has 2."""
     labels = torch.tensor([[1, -1, 1, -1], [0, 2, 0, 2]])
-    mask = group_attention_mask(2, 2, DenoisingTargets(labels, torch.zeros(2, 4, 4), 2))
+    mask = group_attention_mask(2, 2, DenoisingTargets(labels, torch.zeros(2, 4, 4), 2), labels.device)
     group = [0, 0, 1, 1, 2, 2, 3, 3]
     for b in range(2):
         for i in range(8):

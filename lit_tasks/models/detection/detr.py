@@ -188,17 +188,7 @@ class DETR(nn.Module):
         pos = self.position_embedding(pos_mask).to(src.dtype)
         image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
         groups = self.query_groups if self.training else 1
-        queries = self.query_embed.weight
-        if groups > 1:
-            queries = torch.cat([queries, self.extra_query_embed.weight])
-        content, blocked, dn_targets = None, group_attention_mask(groups, len(self.query_embed.weight), None), None
-        if self.training and self.denoising is not None and targets is not None:
-            labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
-            dn_content, position, dn_targets = self.denoising(labels, boxes)
-            num_matching = len(queries)
-            queries = torch.cat([queries[None].expand(len(images), -1, -1), position.to(queries.dtype)], dim=1)
-            content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
-            blocked = group_attention_mask(groups, len(self.query_embed.weight), dn_targets)
+        queries, content, blocked, dn_targets = self.decoder_queries(groups, image_sizes, targets)
         aux = self.training and self.aux_head is not None
         hs = self.transformer(src, mask, queries, pos, content, blocked, return_memory=aux)  # (L, B, Q, d)
         aux_dense = None
@@ -211,6 +201,24 @@ class DETR(nn.Module):
         num_matching = groups * len(self.query_embed.weight)
         return DETROutput(logits[:, :, :num_matching], boxes[:, :, :num_matching], image_sizes, groups,
                           logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets, aux_dense)
+
+    def decoder_queries(self, groups: int, image_sizes: Tensor, targets: Sequence[dict[str, Tensor]] | None
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None, DenoisingTargets | None]:
+        """The decoder's positional queries ``(Q', d)`` or ``(B, Q', d)``, content (None: zeros), self-attention mask
+        and denoising targets: the learned queries of ``groups`` query groups, then (in training, with targets) the
+        denoising queries."""
+        num_queries = len(self.query_embed.weight)
+        queries = self.query_embed.weight
+        if groups > 1:
+            queries = torch.cat([queries, self.extra_query_embed.weight])
+        if not (self.training and self.denoising is not None and targets is not None):
+            return queries, None, group_attention_mask(groups, num_queries, None, queries.device), None
+        labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
+        dn_content, position, dn_targets = self.denoising(labels, boxes)
+        batch, num_matching = len(image_sizes), len(queries)
+        queries = torch.cat([queries[None].expand(batch, -1, -1), position.to(queries.dtype)], dim=1)
+        content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
+        return queries, content, group_attention_mask(groups, num_queries, dn_targets, queries.device), dn_targets
 
     def features_per_image(self, images: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor | None]:
         """C5 of each image at its own size (one backbone call per distinct size), zero-padded to the largest.

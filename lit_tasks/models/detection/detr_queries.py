@@ -107,7 +107,8 @@ class DenoisingQueries(nn.Module):
         return content, position, DenoisingTargets(true_labels, true_boxes, self.groups)
 
 
-def group_attention_mask(query_groups: int, num_queries: int, targets: DenoisingTargets | None) -> Tensor | None:
+def group_attention_mask(query_groups: int, num_queries: int, targets: DenoisingTargets | None,
+                         device: torch.device | None = None) -> Tensor | None:
     """Decoder self-attention mask ``(B or 1, S, S)``, True = blocked, for ``[query groups | denoising groups]``.
 
     A query sees the queries of its own group only; padded denoising slots are hidden from every other query (each
@@ -116,7 +117,6 @@ def group_attention_mask(query_groups: int, num_queries: int, targets: Denoising
     denoising = targets is not None and targets.labels.shape[1] > 0
     if query_groups == 1 and not denoising:
         return None
-    device = targets.labels.device if targets is not None else None
     group = torch.arange(query_groups, device=device).repeat_interleave(num_queries)
     if not denoising:
         return (group[:, None] != group[None, :])[None]
