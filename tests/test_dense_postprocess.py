@@ -12,7 +12,7 @@ from lit_tasks.models.detection.fcos import FCOSOutput, FCOSPostprocess
 from lit_tasks.models.detection.vfnet import VFNetOutput, VFNetPostprocess
 from lit_tasks.ops.assigners import grid_points
 from lit_tasks.ops.box_ops import distance2bbox
-from lit_tasks.ops.dense_postprocess import dense_detections, points_inside
+from lit_tasks.ops.dense_postprocess import dense_detections, points_inside, topk_pairs
 
 # Level 0: 2 x 2 locations at stride 8, points (4, 4) (12, 4) (4, 12) (12, 12); level 1: one at stride 16, (8, 8).
 LEVEL_SIZES = [(2, 2), (1, 1)]
@@ -74,6 +74,22 @@ def test_an_image_filling_its_grid_is_the_plain_reference() -> None:
     torch.testing.assert_close(det["boxes"], boxes[keep], rtol=0, atol=0)
     torch.testing.assert_close(det["scores"], scores[keep], rtol=0, atol=0)
     assert det["labels"].tolist() == labels[keep].tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.9, 0.999, 1.0])
+def test_topk_pairs_is_the_top_k_of_the_masked_scores(threshold: float) -> None:
+    """The candidates' top-k equals the earlier formula, the top-k of every pair with non-candidates at -inf, pair for
+    pair and in order (continuous random scores: no ties); thresholds leave more, fewer and no pairs than k."""
+    g = torch.Generator().manual_seed(0)
+    rank = torch.rand(300, 80, generator=g)
+    candidate = rank > threshold
+    flat = rank.masked_fill(~candidate, float("-inf")).flatten()
+    top, index = flat.topk(1000)
+    index = index[top > float("-inf")]
+    location, label = topk_pairs(rank, candidate, 1000)
+    assert location.tolist() == (index // 80).tolist()
+    assert label.tolist() == (index % 80).tolist()
+    assert len(location) == min(1000, int(candidate.sum()))
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,11 @@ def points_inside(points: Tensor, image_size: Sequence[int]) -> Tensor:
 
 def topk_pairs(rank: Tensor, candidate: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` candidate (location, class) pairs of highest ``rank`` ``(P, C)``, best first (FCOS repo) ->
-    location and class indices."""
-    flat = rank.masked_fill(~candidate, float("-inf")).flatten()
-    top, index = flat.topk(min(k, flat.numel()))
-    index = index[top > float("-inf")]
-    return index // rank.shape[1], index % rank.shape[1]
+    location and class indices. The top-k runs over the candidates only (torchvision's FCOS too): a level has
+    P x C pairs, its candidates are few."""
+    location, label = candidate.nonzero(as_tuple=True)
+    top = rank[location, label].topk(min(k, location.numel())).indices
+    return location[top], label[top]
 
 
 def topk_locations(rank: Tensor, candidate: Tensor, k: int) -> tuple[Tensor, Tensor]:
