@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-import torchvision
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: busy-waiting threads under load
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 from timing import time_call, time_calls  # noqa: E402  (benchmarks/ is on the path when a script runs)
 
 from lit_tasks import DetectionTask
@@ -49,8 +50,9 @@ def make_batch(num_classes: int, size: int = 512, seed: int = 0) -> tuple[torch.
 
 
 def timed_pair(a, b, steps: int) -> tuple[float, float]:
-    """Median wall times of ``a()`` and ``b()``, run alternately (after one warm-up each) so load hits both alike."""
-    times = time_calls({"a": a, "b": b}, warmup=1, repeats=steps, alternate=False, sync=True)
+    """Median wall times of ``a()`` and ``b()``, run alternately, the order reversed every other round (after one
+    warm-up each), so load and cache state hit both alike."""
+    times = time_calls({"a": a, "b": b}, warmup=1, repeats=steps, alternate=True, sync=True)
     return times["a"].median, times["b"].median
 
 

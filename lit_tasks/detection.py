@@ -80,8 +80,8 @@ class DetectionTask(BaseTask):
             zero-initialises each residual block's last BN, which frozen stays 0).
         backbone_lr_ratio: the backbone's learning rate relative to the rest; None = the recipe (1.0 FCOS /
             VFNet, 0.1 DETR: 1e-5 against 1e-4).
-        channels_last: run the backbone in channels_last memory format (the GroupNorm head stays NCHW: its
-            backward is slower in channels_last on CPU). On 2 CPU cores, FCOS R50 at 512 px: backbone forward
+        channels_last: run the backbone in channels_last memory format (the FPN and FCOS's GroupNorm head follow
+            it). On 2 CPU cores, FCOS R50 at 512 px: backbone forward
             ~20 % faster, whole inference ~5 % (benchmarks/detection_speed.py); tiny models on tiny images
             gain nothing (the demo turns it off).
 

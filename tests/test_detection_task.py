@@ -224,7 +224,7 @@ def test_predict_writes_coco_results_with_category_ids(shapes_coco_root, tmp_pat
 
 
 def test_channels_last_backbone_gives_the_same_detections():
-    """channels_last is a memory layout only: same weights, same raw outputs; the GN head stays NCHW."""
+    """channels_last is a memory layout only: same weights, same raw outputs (the FCOS head follows the FPN's format)."""
     torch.manual_seed(0)
     a, b = tiny_task(channels_last=True).eval(), tiny_task(channels_last=False).eval()
     b.load_state_dict(a.state_dict())

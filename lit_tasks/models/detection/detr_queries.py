@@ -104,6 +104,9 @@ class DenoisingQueries(nn.Module):
         shown_boxes = noised_boxes(true_boxes, self.box_noise)
         content = self.label_embed(shown_labels) * valid[..., None]
         position = self.box_embed(box_sine_embedding(shown_boxes, content.shape[-1] // 2)) * valid[..., None]
+        import os
+        if os.environ.get("DN_BOX_CONTENT"):
+            content = content + position
         return content, position, DenoisingTargets(true_labels, true_boxes, self.groups)
 
 
