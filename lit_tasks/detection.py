@@ -122,7 +122,8 @@ class DetectionTask(BaseTask):
         dn_groups, dn_label_noise, dn_box_noise, query_groups: training-only convergence aids, off by default (0,
             0.2, 0.4, 1): DN-DETR denoising query groups with their label / box noise, Group DETR query sets
             (:mod:`lit_tasks.models.detection.detr_queries`); ``aux_dense_head``: Co-DETR's auxiliary FCOS head on
-            the encoder (:mod:`lit_tasks.models.detection.detr_aux_head`). On in ``detr_shapes.yaml``.
+            the encoder (:mod:`lit_tasks.models.detection.detr_aux_head`); ``anchor_queries``: DAB-DETR's anchor-box
+            queries, a change of the network (:class:`~lit_tasks.models.detection.detr.DETR`). Off by default.
         Published weights (every model):
         pretrained_weights: a local weights file loaded when the task is built, as published or converted once by
             ``tools/convert_weights.py``: torchvision's ``fcos_resnet50_fpn`` (FCOS), mmdetection's VFNet
@@ -213,6 +214,7 @@ class DetectionTask(BaseTask):
         dn_box_noise: float = 0.4,
         query_groups: int = 1,
         aux_dense_head: bool = False,
+        anchor_queries: bool = False,
         pretrained_weights: str | None = None,
         pretrained_class_rows: list[int] | None = None,
         reinit_class_head: bool = False,
@@ -284,8 +286,10 @@ class DetectionTask(BaseTask):
              f"pretrained_class_rows needs one row per class ({o['num_classes']}), got {rows}"),
         ]
         problems += check_query_options(o["dn_groups"], o["dn_label_noise"], o["dn_box_noise"], o["query_groups"])
-        if o["model"] != "detr" and (o["dn_groups"] or o["query_groups"] != 1 or o["aux_dense_head"]):
-            problems.append(f"dn_groups / query_groups / aux_dense_head are DETR's, not model {o['model']!r}'s")
+        if o["model"] != "detr" and (o["dn_groups"] or o["query_groups"] != 1 or o["aux_dense_head"]
+                                     or o["anchor_queries"]):
+            problems.append(f"dn_groups / query_groups / aux_dense_head / anchor_queries are DETR's, not model "
+                            f"{o['model']!r}'s")
         return problems + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------

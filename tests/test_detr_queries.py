@@ -13,8 +13,9 @@ from lit_tasks.losses.set_criterion import denoising_losses
 from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
 from lit_tasks.models.detection.detr import DETROutput, build_detr
 from lit_tasks.models.detection.detr_convert import load_detr_weights
-from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, box_sine_embedding,
-                                                     group_attention_mask, noised_boxes, noised_labels)
+from lit_tasks.models.detection.detr_queries import (BoxPositionEmbedding, DenoisingQueries, DenoisingTargets,
+                                                     box_sine_embedding, group_attention_mask, noised_boxes,
+                                                     noised_labels)
 from lit_tasks.models.detection.fcos import FCOSOutput
 from lit_tasks.ops.assigners import grid_points
 from lit_tasks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -120,7 +121,7 @@ def test_matching_queries_do_not_see_the_extra_queries() -> None:
 
 
 def test_denoising_queries_of_one_group_do_not_see_another() -> None:
-    """Changing group 1's noise leaves group 0's outputs as they were."""
+    """Changing group 1's queries leaves group 0's outputs as they were."""
     model, _, _ = _detr(dn_groups=2)
     model.train()
     images, targets = _images(2), _targets((2, 1))
@@ -128,11 +129,11 @@ def test_denoising_queries_of_one_group_do_not_see_another() -> None:
     original = model.denoising.forward
 
     def with_group_1_moved(labels, boxes):
-        content, position, dn = original(labels, boxes)
+        content, shown, dn = original(labels, boxes)
         if captured:
-            position = torch.cat([position[:, :2], position[:, 2:] + 1.0], dim=1)  # group 1 slots: 2, 3
+            content = torch.cat([content[:, :2], content[:, 2:] + 1.0], dim=1)  # group 1 slots: 2, 3
         captured.append(True)
-        return content, position, dn
+        return content, shown, dn
 
     model.denoising.forward = with_group_1_moved
     torch.manual_seed(3)
@@ -209,7 +210,7 @@ def test_published_weights_load_into_a_model_with_training_queries() -> None:
     plain, _, _ = _detr(seed=1)
     model, _, _ = _detr(seed=2, dn_groups=2, query_groups=3, aux_dense_head=True)
     kept = {k: v.clone() for k, v in model.state_dict().items()
-            if k.startswith(("denoising.", "extra_query", "aux_head."))}
+            if k.startswith(("denoising.", "box_position.", "extra_query", "aux_head."))}
     load_detr_weights(model, plain.state_dict())
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in kept.items()) and kept
@@ -231,11 +232,35 @@ def test_bad_options_are_named(options, message) -> None:
 
 def test_denoising_queries_hide_padded_slots() -> None:
     queries = DenoisingQueries(num_classes=3, d_model=16, groups=2)
-    content, position, targets = queries([torch.tensor([1]), torch.tensor([0, 2])],
-                                         [torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.rand(2, 4)])
-    assert content.shape == position.shape == (2, 4, 16)
+    content, boxes, targets = queries([torch.tensor([1]), torch.tensor([0, 2])],
+                                      [torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.rand(2, 4)])
+    assert content.shape == (2, 4, 16) and boxes.shape == (2, 4, 4)
     assert targets.labels.tolist() == [[1, -1, 1, -1], [0, 2, 0, 2]]
-    assert (content[0, [1, 3]] == 0).all() and (position[0, [1, 3]] == 0).all()
+    assert (content[0, [1, 3]] == 0).all() and boxes[0, [1, 3]].tolist() == [[0.5, 0.5, 1.0, 1.0]] * 2
+
+
+def test_box_position_embedding_has_the_learned_queries_scale() -> None:
+    """LayerNorm last: unit variance per query at initialisation, as nn.Embedding's N(0, 1) queries."""
+    torch.manual_seed(0)
+    position = BoxPositionEmbedding(32)(torch.rand(50, 4))
+    torch.testing.assert_close(position.var(-1, unbiased=False), torch.ones(50), rtol=0, atol=1e-3)
+
+
+def test_anchor_queries_predict_relative_to_their_boxes() -> None:
+    """DAB-DETR's parametrisation: with a zero box head the prediction is the anchor itself (matching queries: the
+    learned anchors; denoising queries: their noised boxes)."""
+    model, _, _ = _detr(anchor_queries=True, dn_groups=1, dn_box_noise=0.0)
+    assert not hasattr(model, "query_embed") and model.query_anchors.weight.shape == (4, 4)
+    torch.nn.init.zeros_(model.bbox_embed.layers[-1].weight)
+    torch.nn.init.zeros_(model.bbox_embed.layers[-1].bias)
+    targets = _targets((2, 1))
+    out = model.train()(_images(2), targets=targets)
+    anchors = model.query_anchors.weight.sigmoid().clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(out.boxes, anchors.expand_as(out.boxes), rtol=1e-5, atol=1e-6)
+    valid = out.dn_targets.valid
+    torch.testing.assert_close(out.dn_boxes[:, valid], out.dn_targets.boxes[valid].expand(2, -1, -1),
+                               rtol=1e-5, atol=1e-6)  # no box noise: the anchors are the true boxes
+    assert model.eval()(_images(1)).boxes.shape == (2, 1, 4, 4)
 
 
 def test_auxiliary_head_reads_the_memory_as_its_feature_map() -> None:

@@ -78,8 +78,8 @@ class SetCriterion(nn.Module):
     Training-only queries (:mod:`lit_tasks.models.detection.detr_queries`), when ``outputs`` carries them: query
     groups (``query_groups`` > 1, Group DETR) are matched each on its own and each term is the mean of the groups'
     terms (Group DETR sums them: the same up to a constant factor); denoising queries add ``loss_ce_dn``,
-    ``loss_bbox_dn``, ``loss_giou_dn`` per layer (:func:`denoising_losses`, the same weights; DN-DETR §3.4); Co-DETR's auxiliary
-    dense head (``outputs.aux_dense``) adds ``dense_criterion``'s losses suffixed ``_aux``.
+    ``loss_bbox_dn``, ``loss_giou_dn`` per layer (:func:`denoising_losses`, the same weights; DN-DETR §3.4);
+    Co-DETR's auxiliary dense head (``outputs.aux_dense``) adds ``dense_criterion``'s losses suffixed ``_aux``.
 
     ``outputs`` is any object with ``logits`` ``(L, B, Q, C + 1)`` (no-object last), ``boxes`` ``(L, B, Q, 4)``
     (sigmoid, normalised cxcywh of each unpadded image), last decoder layer last, and ``image_sizes`` ``(B, 2)``

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.models.backbone import Normalize, build_backbone
 from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
-from lit_tasks.models.detection.detr_queries import (DenoisingQueries, DenoisingTargets, check_query_options,
-                                                     group_attention_mask)
+from lit_tasks.models.detection.detr_queries import (BoxPositionEmbedding, DenoisingQueries, DenoisingTargets,
+                                                     check_query_options, group_attention_mask, inverse_sigmoid)
 from lit_tasks.models.detection.detr_transformer import Transformer
 from lit_tasks.models.detection.fcos import FCOSOutput
 from lit_tasks.models.detection.position_encoding import build_position_embedding
@@ -138,6 +138,10 @@ class DETR(nn.Module):
             ``forward(..., targets=)`` (:mod:`lit_tasks.models.detection.detr_queries`).
         query_groups: Group DETR's sets of object queries in training (1: the paper's); evaluation uses the first.
         aux_head: Co-DETR's auxiliary dense head on the encoder memory, training only (None: none, the paper's).
+        anchor_queries: DAB-DETR's anchor boxes as queries (not the paper's network: it changes inference too): each
+            query is a learned box whose ``MLP(sine(box))`` is its positional query, and the box head predicts
+            ``sigmoid(delta + logit(anchor))`` instead of an absolute box; denoising queries anchor at their noised
+            boxes (DN-DETR's DAB base). False: the paper's learned positional queries and absolute boxes.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class DETR(nn.Module):
         denoising: DenoisingQueries | None = None,
         query_groups: int = 1,
         aux_head: DenseAuxiliaryHead | None = None,
+        anchor_queries: bool = False,
     ) -> None:
         super().__init__()
         if transformer.return_intermediate != aux_loss:
@@ -165,13 +170,20 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.feature_info.channels()[-1], d_model, kernel_size=1)
         self.position_embedding = position_embedding
         self.transformer = transformer
-        self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        self.query_groups = query_groups
-        if query_groups > 1:  # its own module: the published weights' query_embed keeps its shape
-            self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, d_model)
+        self.num_queries, self.query_groups, self.anchor_queries = num_queries, query_groups, anchor_queries
+        if anchor_queries:  # DAB-DETR: box logits, centres uniform over the image
+            self.query_anchors = nn.Embedding(num_queries * query_groups, 4)
+            with torch.no_grad():
+                self.query_anchors.weight[:, :2] = inverse_sigmoid(torch.rand(num_queries * query_groups, 2))
+        else:
+            self.query_embed = nn.Embedding(num_queries, d_model)
+            if query_groups > 1:  # its own module: the published weights' query_embed keeps its shape
+                self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, d_model)
         self.denoising = denoising
+        if anchor_queries or denoising is not None:
+            self.box_position = BoxPositionEmbedding(d_model)
         self.aux_head = aux_head
 
     def forward(self, images: Tensor, image_sizes: Sequence[Sequence[int]] | Tensor | None = None,
@@ -188,37 +200,46 @@ class DETR(nn.Module):
         pos = self.position_embedding(pos_mask).to(src.dtype)
         image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
         groups = self.query_groups if self.training else 1
-        queries, content, blocked, dn_targets = self.decoder_queries(groups, image_sizes, targets)
+        queries, content, blocked, dn_targets, anchors = self.decoder_queries(groups, image_sizes, targets)
         aux = self.training and self.aux_head is not None
         hs = self.transformer(src, mask, queries, pos, content, blocked, return_memory=aux)  # (L, B, Q, d)
         aux_dense = None
         if aux:
             hs, memory = hs
             aux_dense = self.aux_head(memory, tuple(src.shape[-2:]))
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        delta = self.bbox_embed(hs)
+        logits, boxes = self.class_embed(hs), (delta if anchors is None else delta + inverse_sigmoid(anchors)).sigmoid()
         if dn_targets is None:
             return DETROutput(logits, boxes, image_sizes, groups, aux_dense=aux_dense)
-        num_matching = groups * len(self.query_embed.weight)
+        num_matching = groups * self.num_queries
         return DETROutput(logits[:, :, :num_matching], boxes[:, :, :num_matching], image_sizes, groups,
                           logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets, aux_dense)
 
     def decoder_queries(self, groups: int, image_sizes: Tensor, targets: Sequence[dict[str, Tensor]] | None
-                        ) -> tuple[Tensor, Tensor | None, Tensor | None, DenoisingTargets | None]:
-        """The decoder's positional queries ``(Q', d)`` or ``(B, Q', d)``, content (None: zeros), self-attention mask
-        and denoising targets: the learned queries of ``groups`` query groups, then (in training, with targets) the
-        denoising queries."""
-        num_queries = len(self.query_embed.weight)
-        queries = self.query_embed.weight
-        if groups > 1:
-            queries = torch.cat([queries, self.extra_query_embed.weight])
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None, DenoisingTargets | None, Tensor | None]:
+        """The decoder's positional queries ``(Q', d)`` or ``(B, Q', d)``, content (None: zeros), self-attention mask,
+        denoising targets and anchor boxes (None without ``anchor_queries``): the queries of ``groups`` query groups,
+        then (in training, with targets) the denoising queries."""
+        anchors = None
+        if self.anchor_queries:
+            anchors = self.query_anchors.weight[: groups * self.num_queries].sigmoid()
+            queries = self.box_position(anchors)
+        else:
+            queries = self.query_embed.weight
+            if groups > 1:
+                queries = torch.cat([queries, self.extra_query_embed.weight])
         if not (self.training and self.denoising is not None and targets is not None):
-            return queries, None, group_attention_mask(groups, num_queries, None, queries.device), None
+            return queries, None, group_attention_mask(groups, self.num_queries, None, queries.device), None, anchors
         labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
-        dn_content, position, dn_targets = self.denoising(labels, boxes)
+        dn_content, dn_boxes, dn_targets = self.denoising(labels, boxes)
         batch, num_matching = len(image_sizes), len(queries)
-        queries = torch.cat([queries[None].expand(batch, -1, -1), position.to(queries.dtype)], dim=1)
+        position = self.box_position(dn_boxes).to(queries.dtype)
+        queries = torch.cat([queries[None].expand(batch, -1, -1), position], dim=1)
         content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
-        return queries, content, group_attention_mask(groups, num_queries, dn_targets, queries.device), dn_targets
+        if anchors is not None:
+            anchors = torch.cat([anchors[None].expand(batch, -1, -1), dn_boxes], dim=1)
+        blocked = group_attention_mask(groups, self.num_queries, dn_targets, queries.device)
+        return queries, content, blocked, dn_targets, anchors
 
     def features_per_image(self, images: Tensor, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor | None]:
         """C5 of each image at its own size (one backbone call per distinct size), zero-padded to the largest.
@@ -294,7 +315,7 @@ class DETRPostprocess(nn.Module):
 DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
                 "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
                 "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "dn_groups", "dn_label_noise", "dn_box_noise",
-                "query_groups", "aux_dense_head")
+                "query_groups", "aux_dense_head", "anchor_queries")
 
 
 def check_detr_args(
@@ -381,6 +402,7 @@ def build_detr(
     dn_box_noise: float = 0.4,
     query_groups: int = 1,
     aux_dense_head: bool = False,
+    anchor_queries: bool = False,
     max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
@@ -396,8 +418,10 @@ def build_detr(
     so those blocks add nothing, ever. Train a backbone from scratch with ``frozen_bn=False, frozen_stages=-1``.
     ``max_detections``: see :class:`DETRPostprocess`. Training-only convergence aids, off by default
     (:mod:`lit_tasks.models.detection.detr_queries`): ``dn_groups`` groups of DN-DETR denoising queries with
-    ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets, ``aux_dense_head`` Co-DETR's auxiliary FCOS head on the encoder
-    (:mod:`lit_tasks.models.detection.detr_aux_head`). Bad values raise ValueError naming the argument
+    ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets,
+    ``aux_dense_head`` Co-DETR's auxiliary FCOS head on the encoder
+    (:mod:`lit_tasks.models.detection.detr_aux_head`). ``anchor_queries``: DAB-DETR's anchor-box queries, a change of
+    the network itself (see :class:`DETR`), off by default. Bad values raise ValueError naming the argument
     (:func:`check_detr_args`).
     """
     check_detr_args(num_classes=num_classes, position_embedding=position_embedding, d_model=d_model, nheads=nheads,
@@ -419,7 +443,7 @@ def build_detr(
                  num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch,
                  denoising=denoising, query_groups=query_groups,
                  aux_head=DenseAuxiliaryHead(num_classes, d_model, network.feature_info.reduction()[-1])
-                 if aux_dense_head else None)
+                 if aux_dense_head else None, anchor_queries=anchor_queries)
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
     criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
                              weight_bbox=weight_bbox, weight_giou=weight_giou,

@@ -169,7 +169,7 @@ def infer_detr_config(state_dict: Mapping[str, Tensor]) -> dict[str, object]:
 
 # Parameters of DETR's training-only parts (queries of detr_queries, the head of detr_aux_head), absent from published
 # files.
-TRAINING_ONLY_PREFIXES = ("denoising.", "extra_query_embed.", "aux_head.")
+TRAINING_ONLY_PREFIXES = ("denoising.", "box_position.", "extra_query_embed.", "aux_head.")
 
 
 def load_detr_weights(

@@ -73,12 +73,37 @@ class DenoisingTargets:
         return self.labels >= 0
 
 
-class DenoisingQueries(nn.Module):
-    """Builds the denoising queries of a batch: ``forward(labels, boxes)`` -> (content, position, targets).
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """``logit(x)`` with ``x`` and ``1 - x`` clamped to ``eps`` (DAB-DETR's), finite for boxes at the border."""
+    x = x.clamp(0.0, 1.0)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
-    ``labels`` / ``boxes``: per image ``(T_i,)`` and ``(T_i, 4)`` normalised (cx, cy, w, h) ground truth. Returns
-    content and positional queries ``(B, P, d)`` and the :class:`DenoisingTargets`; P = 0 when no image has objects
-    (the modules still join the graph, so every parameter gets a gradient on every process).
+
+class BoxPositionEmbedding(nn.Module):
+    """Positional query of a box (DAB-DETR Eq. 3): ``MLP(sine(box))``, 4 x d/2 sine features -> 2-layer MLP -> d.
+
+    A LayerNorm ends it so the positional queries have the learned ones' scale (``nn.Embedding``: N(0, 1) per
+    channel); an MLP's default initialisation gives ~0.1, and such queries would barely steer the attention.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model),
+                                 nn.LayerNorm(d_model))
+
+    def forward(self, boxes: Tensor) -> Tensor:
+        """``(..., 4)`` normalised (cx, cy, w, h) -> ``(..., d)``."""
+        return self.mlp(box_sine_embedding(boxes, self.mlp[0].in_features // 4))
+
+
+class DenoisingQueries(nn.Module):
+    """Builds the denoising queries of a batch: ``forward(labels, boxes)`` -> (content, noised boxes, targets).
+
+    ``labels`` / ``boxes``: per image ``(T_i,)`` and ``(T_i, 4)`` normalised (cx, cy, w, h) ground truth. Returns the
+    content queries ``(B, P, d)`` (the noised labels' embeddings), the noised boxes ``(B, P, 4)`` whose positional
+    queries the model makes (:class:`BoxPositionEmbedding`), and the :class:`DenoisingTargets`. Padded slots get a
+    zero content and the box (0.5, 0.5, 1, 1). P = 0 when no image has objects (the modules still join the graph,
+    so every parameter gets a gradient on every process).
     """
 
     def __init__(self, num_classes: int, d_model: int, groups: int, label_noise: float = 0.2,
@@ -87,7 +112,6 @@ class DenoisingQueries(nn.Module):
         self.num_classes, self.groups = num_classes, groups
         self.label_noise, self.box_noise = label_noise, box_noise
         self.label_embed = nn.Embedding(num_classes, d_model)
-        self.box_embed = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
 
     def forward(self, labels: Sequence[Tensor], boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor, DenoisingTargets]:
         batch, most = len(labels), max((len(t) for t in labels), default=0)
@@ -102,12 +126,9 @@ class DenoisingQueries(nn.Module):
         valid = true_labels >= 0
         shown_labels = noised_labels(true_labels.clamp(min=0), self.num_classes, self.label_noise)
         shown_boxes = noised_boxes(true_boxes, self.box_noise)
+        shown_boxes = torch.where(valid[..., None], shown_boxes, shown_boxes.new_tensor([0.5, 0.5, 1.0, 1.0]))
         content = self.label_embed(shown_labels) * valid[..., None]
-        position = self.box_embed(box_sine_embedding(shown_boxes, content.shape[-1] // 2)) * valid[..., None]
-        import os
-        if os.environ.get("DN_BOX_CONTENT"):
-            content = content + position
-        return content, position, DenoisingTargets(true_labels, true_boxes, self.groups)
+        return content, shown_boxes, DenoisingTargets(true_labels, true_boxes, self.groups)
 
 
 def group_attention_mask(query_groups: int, num_queries: int, targets: DenoisingTargets | None,
