@@ -1,4 +1,4 @@
-"""Frozen BatchNorms folded into their convolutions vs kept apart: DETR R-50 and FCOS R-50, timed alternately in one run.
+"""Frozen BatchNorms folded into their convolutions vs kept apart: DETR and FCOS R-50, timed alternately in one run.
 
 Both models with the recipes' freezing (frozen BN, stem + layer1 frozen), the same weights on both sides (one is a
 deep copy of the other, unfolded with ``unfold_frozen_batch_norm``), the 2 images of 512x512 of
