@@ -310,8 +310,8 @@ def test_recipe_freezing_follows_pretrained(monkeypatch):
     pretrained = tiny_task(pretrained=True)
     scratch = tiny_task()
     names = lambda t: {type(m).__name__ for m in t.model.backbone.modules()}  # noqa: E731
-    assert "FrozenBatchNorm2d" in names(pretrained) and "BatchNorm2d" not in names(pretrained)
+    assert {"FoldedConv2d", "FoldedFrozenBatchNorm2d"} <= names(pretrained) and "BatchNorm2d" not in names(pretrained)
     assert not pretrained.model.backbone.layer1[0].conv1.weight.requires_grad
     assert pretrained.model.backbone.layer2[0].conv1.weight.requires_grad
-    assert "FrozenBatchNorm2d" not in names(scratch)
+    assert not any("Frozen" in name for name in names(scratch))
     assert all(p.requires_grad for p in scratch.model.backbone.parameters())

@@ -151,6 +151,8 @@ def check_face(task, report, size) -> None:
 EXPORT_CASES = {
     "face": (lambda: tiny_task().eval(), None, check_face),
     "detection_fcos": (tiny_detector, (70, 100), check_detection),  # sizes not multiples of 32: the grid rule holds
+    "detection_fcos_frozen_bn": (lambda: tiny_detector(frozen_bn=True, frozen_stages=1), (70, 100),
+                                 check_detection),  # the recipe's frozen BatchNorms, folded into their convolutions
     "detection_vfnet": (lambda: tiny_detector("vfnet"), (70, 100), check_detection),
     "detection_detr": (lambda: tiny_detector("detr", d_model=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1,
                                              dim_feedforward=64, num_queries=10), (70, 100), check_detection),

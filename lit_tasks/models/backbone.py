@@ -16,6 +16,8 @@ from timm.utils.model import freeze, freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d  # what timm's freeze() puts in
 
+from lit_tasks.models.conv_bn_fold import fold_frozen_batch_norm
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FrozenBN = bool | Literal["statistics"]  # what ``frozen_bn`` takes
@@ -29,6 +31,7 @@ def build_backbone(
     output_stride: int | None = None,
     frozen_stages: int = -1,
     frozen_bn: FrozenBN = False,
+    fold_frozen_bn: bool = True,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm feature extractor returning the feature maps at ``out_indices``.
@@ -38,7 +41,7 @@ def build_backbone(
         pretrained: load timm weights (needs the hub; False by default so nothing is downloaded).
         out_indices: which stages to return; for ResNets index i has stride 2**(i+1).
         output_stride: 8 or 16 for dilated (atrous) last stages, as DeepLab uses; None keeps 32.
-        frozen_stages, frozen_bn: see :func:`freeze_backbone`.
+        frozen_stages, frozen_bn, fold_frozen_bn: see :func:`freeze_backbone`.
     """
     kwargs = dict(features_only=True, out_indices=tuple(out_indices), pretrained=pretrained, **timm_kwargs)
     if output_stride is not None:
@@ -47,10 +50,11 @@ def build_backbone(
         backbone = timm.create_model(name, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise ValueError(f"backbone {name!r}: {err}") from err
-    return freeze_backbone(backbone, frozen_stages, frozen_bn)
+    return freeze_backbone(backbone, frozen_stages, frozen_bn, fold_frozen_bn=fold_frozen_bn)
 
 
-def freeze_backbone(backbone: nn.Module, frozen_stages: int = -1, frozen_bn: FrozenBN = False) -> nn.Module:
+def freeze_backbone(backbone: nn.Module, frozen_stages: int = -1, frozen_bn: FrozenBN = False, *,
+                    fold_frozen_bn: bool = True) -> nn.Module:
     """Freeze the stem and first stages and/or the BatchNorms, as detection recipes do with pretrained weights.
 
     ``frozen_stages`` follows mmdet's ResNet: -1 freezes nothing, 0 the stem, k the stem and the first k
@@ -66,6 +70,10 @@ def freeze_backbone(backbone: nn.Module, frozen_stages: int = -1, frozen_bn: Fro
 
     With 2 images per device, batch statistics are noise. Works on timm ``features_only`` models (ModuleDict-like,
     children in forward order).
+
+    ``fold_frozen_bn`` (default True): every ``FrozenBatchNorm2d`` that follows a convolution (a ResNet's all) is
+    folded into it (:mod:`lit_tasks.models.conv_bn_fold`): the same function and state dict, one elementwise pass
+    over each activation map fewer in forward and backward. False keeps the separate BatchNorm modules.
     """
     if frozen_bn not in (True, False, "statistics"):
         raise ValueError(f"frozen_bn must be true, false or 'statistics', got {frozen_bn!r}")
@@ -84,6 +92,8 @@ def freeze_backbone(backbone: nn.Module, frozen_stages: int = -1, frozen_bn: Fro
         freeze_batch_norm_statistics(backbone)
     elif frozen_bn:
         freeze_batch_norm_2d(backbone)  # FrozenBatchNorm2d holds buffers only: nothing left to train there
+    if fold_frozen_bn:
+        fold_frozen_batch_norm(backbone)
     return backbone
 
 
