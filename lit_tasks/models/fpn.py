@@ -40,8 +40,17 @@ class FPN(nn.Module):
             )
         outs = [conv(x) for conv, x in zip(self.output, laterals)]
         for i, conv in enumerate(self.extra):
-            outs.append(conv(outs[-1] if i == 0 else F.relu(outs[-1])))
+            outs.append(stride2_conv(conv, outs[-1] if i == 0 else F.relu(outs[-1])))
         return outs
+
+
+def stride2_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 3x3 stride-2 padding-1 conv; on a map one column wide, with width stride 1 (the same output:
+    one column either way). torch 2.14's CPU bfloat16 convolution returns garbage weight gradients (up to 1e37, or
+    NaN) for stride 2 over a one-column input: P6 / P7 of small images under bf16-mixed (tests/test_fpn.py)."""
+    if x.shape[-1] == 1:
+        return F.conv2d(x, conv.weight, conv.bias, stride=(conv.stride[0], 1), padding=conv.padding)
+    return conv(x)
 
 
 def flatten_levels(maps: list[torch.Tensor], per_level: int) -> list[torch.Tensor]:
