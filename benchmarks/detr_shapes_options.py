@@ -5,7 +5,7 @@ logger in a temporary folder) once per variant, each for the same ``--steps`` op
 the same seed, then prints the validation COCO mAP / mAP@0.5 and the wall time of each. A variant is the config
 with one or more options switched (``--variants`` names them; ``config`` is the file as it is).
 
-    python benchmarks/detr_shapes_options.py [--steps 1000] [--variants config,paper,no_dn,no_groups,no_aux,...]
+    python benchmarks/detr_shapes_options.py [--steps 1000] [--variants config,paper,no_dn,no_groups,no_aux,anchors,no_warmup]
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ CONFIG = ROOT / "configs" / "detection" / "detr_shapes.yaml"
 # Each variant: the overrides applied to the config (the config's own values are what "config" runs).
 VARIANTS: dict[str, list[str]] = {
     "config": [],
-    "paper": ["--model.dn_groups=0", "--model.query_groups=1", "--model.aux_dense_head=false",
-              "--model.anchor_queries=false"],
+    "paper": ["--model.dn_groups=0", "--model.query_groups=1", "--model.aux_dense_head=false"],
     "no_dn": ["--model.dn_groups=0"],
     "no_groups": ["--model.query_groups=1"],
     "no_aux": ["--model.aux_dense_head=false"],
-    "no_anchors": ["--model.anchor_queries=false"],
+    "anchors": ["--model.anchor_queries=true"],
     "no_warmup": ["--model.warmup_steps=0"],
 }
 
