@@ -27,14 +27,13 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_tasks.models.detection.position_encoding import sin_cos_pairs
+
 
 def box_sine_embedding(boxes: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
-    """``(..., 4)`` normalised boxes -> ``(..., 4 * num_feats)``: per coordinate, sin / cos pairs of
-    ``2 pi c / temperature ** (2i / num_feats)`` (the feature-map encoding's frequencies, DAB-DETR's anchors)."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos = boxes.float()[..., None] * (2 * math.pi) / dim_t  # (..., 4, F)
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
+    """``(..., 4)`` normalised boxes -> ``(..., 4 * num_feats)``: per coordinate c, the sin / cos pairs of
+    ``2 pi c`` at the feature-map encoding's frequencies (DAB-DETR's anchor encoding)."""
+    return sin_cos_pairs(boxes.float() * (2 * math.pi), num_feats, temperature).flatten(-2)
 
 
 def noised_boxes(boxes: Tensor, scale: float) -> Tensor:

@@ -30,13 +30,17 @@ def sine_position_embedding(
     eps = 1e-6
     y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
     x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos_x = x_embed[..., None] / dim_t  # (B, H, W, num_feats)
-    pos_y = y_embed[..., None] / dim_t
-    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    pos_x, pos_y = sin_cos_pairs(x_embed, num_feats, temperature), sin_cos_pairs(y_embed, num_feats, temperature)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def sin_cos_pairs(values: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+    """``(...)`` -> ``(..., num_feats)``: channel pairs (2i, 2i + 1) hold sin / cos of
+    ``value / temperature ** (2i / num_feats)`` (Vaswani et al.; DETR's and DAB-DETR's frequencies)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=values.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = values[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class SinePositionEmbedding(nn.Module):
