@@ -98,8 +98,8 @@ class DeformConv3x3(nn.Module):
       64x64 (P3 of a 512-px image; 1.6x / 1.8x an ordinary 3x3 convolution, against ~3x for the earlier
       ``grid_sample`` + NCHW 1x1 version), 0.22x / 0.12x at 32x32, 0.32x / 0.13x at 16x16, 0.61x / 0.23x at 8x8
       and 1.2x / 0.37x at 4x4 (a millisecond). The whole VFNet R-50 FPN step against FCOS's: see
-      benchmarks/detection_speed.py (training 1.19x, inference 1.17x, medians of 3 runs at load 4-6; 2.3x / 1.7x
-      with ``deform_conv2d``). Not measured on a GPU yet, so CUDA keeps ``deform_conv2d``.
+      benchmarks/detection_speed.py (idle machine, load ~1, median of 5: training 1.19x, inference 1.15x; 3.3x /
+      2.1x with ``deform_conv2d``). Not measured on a GPU yet, so CUDA keeps ``deform_conv2d``.
     - ``torchvision.ops.deform_conv2d`` elsewhere and whenever the module is traced or exported, so the exported
       graph keeps ONNX ``DeformConv`` (opset 19). It runs in the feature dtype, with offsets and weight cast to it
       (so fp16 works, mmdet#4172); bfloat16 features run in float32 because torchvision has no bfloat16 kernel.
