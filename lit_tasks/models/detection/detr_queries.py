@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from lit_tasks.models.detection.position_encoding import sin_cos_pairs
 
@@ -113,13 +114,10 @@ class DenoisingQueries(nn.Module):
         self.label_embed = nn.Embedding(num_classes, d_model)
 
     def forward(self, labels: Sequence[Tensor], boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor, DenoisingTargets]:
-        batch, most = len(labels), max((len(t) for t in labels), default=0)
         device = self.label_embed.weight.device
-        true_labels = torch.full((batch, most), -1, dtype=torch.int64, device=device)
-        true_boxes = torch.zeros(batch, most, 4, device=device)
-        for i, (lab, box) in enumerate(zip(labels, boxes)):
-            true_labels[i, : len(lab)] = lab.to(device)
-            true_boxes[i, : len(box)] = box.to(device, torch.float32)
+        true_labels = pad_sequence([t.to(device, torch.int64).reshape(-1) for t in labels], batch_first=True,
+                                   padding_value=-1)  # (B, T_max)
+        true_boxes = pad_sequence([t.to(device, torch.float32).reshape(-1, 4) for t in boxes], batch_first=True)
         true_labels = true_labels.repeat(1, self.groups)  # (B, P), group-major
         true_boxes = true_boxes.repeat(1, self.groups, 1)
         valid = true_labels >= 0
