@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lit_tasks.losses.set_criterion import denoising_losses
-from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
+from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion, selected_anchors
 from lit_tasks.models.detection.detr import DETROutput, build_detr
 from lit_tasks.models.detection.detr_convert import load_detr_weights
 from lit_tasks.models.detection.detr_queries import (BoxPositionEmbedding, DenoisingQueries, DenoisingTargets,
@@ -294,3 +294,36 @@ def test_auxiliary_losses_are_fcos_on_one_any_size_level() -> None:
     per = 0.25 * math.log(2)
     expected_cls = (4 * (0.25 * per + 2 * 0.75 * per) + 12 * 3 * 0.75 * per) / 4
     torch.testing.assert_close(losses["loss_cls"], torch.tensor(expected_cls), rtol=1e-5, atol=1e-6)
+
+
+def test_selected_anchors_by_hand() -> None:
+    """Best class probability first, locations outside the image's own size never chosen, boxes clipped to the
+    image and normalised; a map with fewer locations than queries repeats its best ones."""
+    points, strides, levels = grid_points([(2, 2)], [16])  # (8, 8), (24, 8), (8, 24), (24, 24)
+    logits = torch.full((1, 4, 2), -5.0)
+    logits[0, 3, 1], logits[0, 1, 0], logits[0, 0, 0] = 4.0, 3.0, 2.0  # (24, 24) is outside a 20 x 30 image
+    ltrb = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [1.0, 0.5, 1.0, 0.5], [0.1] * 4, [0.1] * 4]])  # in strides
+    out = FCOSOutput(logits, ltrb, torch.zeros(1, 4), points, strides, levels)
+    anchors = selected_anchors(out, torch.tensor([[20, 30]]), 2)
+    # location 1, (24, 8): 16 px left/right, 8 up/down -> (8, 0, 40, 16) clipped to (8, 0, 30, 16) in a 30 x 20 image
+    # location 0, (8, 8): 4 px each way -> (4, 4, 12, 12)
+    expected = torch.tensor([[[19 / 30, 8 / 20, 22 / 30, 16 / 20], [8 / 30, 8 / 20, 8 / 30, 8 / 20]]])
+    torch.testing.assert_close(anchors, expected, rtol=1e-6, atol=1e-6)
+    assert selected_anchors(out, torch.tensor([[20, 30]]), 5).shape == (1, 5, 4)  # 4 locations, 5 queries
+
+
+def test_query_selection_anchors_the_queries_at_the_dense_heads_best_boxes() -> None:
+    """With a zero box head the predictions are the selected boxes, in training and evaluation alike."""
+    model, _, _ = _detr(aux_dense_head=True, anchor_queries=True, query_selection=True)
+    assert not hasattr(model, "query_embed") and not hasattr(model, "query_anchors")
+    torch.nn.init.zeros_(model.bbox_embed.layers[-1].weight)
+    torch.nn.init.zeros_(model.bbox_embed.layers[-1].bias)
+    images = _images(2)
+    out = model.eval()(images)
+    memory_out = {}
+    model.aux_head.register_forward_hook(lambda m, i, o: memory_out.setdefault("dense", o))
+    out = model(images)
+    expected = selected_anchors(memory_out["dense"], out.image_sizes, 4).clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(out.boxes, expected.expand_as(out.boxes), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="query_selection needs"):
+        _detr(aux_dense_head=False, anchor_queries=True, query_selection=True)

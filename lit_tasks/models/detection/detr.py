@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lit_tasks.losses.set_criterion import SetCriterion, normalized_targets
 from lit_tasks.models.backbone import Normalize, build_backbone
-from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion
+from lit_tasks.models.detection.detr_aux_head import DenseAuxiliaryHead, dense_auxiliary_criterion, selected_anchors
 from lit_tasks.models.detection.detr_queries import (BoxPositionEmbedding, DenoisingQueries, DenoisingTargets,
                                                      check_query_options, group_attention_mask, inverse_sigmoid)
 from lit_tasks.models.detection.detr_transformer import Transformer
@@ -142,6 +142,9 @@ class DETR(nn.Module):
             query is a learned box whose ``MLP(sine(box))`` is its positional query, and the box head predicts
             ``sigmoid(delta + logit(anchor))`` instead of an absolute box; denoising queries anchor at their noised
             boxes (DN-DETR's DAB base). False: the paper's learned positional queries and absolute boxes.
+        query_selection: the anchors are not learned but the auxiliary dense head's best ``num_queries`` boxes of
+            each image (Deformable DETR's two-stage §4.2, DINO §4.3 pure query selection); needs ``aux_head`` and
+            ``anchor_queries``, and the head then runs in evaluation too. Not the paper's network.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class DETR(nn.Module):
         query_groups: int = 1,
         aux_head: DenseAuxiliaryHead | None = None,
         anchor_queries: bool = False,
+        query_selection: bool = False,
     ) -> None:
         super().__init__()
         if transformer.return_intermediate != aux_loss:
@@ -173,7 +177,12 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.num_queries, self.query_groups, self.anchor_queries = num_queries, query_groups, anchor_queries
-        if anchor_queries:  # DAB-DETR: box logits, centres uniform over the image
+        self.query_selection = query_selection
+        if query_selection and (aux_head is None or not anchor_queries or query_groups != 1):
+            raise ValueError("DETR: query_selection needs aux_dense_head and anchor_queries, and one query group")
+        if query_selection:
+            pass  # the anchors come from the auxiliary head, per image
+        elif anchor_queries:  # DAB-DETR: box logits, centres uniform over the image
             self.query_anchors = nn.Embedding(num_queries * query_groups, 4)
             with torch.no_grad():
                 self.query_anchors.weight[:, :2] = inverse_sigmoid(torch.rand(num_queries * query_groups, 2))
@@ -200,13 +209,14 @@ class DETR(nn.Module):
         pos = self.position_embedding(pos_mask).to(src.dtype)
         image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
         groups = self.query_groups if self.training else 1
-        queries, content, blocked, dn_targets, anchors = self.decoder_queries(groups, image_sizes, targets)
-        aux = self.training and self.aux_head is not None
-        hs = self.transformer(src, mask, queries, pos, content, blocked, return_memory=aux)  # (L, B, Q, d)
+        memory = self.transformer.encode(src, mask, pos)
         aux_dense = None
-        if aux:
-            hs, memory = hs
+        if self.aux_head is not None and (self.training or self.query_selection):
             aux_dense = self.aux_head(memory, tuple(src.shape[-2:]))
+        selected = selected_anchors(aux_dense, image_sizes, self.num_queries) if self.query_selection else None
+        queries, content, blocked, dn_targets, anchors = self.decoder_queries(groups, image_sizes, targets, selected)
+        hs = self.transformer.decode(memory, mask, pos, queries, content, blocked)  # (L, B, Q, d)
+        aux_dense = aux_dense if self.training else None
         delta = self.bbox_embed(hs)
         logits, boxes = self.class_embed(hs), (delta if anchors is None else delta + inverse_sigmoid(anchors)).sigmoid()
         if dn_targets is None:
@@ -215,14 +225,16 @@ class DETR(nn.Module):
         return DETROutput(logits[:, :, :num_matching], boxes[:, :, :num_matching], image_sizes, groups,
                           logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets, aux_dense)
 
-    def decoder_queries(self, groups: int, image_sizes: Tensor, targets: Sequence[dict[str, Tensor]] | None
+    def decoder_queries(self, groups: int, image_sizes: Tensor, targets: Sequence[dict[str, Tensor]] | None,
+                        selected: Tensor | None = None
                         ) -> tuple[Tensor, Tensor | None, Tensor | None, DenoisingTargets | None, Tensor | None]:
         """The decoder's positional queries ``(Q', d)`` or ``(B, Q', d)``, content (None: zeros), self-attention mask,
         denoising targets and anchor boxes (None without ``anchor_queries``): the queries of ``groups`` query groups,
-        then (in training, with targets) the denoising queries."""
+        then (in training, with targets) the denoising queries. ``selected``: query selection's anchors (B, Q, 4)."""
         anchors = None
         if self.anchor_queries:
-            anchors = self.query_anchors.weight[: groups * self.num_queries].sigmoid()
+            anchors = selected if selected is not None else \
+                self.query_anchors.weight[: groups * self.num_queries].sigmoid()
             queries = self.box_position(anchors)
         else:
             queries = self.query_embed.weight
@@ -232,12 +244,12 @@ class DETR(nn.Module):
             return queries, None, group_attention_mask(groups, self.num_queries, None, queries.device), None, anchors
         labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
         dn_content, dn_boxes, dn_targets = self.denoising(labels, boxes)
-        batch, num_matching = len(image_sizes), len(queries)
+        batch, num_matching = len(image_sizes), queries.shape[-2]
         position = self.box_position(dn_boxes).to(queries.dtype)
-        queries = torch.cat([queries[None].expand(batch, -1, -1), position], dim=1)
+        queries = torch.cat([queries.expand(batch, -1, -1), position], dim=1)
         content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
         if anchors is not None:
-            anchors = torch.cat([anchors[None].expand(batch, -1, -1), dn_boxes], dim=1)
+            anchors = torch.cat([anchors.expand(batch, -1, -1), dn_boxes], dim=1)
         blocked = group_attention_mask(groups, self.num_queries, dn_targets, queries.device)
         return queries, content, blocked, dn_targets, anchors
 
@@ -315,7 +327,7 @@ class DETRPostprocess(nn.Module):
 DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
                 "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
                 "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "dn_groups", "dn_label_noise", "dn_box_noise",
-                "query_groups", "aux_dense_head", "anchor_queries")
+                "query_groups", "aux_dense_head", "anchor_queries", "query_selection")
 
 
 def check_detr_args(
@@ -403,6 +415,7 @@ def build_detr(
     query_groups: int = 1,
     aux_dense_head: bool = False,
     anchor_queries: bool = False,
+    query_selection: bool = False,
     max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
@@ -443,7 +456,7 @@ def build_detr(
                  num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch,
                  denoising=denoising, query_groups=query_groups,
                  aux_head=DenseAuxiliaryHead(num_classes, d_model, network.feature_info.reduction()[-1])
-                 if aux_dense_head else None, anchor_queries=anchor_queries)
+                 if aux_dense_head else None, anchor_queries=anchor_queries, query_selection=query_selection)
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
     criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
                              weight_bbox=weight_bbox, weight_giou=weight_giou,

@@ -13,10 +13,12 @@ the auxiliary heads' positives to the decoder as extra query groups.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lit_tasks.models.detection.fcos import FCOSCriterion, FCOSHead, FCOSOutput
 from lit_tasks.ops.assigners import INF, grid_points
+from lit_tasks.ops.box_ops import box_xyxy_to_cxcywh, distance2bbox
 
 # One level that takes every object, whatever its size.
 ANY_SIZE = ((-1.0, INF),)
@@ -43,3 +45,24 @@ class DenseAuxiliaryHead(nn.Module):
 def dense_auxiliary_criterion(num_classes: int) -> FCOSCriterion:
     """FCOS's losses for :class:`DenseAuxiliaryHead` (GIoU, centre sampling 1.5, one any-size level)."""
     return FCOSCriterion(num_classes=num_classes, regress_ranges=ANY_SIZE, center_sampling_radius=1.5)
+
+
+@torch.no_grad()
+def selected_anchors(out: FCOSOutput, image_sizes: Tensor, k: int) -> Tensor:
+    """The dense head's ``k`` best boxes per image as normalised (cx, cy, w, h) ``(B, k, 4)``, no gradient: the
+    decoder's anchor queries in query selection (Deformable DETR's two-stage variant §4.2, DINO's query selection).
+
+    Score of a location: its best class probability; locations outside the image's own (h, w) are never chosen;
+    boxes are clipped to the image. A map with fewer than ``k`` locations repeats its best ones.
+    """
+    scores = out.cls_logits.float().sigmoid().amax(-1)  # (B, S)
+    sizes = image_sizes.to(scores.device, torch.float32)  # (B, 2) h, w
+    inside = (out.points[None, :, 0] < sizes[:, 1:]) & (out.points[None, :, 1] < sizes[:, :1])
+    scores = scores.masked_fill(~inside, -1.0)
+    order = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    order = order.repeat(1, -(-k // order.shape[1]))[:, :k]
+    ltrb = out.ltrb.float() * out.strides[None, :, None]
+    boxes = distance2bbox(out.points[None].expand(len(ltrb), -1, -1).float(), ltrb)  # (B, S, 4) xyxy pixels
+    scale = sizes.flip(-1).repeat(1, 2)[:, None]  # (B, 1, 4): w, h, w, h
+    boxes = torch.minimum(boxes.clamp(min=0), scale) / scale
+    return box_xyxy_to_cxcywh(boxes.gather(1, order[..., None].expand(-1, -1, 4)))

@@ -145,15 +145,26 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos: Tensor, content: Tensor | None = None,
                 query_blocked: Tensor | None = None, return_memory: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        src = src.flatten(2).transpose(1, 2)  # (B, S, d)
-        pos = pos.flatten(2).transpose(1, 2)
+        memory = self.encode(src, mask, pos)
+        hs = self.decode(memory, mask, pos, query_embed, content, query_blocked)
+        return (hs, memory) if return_memory else hs
+
+    def encode(self, src: Tensor, mask: Tensor | None, pos: Tensor) -> Tensor:
+        """The encoder's output ``(B, H * W, d)`` for ``src`` and ``pos`` ``(B, d, H, W)``."""
+        memory, pos = src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
         key_padding_mask = None if mask is None else mask.flatten(1)
-        memory = src
         for layer in self.encoder_layers:
             memory = layer(memory, pos, key_padding_mask)
+        return memory
 
-        query_pos = query_embed.expand(src.shape[0], -1, -1) if query_embed.ndim == 3 else \
-            query_embed[None].expand(src.shape[0], -1, -1)
+    def decode(self, memory: Tensor, mask: Tensor | None, pos: Tensor, query_embed: Tensor,
+               content: Tensor | None = None, query_blocked: Tensor | None = None) -> Tensor:
+        """Every decoder layer's output ``(L, B, Q, d)`` over the encoder ``memory`` (see :meth:`forward`)."""
+        pos = pos.flatten(2).transpose(1, 2)
+        key_padding_mask = None if mask is None else mask.flatten(1)
+        batch = memory.shape[0]
+        query_pos = query_embed.expand(batch, -1, -1) if query_embed.ndim == 3 else \
+            query_embed[None].expand(batch, -1, -1)
         memory_with_pos = memory + pos  # the cross-attention keys, the same for every decoder layer
         tgt = torch.zeros_like(query_pos) if content is None else content
         outputs = []
@@ -161,5 +172,4 @@ class Transformer(nn.Module):
             tgt = layer(tgt, query_pos, memory, memory_with_pos, key_padding_mask, query_blocked)
             if self.return_intermediate:
                 outputs.append(self.decoder_norm(tgt))
-        hs = torch.stack(outputs) if self.return_intermediate else self.decoder_norm(tgt)[None]
-        return (hs, memory) if return_memory else hs
+        return torch.stack(outputs) if self.return_intermediate else self.decoder_norm(tgt)[None]
