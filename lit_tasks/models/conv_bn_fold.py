@@ -18,6 +18,7 @@ is returned as a feature is left alone), including a Sequential ending in a conv
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.models import FeatureListNet
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
@@ -45,7 +46,8 @@ class FoldedConv2d(nn.Conv2d):
         shift = bn.bias - bn.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias * scale
-        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+        return F.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 def _conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
@@ -69,10 +71,15 @@ def _bn_like(bn: FrozenBatchNorm2d, cls: type[FrozenBatchNorm2d]) -> FrozenBatch
     return out
 
 
+def _foldable(module: nn.Module | None) -> bool:
+    """A plain ``nn.Conv2d`` with zero padding (what :class:`FoldedConv2d`'s ``F.conv2d`` call computes)."""
+    return type(module) is nn.Conv2d and module.padding_mode == "zeros"
+
+
 def _last_conv(module: nn.Module) -> tuple[nn.Module, str] | None:
     """(parent, name) of the ``nn.Conv2d`` whose output ``module``'s output is: ``module`` itself, or the last child of
     a plain Sequential (recursively); None otherwise. ``module`` itself is returned with parent None."""
-    if type(module) is nn.Conv2d:
+    if _foldable(module):
         return None, ""
     if type(module) is nn.Sequential and len(module):
         name = str(len(module) - 1)
@@ -98,7 +105,7 @@ def _pairs(parent: nn.Module) -> list[tuple[nn.Module, str, str]]:
     elif type(parent) in (BasicBlock, Bottleneck):  # forward: convK -> bnK directly, K = 1, 2(, 3)
         for k in (1, 2, 3):
             conv, bn = getattr(parent, f"conv{k}", None), getattr(parent, f"bn{k}", None)
-            if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:
+            if _foldable(conv) and type(bn) is FrozenBatchNorm2d:
                 out.append((parent, f"conv{k}", f"bn{k}"))
     return out
 
