@@ -180,13 +180,11 @@ class DETR(nn.Module):
         self.query_selection = query_selection
         if query_selection and (aux_head is None or not anchor_queries or query_groups != 1):
             raise ValueError("DETR: query_selection needs aux_dense_head and anchor_queries, and one query group")
-        if query_selection:
-            pass  # the anchors come from the auxiliary head, per image
-        elif anchor_queries:  # DAB-DETR: box logits, centres uniform over the image
+        if anchor_queries and not query_selection:  # DAB-DETR: box logits, centres uniform (selection: per image)
             self.query_anchors = nn.Embedding(num_queries * query_groups, 4)
             with torch.no_grad():
                 self.query_anchors.weight[:, :2] = inverse_sigmoid(torch.rand(num_queries * query_groups, 2))
-        else:
+        elif not anchor_queries:
             self.query_embed = nn.Embedding(num_queries, d_model)
             if query_groups > 1:  # its own module: the published weights' query_embed keeps its shape
                 self.extra_query_embed = nn.Embedding((query_groups - 1) * num_queries, d_model)
