@@ -123,7 +123,8 @@ class DetectionTask(BaseTask):
             0.2, 0.4, 1): DN-DETR denoising query groups with their label / box noise, Group DETR query sets
             (:mod:`lit_tasks.models.detection.detr_queries`); ``aux_dense_head``: Co-DETR's auxiliary FCOS head on
             the encoder (:mod:`lit_tasks.models.detection.detr_aux_head`); ``anchor_queries``: DAB-DETR's anchor-box
-            queries and ``query_selection`` (anchors from the auxiliary head's best boxes), changes of the network
+            queries, ``query_selection`` (anchors from the auxiliary head's best boxes) and ``selection_content``
+            (content queries from the encoder memory there), changes of the network
             (:class:`~lit_tasks.models.detection.detr.DETR`). Off by default.
         Published weights (every model):
         pretrained_weights: a local weights file loaded when the task is built, as published or converted once by
@@ -217,6 +218,7 @@ class DetectionTask(BaseTask):
         aux_dense_head: bool = False,
         anchor_queries: bool = False,
         query_selection: bool = False,
+        selection_content: bool = False,
         pretrained_weights: str | None = None,
         pretrained_class_rows: list[int] | None = None,
         reinit_class_head: bool = False,
@@ -289,9 +291,9 @@ class DetectionTask(BaseTask):
         ]
         problems += check_query_options(o["dn_groups"], o["dn_label_noise"], o["dn_box_noise"], o["query_groups"])
         if o["model"] != "detr" and (o["dn_groups"] or o["query_groups"] != 1 or o["aux_dense_head"]
-                                     or o["anchor_queries"] or o["query_selection"]):
-            problems.append(f"dn_groups / query_groups / aux_dense_head / anchor_queries are DETR's, not model "
-                            f"{o['model']!r}'s")
+                                     or o["anchor_queries"] or o["query_selection"] or o["selection_content"]):
+            problems.append("dn_groups / query_groups / aux_dense_head / anchor_queries / query_selection / "
+                            f"selection_content are DETR's, not model {o['model']!r}'s")
         return problems + [message for ok, message in checks if not ok]
 
     # -- parts -----------------------------------------------------------------------------------

@@ -298,18 +298,24 @@ def test_auxiliary_losses_are_fcos_on_one_any_size_level() -> None:
 
 def test_selected_anchors_by_hand() -> None:
     """Best class probability first, locations outside the image's own size never chosen, boxes clipped to the
-    image and normalised; a map with fewer locations than queries repeats its best ones."""
-    points, strides, levels = grid_points([(2, 2)], [16])  # (8, 8), (24, 8), (8, 24), (24, 24)
+    image and normalised; an image with fewer locations inside than queries repeats its best ones."""
+    points, strides, levels = grid_points([(2, 2)], [16])  # (8, 8), (24, 8), (8, 24), (24, 24); 20 x 30: 2 inside
     logits = torch.full((1, 4, 2), -5.0)
     logits[0, 3, 1], logits[0, 1, 0], logits[0, 0, 0] = 4.0, 3.0, 2.0  # (24, 24) is outside a 20 x 30 image
     ltrb = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [1.0, 0.5, 1.0, 0.5], [0.1] * 4, [0.1] * 4]])  # in strides
     out = FCOSOutput(logits, ltrb, torch.zeros(1, 4), points, strides, levels)
-    anchors = selected_anchors(out, torch.tensor([[20, 30]]), 2)
+    anchors, where = selected_anchors(out, torch.tensor([[20, 30]]), 2)
+    assert where.tolist() == [[1, 0]]
     # location 1, (24, 8): 16 px left/right, 8 up/down -> (8, 0, 40, 16) clipped to (8, 0, 30, 16) in a 30 x 20 image
     # location 0, (8, 8): 4 px each way -> (4, 4, 12, 12)
     expected = torch.tensor([[[19 / 30, 8 / 20, 22 / 30, 16 / 20], [8 / 30, 8 / 20, 8 / 30, 8 / 20]]])
     torch.testing.assert_close(anchors, expected, rtol=1e-6, atol=1e-6)
-    assert selected_anchors(out, torch.tensor([[20, 30]]), 5).shape == (1, 5, 4)  # 4 locations, 5 queries
+    anchors, where = selected_anchors(out, torch.tensor([[20, 30]]), 5)  # 2 locations inside, 5 queries
+    assert where.tolist() == [[1, 0, 1, 0, 1]]
+    torch.testing.assert_close(anchors, expected[:, [0, 1, 0, 1, 0]], rtol=1e-6, atol=1e-6)
+    three = FCOSOutput(logits.expand(3, -1, -1), ltrb.expand(3, -1, -1), torch.zeros(3, 4), points, strides, levels)
+    _, where = selected_anchors(three, torch.tensor([[20, 30], [64, 64], [4, 4]]), 3)
+    assert where.tolist() == [[1, 0, 1], [3, 1, 0], [3, 3, 3]]  # the 4 x 4 image has none inside: its best
 
 
 def test_query_selection_anchors_the_queries_at_the_dense_heads_best_boxes() -> None:
@@ -323,7 +329,37 @@ def test_query_selection_anchors_the_queries_at_the_dense_heads_best_boxes() -> 
     memory_out = {}
     model.aux_head.register_forward_hook(lambda m, i, o: memory_out.setdefault("dense", o))
     out = model(images)
-    expected = selected_anchors(memory_out["dense"], out.image_sizes, 4).clamp(1e-3, 1 - 1e-3)
+    expected = selected_anchors(memory_out["dense"], out.image_sizes, 4)[0].clamp(1e-3, 1 - 1e-3)
     torch.testing.assert_close(out.boxes, expected.expand_as(out.boxes), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="query_selection needs"):
         _detr(aux_dense_head=False, anchor_queries=True, query_selection=True)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_selection_content_starts_the_decoder_from_the_memory_at_the_selected_locations(training: bool) -> None:
+    """Efficient DETR / RT-DETR: the matching queries' decoder input is the encoder output at the dense head's best
+    locations (zeros without the option); in training the denoising queries keep their label embeddings after them."""
+    model, _, _ = _detr(aux_dense_head=True, anchor_queries=True, query_selection=True, selection_content=True,
+                        dn_groups=2 if training else 0)
+    model.train(training)
+    seen = {}
+    decode = model.transformer.decode
+    def spy(memory, mask, pos, queries, content=None, blocked=None):  # noqa: E306
+        seen.update(memory=memory, content=content)
+        return decode(memory, mask, pos, queries, content, blocked)
+    model.transformer.decode = spy
+    model.aux_head.register_forward_hook(lambda m, i, o: seen.setdefault("dense", o))
+    images, targets = _images(3), _targets()
+    out = model(images, targets=targets if training else None)
+    _, where = selected_anchors(seen["dense"], out.image_sizes, 4)
+    expected = torch.stack([seen["memory"][b, where[b]] for b in range(3)])  # (B, Q, d), gathered by hand
+    torch.testing.assert_close(seen["content"][:, :4], expected, rtol=0, atol=0)
+    if training:  # denoising slots: label embeddings (image 1 has no object: its slots are padding)
+        assert seen["content"].shape[1] == 4 + out.dn_targets.labels.shape[1]
+        labels = out.dn_targets.labels[0, out.dn_targets.valid[0]]
+        assert labels.numel() > 0
+    # the content carries gradient back into the encoder (Efficient DETR; RT-DETR would detach it)
+    out.logits.sum().backward()
+    assert model.transformer.encoder_layers[0].linear1.weight.grad is not None
+    with pytest.raises(ValueError, match="selection_content needs query_selection"):
+        _detr(aux_dense_head=True, anchor_queries=True, selection_content=True)

@@ -145,6 +145,10 @@ class DETR(nn.Module):
         query_selection: the anchors are not learned but the auxiliary dense head's best ``num_queries`` boxes of
             each image (Deformable DETR's two-stage §4.2, DINO §4.3 pure query selection); needs ``aux_head`` and
             ``anchor_queries``, and the head then runs in evaluation too. Not the paper's network.
+        selection_content: with ``query_selection``, the content queries (the decoder's input) are the encoder
+            memory at the selected locations instead of zeros (Efficient DETR §3.2, RT-DETR §4.3: the decoder starts
+            from features the dense head already classifies; DINO §4.3 keeps them static instead). With gradient,
+            as Efficient DETR; RT-DETR detaches them. Not the paper's network.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class DETR(nn.Module):
         aux_head: DenseAuxiliaryHead | None = None,
         anchor_queries: bool = False,
         query_selection: bool = False,
+        selection_content: bool = False,
     ) -> None:
         super().__init__()
         if transformer.return_intermediate != aux_loss:
@@ -178,8 +183,11 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.num_queries, self.query_groups, self.anchor_queries = num_queries, query_groups, anchor_queries
         self.query_selection = query_selection
+        self.selection_content = selection_content
         if query_selection and (aux_head is None or not anchor_queries or query_groups != 1):
             raise ValueError("DETR: query_selection needs aux_dense_head and anchor_queries, and one query group")
+        if selection_content and not query_selection:
+            raise ValueError("DETR: selection_content needs query_selection")
         if anchor_queries and not query_selection:  # DAB-DETR: box logits, centres uniform (selection: per image)
             self.query_anchors = nn.Embedding(num_queries * query_groups, 4)
             with torch.no_grad():
@@ -211,8 +219,13 @@ class DETR(nn.Module):
         aux_dense = None
         if self.aux_head is not None and (self.training or self.query_selection):
             aux_dense = self.aux_head(memory, tuple(src.shape[-2:]))
-        selected = selected_anchors(aux_dense, image_sizes, self.num_queries) if self.query_selection else None
-        queries, content, blocked, dn_targets, anchors = self.decoder_queries(groups, image_sizes, targets, selected)
+        selected, selected_content = None, None
+        if self.query_selection:
+            selected, where = selected_anchors(aux_dense, image_sizes, self.num_queries)
+            if self.selection_content:
+                selected_content = memory.gather(1, where[..., None].expand(-1, -1, memory.shape[-1]))
+        queries, content, blocked, dn_targets, anchors = self.decoder_queries(groups, image_sizes, targets, selected,
+                                                                              selected_content)
         hs = self.transformer.decode(memory, mask, pos, queries, content, blocked)  # (L, B, Q, d)
         aux_dense = aux_dense if self.training else None
         delta = self.bbox_embed(hs)
@@ -224,7 +237,7 @@ class DETR(nn.Module):
                           logits[:, :, num_matching:], boxes[:, :, num_matching:], dn_targets, aux_dense)
 
     def decoder_queries(self, groups: int, image_sizes: Tensor, targets: Sequence[dict[str, Tensor]] | None,
-                        selected: Tensor | None = None
+                        selected: Tensor | None = None, selected_content: Tensor | None = None
                         ) -> tuple[Tensor, Tensor | None, Tensor | None, DenoisingTargets | None, Tensor | None]:
         """The decoder's positional queries ``(Q', d)`` or ``(B, Q', d)``, content (None: zeros), self-attention mask,
         denoising targets and anchor boxes (None without ``anchor_queries``): the queries of ``groups`` query groups,
@@ -239,13 +252,16 @@ class DETR(nn.Module):
             if groups > 1:
                 queries = torch.cat([queries, self.extra_query_embed.weight])
         if not (self.training and self.denoising is not None and targets is not None):
-            return queries, None, group_attention_mask(groups, self.num_queries, None, queries.device), None, anchors
+            return queries, selected_content, group_attention_mask(groups, self.num_queries, None, queries.device), \
+                None, anchors
         labels, boxes = normalized_targets(targets, image_sizes, self.num_classes)
         dn_content, dn_boxes, dn_targets = self.denoising(labels, boxes)
         batch, num_matching = len(image_sizes), queries.shape[-2]
         position = self.box_position(dn_boxes).to(queries.dtype)
         queries = torch.cat([queries.expand(batch, -1, -1), position], dim=1)
-        content = torch.cat([torch.zeros_like(queries[:, :num_matching]), dn_content.to(queries.dtype)], dim=1)
+        matching_content = torch.zeros_like(queries[:, :num_matching]) if selected_content is None else \
+            selected_content.to(queries.dtype)
+        content = torch.cat([matching_content, dn_content.to(queries.dtype)], dim=1)
         if anchors is not None:
             anchors = torch.cat([anchors.expand(batch, -1, -1), dn_boxes], dim=1)
         blocked = group_attention_mask(groups, self.num_queries, dn_targets, queries.device)
@@ -325,7 +341,7 @@ class DETRPostprocess(nn.Module):
 DETR_OPTIONS = ("dilation", "position_embedding", "d_model", "nheads", "num_encoder_layers", "num_decoder_layers",
                 "dim_feedforward", "dropout", "num_queries", "aux_loss", "eos_coef", "cost_class", "cost_bbox",
                 "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "dn_groups", "dn_label_noise", "dn_box_noise",
-                "query_groups", "aux_dense_head", "anchor_queries", "query_selection")
+                "query_groups", "aux_dense_head", "anchor_queries", "query_selection", "selection_content")
 
 
 def check_detr_args(
@@ -414,6 +430,7 @@ def build_detr(
     aux_dense_head: bool = False,
     anchor_queries: bool = False,
     query_selection: bool = False,
+    selection_content: bool = False,
     max_detections: int | None = None,
 ) -> tuple[DETR, SetCriterion, DETRPostprocess]:
     """The DETR detector trio: network, set criterion and post-processor (defaults: the paper's R-50 recipe).
@@ -431,9 +448,10 @@ def build_detr(
     (:mod:`lit_tasks.models.detection.detr_queries`): ``dn_groups`` groups of DN-DETR denoising queries with
     ``dn_label_noise`` / ``dn_box_noise`` (DN-DETR's 0.2 / 0.4), ``query_groups`` Group DETR query sets,
     ``aux_dense_head`` Co-DETR's auxiliary FCOS head on the encoder
-    (:mod:`lit_tasks.models.detection.detr_aux_head`). ``anchor_queries``: DAB-DETR's anchor-box queries, a change of
-    the network itself (see :class:`DETR`), off by default. Bad values raise ValueError naming the argument
-    (:func:`check_detr_args`).
+    (:mod:`lit_tasks.models.detection.detr_aux_head`). ``anchor_queries``: DAB-DETR's anchor-box queries,
+    ``query_selection`` and ``selection_content``: anchors and content queries from the auxiliary head's best
+    locations, changes of the network itself (see :class:`DETR`), off by default. Bad values raise ValueError naming
+    the argument (:func:`check_detr_args`).
     """
     check_detr_args(num_classes=num_classes, position_embedding=position_embedding, d_model=d_model, nheads=nheads,
                     num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
@@ -454,7 +472,8 @@ def build_detr(
                  num_queries=num_queries, aux_loss=aux_loss, backbone_on_padded_batch=backbone_on_padded_batch,
                  denoising=denoising, query_groups=query_groups,
                  aux_head=DenseAuxiliaryHead(num_classes, d_model, network.feature_info.reduction()[-1])
-                 if aux_dense_head else None, anchor_queries=anchor_queries, query_selection=query_selection)
+                 if aux_dense_head else None, anchor_queries=anchor_queries, query_selection=query_selection,
+                 selection_content=selection_content)
     matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
     criterion = SetCriterion(num_classes=num_classes, matcher=matcher, eos_coef=eos_coef, weight_ce=weight_ce,
                              weight_bbox=weight_bbox, weight_giou=weight_giou,

@@ -48,21 +48,24 @@ def dense_auxiliary_criterion(num_classes: int) -> FCOSCriterion:
 
 
 @torch.no_grad()
-def selected_anchors(out: FCOSOutput, image_sizes: Tensor, k: int) -> Tensor:
-    """The dense head's ``k`` best boxes per image as normalised (cx, cy, w, h) ``(B, k, 4)``, no gradient: the
-    decoder's anchor queries in query selection (Deformable DETR's two-stage variant §4.2, DINO's query selection).
+def selected_anchors(out: FCOSOutput, image_sizes: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The dense head's ``k`` best boxes per image as normalised (cx, cy, w, h) ``(B, k, 4)`` and their locations
+    ``(B, k)``, no gradient: the decoder's anchor queries in query selection (Deformable DETR's two-stage variant
+    §4.2, DINO's query selection).
 
-    Score of a location: its best class probability; locations outside the image's own (h, w) are never chosen;
-    boxes are clipped to the image. A map with fewer than ``k`` locations repeats its best ones.
+    Score of a location: its best class probability; boxes are clipped to the image. Locations outside the image's
+    own (h, w) are chosen only where it has none inside (an image smaller than one cell: its best location); an image
+    with fewer locations inside than ``k`` repeats its best ones.
     """
     scores = out.cls_logits.float().sigmoid().amax(-1)  # (B, S)
     sizes = image_sizes.to(scores.device, torch.float32)  # (B, 2) h, w
     inside = (out.points[None, :, 0] < sizes[:, 1:]) & (out.points[None, :, 1] < sizes[:, :1])
-    scores = scores.masked_fill(~inside, -1.0)
-    order = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    order = order.repeat(1, -(-k // order.shape[1]))[:, :k]
+    ranked = torch.where(inside, scores, scores - 2.0)  # every inside location first, each part by score
+    order = ranked.topk(min(k, scores.shape[1]), dim=1).indices
+    count = inside.sum(1).clamp(1, order.shape[1])  # (B,) the usable ones among them
+    order = order.gather(1, torch.arange(k, device=order.device)[None] % count[:, None])
     ltrb = out.ltrb.float() * out.strides[None, :, None]
     boxes = distance2bbox(out.points[None].expand(len(ltrb), -1, -1).float(), ltrb)  # (B, S, 4) xyxy pixels
     scale = sizes.flip(-1).repeat(1, 2)[:, None]  # (B, 1, 4): w, h, w, h
     boxes = torch.minimum(boxes.clamp(min=0), scale) / scale
-    return box_xyxy_to_cxcywh(boxes.gather(1, order[..., None].expand(-1, -1, 4)))
+    return box_xyxy_to_cxcywh(boxes.gather(1, order[..., None].expand(-1, -1, 4))), order
