@@ -156,6 +156,11 @@ EXPORT_CASES = {
     "detection_vfnet": (lambda: tiny_detector("vfnet"), (70, 100), check_detection),
     "detection_detr": (lambda: tiny_detector("detr", d_model=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1,
                                              dim_feedforward=64, num_queries=10), (70, 100), check_detection),
+    # the shapes demo's network: anchors and content queries chosen per image by the auxiliary head (top-k, gather)
+    "detection_detr_query_selection": (lambda: tiny_detector(
+        "detr", d_model=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, num_queries=10,
+        aux_dense_head=True, anchor_queries=True, query_selection=True, selection_content=True), (70, 100),
+        check_detection),
     "segmentation_deeplabv3plus": (tiny_segmenter, (64, 48), check_segmentation),
 }
 

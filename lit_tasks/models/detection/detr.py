@@ -213,7 +213,10 @@ class DETR(nn.Module):
         src = self.input_proj(features)
         pos_mask = mask if mask is not None else torch.zeros_like(src[:, 0], dtype=torch.bool)
         pos = self.position_embedding(pos_mask).to(src.dtype)
-        image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
+        if image_sizes is None:  # every image the batch's size; the batch dimension stays symbolic when traced
+            image_sizes = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
+        else:
+            image_sizes = torch.tensor(sizes, dtype=torch.int64, device=images.device)
         groups = self.query_groups if self.training else 1
         memory = self.transformer.encode(src, mask, pos)
         aux_dense = None

@@ -65,7 +65,7 @@ def selected_anchors(out: FCOSOutput, image_sizes: Tensor, k: int) -> tuple[Tens
     count = inside.sum(1).clamp(1, order.shape[1])  # (B,) the usable ones among them
     order = order.gather(1, torch.arange(k, device=order.device)[None] % count[:, None])
     ltrb = out.ltrb.float() * out.strides[None, :, None]
-    boxes = distance2bbox(out.points[None].expand(len(ltrb), -1, -1).float(), ltrb)  # (B, S, 4) xyxy pixels
+    boxes = distance2bbox(out.points[None].float(), ltrb)  # (B, S, 4) xyxy pixels (points broadcast)
     scale = sizes.flip(-1).repeat(1, 2)[:, None]  # (B, 1, 4): w, h, w, h
     boxes = torch.minimum(boxes.clamp(min=0), scale) / scale
     return box_xyxy_to_cxcywh(boxes.gather(1, order[..., None].expand(-1, -1, 4))), order
