@@ -5,7 +5,7 @@ logger in a temporary folder) once per variant, each for the same ``--steps`` op
 the same seed, then prints the validation COCO mAP / mAP@0.5 and the wall time of each. A variant is the config
 with one or more options switched (``--variants`` names them; ``config`` is the file as it is).
 
-    python benchmarks/detr_shapes_options.py [--steps 1000] [--variants config,paper,no_dn,no_groups,no_aux,anchors,no_warmup]
+    python benchmarks/detr_shapes_options.py [--steps 1500] [--variants config,paper,no_content,no_selection,dn,backbone_lr_1]
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ CONFIG = ROOT / "configs" / "detection" / "detr_shapes.yaml"
 # Each variant: the overrides applied to the config (the config's own values are what "config" runs).
 VARIANTS: dict[str, list[str]] = {
     "config": [],
-    "paper": ["--model.dn_groups=0", "--model.query_groups=1", "--model.aux_dense_head=false"],
-    "no_dn": ["--model.dn_groups=0"],
-    "no_groups": ["--model.query_groups=1"],
-    "no_aux": ["--model.aux_dense_head=false"],
-    "anchors": ["--model.anchor_queries=true"],
-    "no_warmup": ["--model.warmup_steps=0"],
+    "paper": ["--model.aux_dense_head=false", "--model.anchor_queries=false",
+              "--model.query_selection=false", "--model.selection_content=false", "--model.backbone_lr_ratio=1.0"],
+    "no_content": ["--model.selection_content=false"],
+    "no_selection": ["--model.query_selection=false", "--model.selection_content=false"],
+    "dn": ["--model.dn_groups=5"],
+    "backbone_lr_1": ["--model.backbone_lr_ratio=1.0"],
+    "groups_no_selection": ["--model.query_selection=false", "--model.selection_content=false",
+                            "--model.anchor_queries=false", "--model.query_groups=4"],
 }
 
 
@@ -49,7 +51,7 @@ def run(name: str, steps: int, extra: list[str], folder: Path) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per variant (the config: 1000)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per variant (the config: 1500)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--extra", default="", help="more CLI overrides for every variant, space-separated")
     args = parser.parse_args()
