@@ -354,6 +354,8 @@ def test_selection_content_starts_the_decoder_from_the_memory_at_the_selected_lo
         return decode(memory, mask, pos, queries, content, blocked)
     model.transformer.decode = spy
     model.aux_head.register_forward_hook(lambda m, i, o: seen.setdefault("dense", o))
+    if training:
+        model.denoising.register_forward_hook(lambda m, i, o: seen.setdefault("denoising", o))
     images, targets = _images(3), _targets()
     sizes = [(64, 64), (40, 64), (64, 30)]  # padded batch: the last two have feature cells outside them
     out = model(images, sizes, targets=targets if training else None)
@@ -362,10 +364,10 @@ def test_selection_content_starts_the_decoder_from_the_memory_at_the_selected_lo
     assert (points < torch.tensor(sizes).flip(-1)[:, None]).all()  # only locations inside each image
     expected = torch.stack([seen["memory"][b, where[b]] for b in range(3)])  # (B, Q, d), gathered by hand
     torch.testing.assert_close(seen["content"][:, :4], expected, rtol=0, atol=0)
-    if training:  # denoising slots: label embeddings (image 1 has no object: its slots are padding)
-        assert seen["content"].shape[1] == 4 + out.dn_targets.labels.shape[1]
-        labels = out.dn_targets.labels[0, out.dn_targets.valid[0]]
-        assert labels.numel() > 0
+    if training:  # after them, the denoising slots exactly as the denoising module built them (label embeddings)
+        dn_content = seen["denoising"][0]
+        assert dn_content.shape[1] == out.dn_targets.labels.shape[1] > 0
+        torch.testing.assert_close(seen["content"][:, 4:], dn_content, rtol=0, atol=0)
     # the content carries gradient back into the encoder (Efficient DETR; RT-DETR would detach it)
     out.logits.sum().backward()
     assert model.transformer.encoder_layers[0].linear1.weight.grad is not None
